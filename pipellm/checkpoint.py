@@ -1,0 +1,67 @@
+"""The on-disk pipeline checkpoint format shared by the converters and training.
+
+A pipeline checkpoint directory holds one ``layer_XX-model_states.pt`` per pipeline layer, named and laid out
+exactly as DeepSpeed's ``PipelineModule`` saves and loads them (each is ``torch.save`` of one layer module's
+``state_dict``), next to ``config.json`` and the tokenizer files. A training save directory holds one such
+directory per checkpoint tag (``global_step<N>``) and a ``latest`` file naming the newest.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from pipellm.errors import PipellmError
+from pipellm.models.base import ModelFamily
+
+LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
+
+# Files that are not copied along with config.json and the tokenizer: weights, weight indexes, DeepSpeed
+# model/optimizer states and its bookkeeping. Everything else in the directory (tokenizer files in any of
+# their spellings, generation_config.json, chat templates, ...) travels with the model.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
+_NOT_COPIED = {"latest", "zero_to_fp32.py"}
+
+
+def layer_file_name(idx: int) -> str:
+    """File name DeepSpeed's ``PipelineModule`` uses for pipeline layer ``idx`` (no tensor parallelism)."""
+    return f"layer_{idx:02d}-model_states.pt"
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The directory that holds the layer files of a pipeline checkpoint.
+
+    ``path`` is either that directory itself (a converted model or a DeepSpeed tag directory such as
+    ``run/global_step20``) or a DeepSpeed save directory whose ``latest`` file names the tag to use.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise PipellmError(f"checkpoint path {path} does not exist or is not a directory; pass the directory "
+                           f"written by hg_to_pp or by training")
+    latest = path / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        path = path / tag
+        if not path.is_dir():
+            raise PipellmError(f"{latest} names tag {tag!r} but {path} does not exist; fix {latest} or pass "
+                               f"an existing tag directory")
+    if not any(LAYER_FILE_RE.match(p.name) for p in path.iterdir()):
+        raise PipellmError(f"no pipeline layer files ({layer_file_name(0)}, ...) in {path}; pass a directory "
+                           f"written by hg_to_pp, a training save directory with a 'latest' file, or a tag "
+                           f"directory such as global_step100")
+    return path
+
+
+def num_layer_files(family: ModelFamily, config) -> int:
+    """Number of pipeline layer files: embed, decoders, norm, and the head unless it is tied."""
+    return family.num_decoder_layers(config) + (2 if family.is_tied(config) else 3)
+
+
+def copy_model_files(src: Path, dst: Path) -> None:
+    """Copy config.json, tokenizer and other small non-weight files from ``src`` to ``dst``."""
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name not in _NOT_COPIED and not path.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(path, dst / path.name)
+
+

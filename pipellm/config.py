@@ -1,0 +1,290 @@
+"""The training YAML: pipellm's own keys as typed dataclasses, DeepSpeed's keys passed through.
+
+One file holds both. A top-level key that is a field of ``TrainConfig`` is ours; a key DeepSpeed knows goes to
+``deepspeed.initialize`` untouched; anything else is an error that names the closest known key. Everything is
+validated here, before any process group exists, so a bad file costs one line and exit code 2, not a hang.
+
+Batch sizes follow DeepSpeed: ``train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps
+* D`` where D is the data-parallel degree; give any two, the third is derived.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from pipellm.errors import PipellmError
+
+# DeepSpeed's top-level keys (its config is open-ended; these are the ones a pipeline run may use).
+DEEPSPEED_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16 amp
+torch_autocast gradient_clipping zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer
+steps_per_print wall_clock_breakdown memory_breakdown dump_state prescale_gradients gradient_predivide_factor
+communication_data_type seq_parallel_communication_data_type sparse_gradients disable_allgather activation_checkpointing
+flops_profiler tensorboard wandb csv_monitor comet comms_logger pipeline checkpoint data_types data_efficiency
+curriculum_learning compression_training aio elasticity autotuning timers compile nebula weight_quantization
+hybrid_engine eigenvalue progressive_layer_drop quantize_training sparse_attention use_node_local_storage
+load_universal_checkpoint gradient_allreduce_op disable_python_gc graph_harvesting use_data_before_expert_parallelism
+""".split())
+
+# Spellings of the original project that keep working.
+ALIASES = {"n_epoches": "n_epochs"}
+
+
+@dataclasses.dataclass
+class ProcessTopology:
+    """How the world's processes are arranged: ``dims[i]`` processes along ``axes[i]``."""
+
+    axes: list[str] = dataclasses.field(default_factory=lambda: ["pipe", "data"])
+    """Axis names, outermost first: ``[pipe, data]`` (neighbouring ranks are data-parallel replicas of one
+    stage) or ``[data, pipe]`` (neighbouring ranks are consecutive stages of one replica)."""
+    dims: list[int] = dataclasses.field(default_factory=lambda: [1, 1])
+    """Processes along each axis: ``[P, D]`` for ``axes: [pipe, data]``. ``P * D`` must equal the world size."""
+
+    def degree(self, axis: str) -> int:
+        return self.dims[self.axes.index(axis)]
+
+
+@dataclasses.dataclass
+class ModelTopo:
+    """Pipeline layout of the model."""
+
+    process_topology: ProcessTopology = dataclasses.field(default_factory=ProcessTopology)
+    """The process grid; see ``ProcessTopology``."""
+    parts: list[int] | str = "uniform"
+    """Pipeline layers per stage, the embedding and the head (final norm + output projection) counted as one
+    layer each, so ``sum(parts) == num_hidden_layers + 2`` (llama-7b on 8 stages: ``[5, 4, 4, 4, 4, 4, 4, 5]``).
+    Or ``uniform`` (equal layer counts) or ``parameters`` (equal parameter counts)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """pipellm's keys of the training YAML. DeepSpeed's keys are kept apart in ``deepspeed``."""
+
+    model_path: str
+    """Pipeline checkpoint to start from (``convert_model.py hg_to_pp`` output, or a training save directory):
+    layer files, ``config.json`` and tokenizer files. With ``from_scratch`` only the config and tokenizer."""
+    save_path: str
+    """Directory for checkpoints (``global_step<N>/``, ``latest``) and ``metrics.jsonl``."""
+    data_path: str | list[str]
+    """JSON list or JSONL file(s) of training records."""
+    max_seq_len: int = 512
+    """Tokens per row; longer samples are truncated, shorter ones right-padded."""
+    n_epochs: int = 1
+    """Passes over the data (the original spelling ``n_epoches`` is accepted)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, even within an epoch."""
+    seed: int = 42
+    """Seed for weight initialisation (with ``from_scratch``) and data shuffling."""
+    from_scratch: bool = False
+    """Initialise weights randomly from ``config.json`` instead of loading layer files."""
+    model_topo: ModelTopo = dataclasses.field(default_factory=ModelTopo)
+    """Process grid and stage partition."""
+    use_grad_ckpt: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, about 1/3 more compute)."""
+    use_flash_attn: bool = False
+    """Use the fastest exact attention kernel available (flash-attn package, else torch's fused SDPA kernels)."""
+    save_steps: int = 0
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    log_steps: int = 1
+    """Write a log line and a ``metrics.jsonl`` record every this many steps."""
+    peak_flops_per_gpu: float | None = None
+    """Peak dense bf16/fp16 FLOP/s of one device, for MFU. Default: looked up from the device name (H100/H200:
+    989e12, A100: 312e12); MFU is not reported when unknown (e.g. on CPU)."""
+    deepspeed: dict = dataclasses.field(default_factory=dict)
+    """The DeepSpeed keys of the file, passed to ``deepspeed.initialize`` (batch sizes completed)."""
+
+    @property
+    def pipe_degree(self) -> int:
+        return self.model_topo.process_topology.degree("pipe")
+
+    @property
+    def data_degree(self) -> int:
+        return self.model_topo.process_topology.degree("data")
+
+    @property
+    def data_paths(self) -> list[str]:
+        return [self.data_path] if isinstance(self.data_path, str) else list(self.data_path)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.deepspeed["train_micro_batch_size_per_gpu"]
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.deepspeed["gradient_accumulation_steps"]
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.deepspeed["train_batch_size"]
+
+
+def _type_ok(value, annotation) -> bool:
+    """isinstance against the simple annotations used in this module (scalars, unions, list[...])."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _build(cls, raw, where: str, source: str):
+    """Instantiate dataclass ``cls`` from mapping ``raw``, checking names and types; ``where`` is the key path."""
+    if not isinstance(raw, dict):
+        raise PipellmError(f"{source}: `{where}` must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        path = f"{where}.{key}" if where else key
+        if name not in fields:
+            raise PipellmError(f"{source}: unknown key `{path}`{_suggest(key, fields)}")
+        if dataclasses.is_dataclass(hints[name]):
+            value = _build(hints[name], value, path, source)
+        elif not _type_ok(value, hints[name]):
+            shown = str(hints[name]).replace("typing.", "")
+            raise PipellmError(f"{source}: `{path}` must be {shown}, got {value!r}")
+        values[name] = value
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise PipellmError(f"{source}: missing required key `{where + '.' if where else ''}{missing[0]}`")
+    return cls(**values)
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and check the YAML file's own content (no file system or world-size checks; see ``validate``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipellmError(f"config file {path} does not exist; pass --config PATH to a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise PipellmError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise PipellmError(f"{path}: the top level must be a mapping of keys to values")
+    ours_names = {f.name for f in dataclasses.fields(TrainConfig)} | set(ALIASES)
+    ours, ds_keys = {}, {}
+    for key, value in raw.items():
+        if key in ours_names and key != "deepspeed":
+            ours[key] = value
+        elif key in DEEPSPEED_KEYS:
+            ds_keys[key] = value
+        else:
+            raise PipellmError(f"{path}: unknown key `{key}`{_suggest(key, (ours_names | DEEPSPEED_KEYS) - {'deepspeed'})}")
+    if "n_epochs" in ours and "n_epoches" in ours:
+        raise PipellmError(f"{path}: give `n_epochs` or its old spelling `n_epoches`, not both")
+    cfg = _build(TrainConfig, ours, "", str(path))
+    cfg.deepspeed = ds_keys
+    _check_values(cfg, str(path))
+    return cfg
+
+
+def _check_values(cfg: TrainConfig, source: str) -> None:
+    topo = cfg.model_topo.process_topology
+    if sorted(topo.axes) != ["data", "pipe"]:
+        raise PipellmError(f"{source}: `model_topo.process_topology.axes` must be [pipe, data] or [data, pipe], "
+                           f"got {topo.axes}")
+    if len(topo.dims) != 2 or min(topo.dims) < 1:
+        raise PipellmError(f"{source}: `model_topo.process_topology.dims` must be two positive integers [P, D], "
+                           f"got {topo.dims}")
+    parts = cfg.model_topo.parts
+    if isinstance(parts, str) and parts not in ("uniform", "parameters"):
+        raise PipellmError(f"{source}: `model_topo.parts` must be a list of layer counts, `uniform` or "
+                           f"`parameters`, got {parts!r}")
+    if isinstance(parts, list):
+        if len(parts) != cfg.pipe_degree:
+            raise PipellmError(f"{source}: `model_topo.parts` has {len(parts)} entries but the pipeline has "
+                               f"{cfg.pipe_degree} stages (`dims`); give one layer count per stage")
+        if min(parts) < 1:
+            raise PipellmError(f"{source}: `model_topo.parts` entries must be >= 1, got {parts}")
+    for key in ("max_seq_len", "n_epochs", "log_steps"):
+        if getattr(cfg, key) < 1:
+            raise PipellmError(f"{source}: `{key}` must be >= 1, got {getattr(cfg, key)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise PipellmError(f"{source}: `max_steps` must be >= 1 (or absent), got {cfg.max_steps}")
+    if cfg.save_steps < 0:
+        raise PipellmError(f"{source}: `save_steps` must be >= 0, got {cfg.save_steps}")
+    _complete_batch_sizes(cfg.deepspeed, cfg.data_degree, source)
+
+
+def _complete_batch_sizes(ds: dict, data_degree: int, source: str) -> None:
+    """Fill in the one missing batch size, or check that the three agree (train = micro * gas * D)."""
+    names = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    given = {n: ds[n] for n in names if ds.get(n) is not None}
+    for name, value in given.items():
+        if not _type_ok(value, int) or value < 1:
+            raise PipellmError(f"{source}: `{name}` must be a positive integer, got {value!r}")
+    train, micro, gas = (given.get(n) for n in names)
+    if micro is None and gas is None:
+        gas = 1
+    if train is None:
+        if micro is None:
+            raise PipellmError(f"{source}: set `train_batch_size` or `train_micro_batch_size_per_gpu`")
+        gas = gas or 1
+        train = micro * gas * data_degree
+    elif micro is None:
+        if train % (gas * data_degree):
+            raise PipellmError(f"{source}: `train_batch_size` {train} is not divisible by "
+                               f"gradient_accumulation_steps {gas} x data-parallel degree {data_degree}")
+        micro = train // (gas * data_degree)
+    elif gas is None:
+        if train % (micro * data_degree):
+            raise PipellmError(f"{source}: `train_batch_size` {train} is not divisible by "
+                               f"train_micro_batch_size_per_gpu {micro} x data-parallel degree {data_degree}")
+        gas = train // (micro * data_degree)
+    if train != micro * gas * data_degree:
+        raise PipellmError(f"{source}: `train_batch_size` {train} != train_micro_batch_size_per_gpu {micro} x "
+                           f"gradient_accumulation_steps {gas} x data-parallel degree {data_degree}; fix one of them")
+    ds.update(zip(names, (train, micro, gas)))
+
+
+def validate_environment(cfg: TrainConfig, world_size: int, num_layers: int | None = None) -> None:
+    """Checks that need the file system or the launcher: paths, world size, and the partition's layer count."""
+    model_path = Path(cfg.model_path)
+    if not (model_path / "config.json").is_file():
+        raise PipellmError(f"`model_path` {model_path} has no config.json; convert a Hugging Face model with "
+                           f"`python convert_model.py hg_to_pp --input-path HF_DIR --save-path {model_path}`")
+    for data_file in cfg.data_paths:
+        if not Path(data_file).is_file():
+            raise PipellmError(f"`data_path` file {data_file} does not exist")
+    save_path = Path(cfg.save_path)
+    if save_path.exists() and not save_path.is_dir():
+        raise PipellmError(f"`save_path` {save_path} exists and is not a directory")
+    grid = cfg.pipe_degree * cfg.data_degree
+    if grid != world_size:
+        raise PipellmError(f"`model_topo.process_topology.dims` {cfg.model_topo.process_topology.dims} needs "
+                           f"{grid} processes but the launcher started {world_size}; change `dims` or the "
+                           f"launcher's --num_gpus/--num_nodes")
+    parts = cfg.model_topo.parts
+    if num_layers is not None and isinstance(parts, list) and sum(parts) != num_layers:
+        raise PipellmError(f"`model_topo.parts` {parts} sums to {sum(parts)} but the model has {num_layers} "
+                           f"pipeline layers (embedding + {num_layers - 2} decoder layers + head)")
+    if num_layers is not None and num_layers < cfg.pipe_degree:
+        raise PipellmError(f"the model has {num_layers} pipeline layers, fewer than the {cfg.pipe_degree} stages")
+
+
+def dump_resolved(cfg: TrainConfig) -> str:
+    """The configuration as run, for the run directory."""
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)

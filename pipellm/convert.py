@@ -1,0 +1,317 @@
+"""Convert checkpoints between Hugging Face format and pipellm's one-file-per-pipeline-layer format.
+
+A pipeline checkpoint directory holds ``layer_XX-model_states.pt`` files, named and laid out exactly as
+DeepSpeed's ``PipelineModule`` saves and loads them (each is ``torch.save`` of one layer module's
+``state_dict``), next to ``config.json`` and the tokenizer files. Layer numbering and the key map come from
+the model family (``pipellm.models.base``); with tied embeddings the head layer has no file.
+
+* ``hg_to_pp``: Hugging Face directory (safetensors or ``.bin``, sharded or not) -> pipeline layer files.
+* ``pp_to_hg``: pipeline layer files (a converted directory or a DeepSpeed training save) -> sharded
+  safetensors that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+Both stream: they hold about one pipeline layer (plus, for ``pp_to_hg``, one output shard) in memory, never
+the whole model. Tensors are copied bit for bit, never cast. Output is written into a temporary directory
+beside the target and renamed into place at the end, so a failure leaves nothing half-written.
+
+Command line: ``python convert_model.py {hg_to_pp,pp_to_hg} --input-path IN --save-path OUT``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from pipellm.checkpoint import (LAYER_FILE_RE, copy_model_files, layer_file_name, num_layer_files,
+                                resolve_checkpoint_dir)
+from pipellm.errors import PipellmError
+from pipellm.models import get_family
+from pipellm.models.base import ModelFamily
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+def parse_size(size: str | int) -> int:
+    """Bytes in a size such as ``"5GB"``, ``"200MB"``, ``"2KiB"`` or ``1000`` (units as in transformers)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
+    if not match:
+        raise PipellmError(f"cannot read size {size!r}; write it like 5GB, 200MB, 2KiB or a number of bytes")
+    number, unit = float(match.group(1)), match.group(2).rstrip("B") or "B"
+    scale = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}.get(unit)
+    if scale is None or number * scale < 1:
+        raise PipellmError(f"cannot read size {size!r}; write it like 5GB, 200MB, 2KiB or a number of bytes")
+    return int(number * scale)
+
+
+def _load_config(model_dir: Path):
+    """``(hf_config, family)`` for the ``config.json`` in ``model_dir``."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise PipellmError(f"{config_path} not found; the model directory must contain its Hugging Face "
+                           f"config.json")
+    # Check the family before transformers parses the file, so that a model_type transformers does not
+    # know gets the same clear message as one it knows but pipellm does not support.
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise PipellmError(f"{config_path} is not a JSON object ({err}); restore the original config.json")
+    try:
+        family = get_family(model_type)
+    except ValueError as err:
+        raise PipellmError(f"{config_path}: {err}") from None
+    from transformers import AutoConfig  # heavy import, only needed once a conversion really runs
+
+    return AutoConfig.from_pretrained(model_dir), family
+
+
+@contextlib.contextmanager
+def _atomic_output_dir(save_path: Path, input_path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``save_path``; on success it replaces ``save_path``."""
+    save_path, input_path = save_path.absolute(), input_path.resolve()
+    if save_path.resolve() == input_path or save_path.resolve() in input_path.parents:
+        # With --overwrite this would delete the very checkpoint being read.
+        raise PipellmError(f"save path {save_path} contains the input {input_path}; choose another save path")
+    if save_path.exists() and not (save_path.is_dir() and not any(save_path.iterdir())) and not overwrite:
+        raise PipellmError(f"save path {save_path} already exists and is not empty; remove it, choose "
+                           f"another path or pass --overwrite")
+    save_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = save_path.with_name(f"{save_path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run that had this pid
+    tmp.mkdir()
+    try:
+        yield tmp
+        if save_path.is_dir():
+            shutil.rmtree(save_path)
+        elif save_path.exists():
+            save_path.unlink()
+        tmp.rename(save_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _owned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy with its own storage, so a file never carries a bigger shared storage."""
+    return torch.clone(tensor, memory_format=torch.contiguous_format)
+
+
+class _HFWeights:
+    """Tensor-by-tensor access to the weights of a Hugging Face checkpoint directory.
+
+    Safetensors files are opened lazily (memory-mapped, one tensor read at a time). A ``.bin`` file is
+    loaded memory-mapped and with ``weights_only=True``; only the last one used stays open, so reading in
+    layer order maps about one shard at a time.
+    """
+
+    def __init__(self, model_dir: Path):
+        self.dir = model_dir
+        self.key_to_file = self._index()
+        self._stack = contextlib.ExitStack()
+        self._safetensors: dict[str, object] = {}
+        self._bin: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def _index(self) -> dict[str, str]:
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            index_path = self.dir / index_name
+            if index_path.is_file():
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                for file_name in sorted(set(weight_map.values())):
+                    if not (self.dir / file_name).is_file():
+                        raise PipellmError(f"{index_path} lists shard {file_name} but {self.dir / file_name} "
+                                           f"is missing; copy the complete checkpoint")
+                return dict(weight_map)
+        if (self.dir / SAFETENSORS_SINGLE).is_file():
+            with safe_open(self.dir / SAFETENSORS_SINGLE, framework="pt") as f:
+                return dict.fromkeys(f.keys(), SAFETENSORS_SINGLE)
+        if (self.dir / BIN_SINGLE).is_file():
+            return dict.fromkeys(self._load_bin(BIN_SINGLE), BIN_SINGLE)
+        raise PipellmError(f"no weights in {self.dir}: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+                           f"{BIN_SINGLE} or {BIN_INDEX}")
+
+    def _load_bin(self, file_name: str) -> dict[str, torch.Tensor]:
+        return torch.load(self.dir / file_name, map_location="cpu", weights_only=True, mmap=True)
+
+    def get(self, key: str) -> torch.Tensor:
+        file_name = self.key_to_file[key]
+        if file_name.endswith(".safetensors"):
+            if file_name not in self._safetensors:
+                self._safetensors[file_name] = self._stack.enter_context(
+                    safe_open(self.dir / file_name, framework="pt"))
+            return self._safetensors[file_name].get_tensor(key)
+        if self._bin is None or self._bin[0] != file_name:
+            self._bin = None  # drop the previous shard's mapping before mapping the next one
+            self._bin = (file_name, self._load_bin(file_name))
+        return self._bin[1][key]
+
+    def close(self) -> None:
+        self._stack.close()
+        self._bin = None
+
+
+def _group_by_layer(keys, family: ModelFamily, config, source: Path) -> dict[int, list[tuple[str, str]]]:
+    """Pipeline layer index -> ``(checkpoint key, key inside the layer)`` of the tensors it owns.
+
+    Rejects keys that no layer owns and layers without tensors: both mean config.json and weights disagree.
+    """
+    ignored = [re.compile(pattern) for pattern in family.ignored_hf_keys]
+    n_decoders, tied = family.num_decoder_layers(config), family.is_tied(config)
+    layers: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    unowned = []
+    for key in keys:
+        if any(pattern.search(key) for pattern in ignored):
+            continue
+        parsed = family.key_map.parse_hf_key(key)
+        if parsed is None or (parsed[0] == "decoder" and parsed[1] >= n_decoders):
+            unowned.append(key)
+        elif parsed[0] == "head" and tied:
+            continue  # some tied checkpoints still store the head: it is the embedding, which layer 0 holds
+        else:
+            layers[family.layer_index(parsed[0], parsed[1], config)].append((key, parsed[2]))
+    if unowned:
+        shown = ", ".join(unowned[:5]) + (f" and {len(unowned) - 5} more" if len(unowned) > 5 else "")
+        raise PipellmError(f"{source}: {len(unowned)} checkpoint keys belong to no pipeline layer of a "
+                           f"{n_decoders}-layer {family.name} model ({shown}); check that config.json matches "
+                           f"the weights")
+    missing = [idx for idx in range(num_layer_files(family, config)) if idx not in layers]
+    if missing:
+        kind, decoder_index = family.layer_kind(missing[0], config)
+        prefix = family.key_map.hf_key(kind, decoder_index, "")
+        raise PipellmError(f"{source}: no tensors for pipeline layer {missing[0]} (keys starting with "
+                           f"{prefix!r}); check that config.json matches the weights")
+    return layers
+
+
+def hg_to_pp(input_path: str | os.PathLike, save_path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Convert a Hugging Face checkpoint directory into pipeline layer files; returns the save path."""
+    input_path, save_path = Path(input_path), Path(save_path)
+    if not input_path.is_dir():
+        raise PipellmError(f"input path {input_path} does not exist or is not a directory; pass a Hugging Face "
+                           f"model directory with config.json and weights")
+    config, family = _load_config(input_path)
+    weights = _HFWeights(input_path)
+    try:
+        layers = _group_by_layer(weights.key_to_file, family, config, input_path)
+        with _atomic_output_dir(save_path, input_path, overwrite) as tmp:
+            for idx in tqdm(sorted(layers), desc="hg_to_pp", unit="layer"):
+                # Read in file order so a .bin shard is mapped once per layer, not once per tensor.
+                keys = sorted(layers[idx], key=lambda pair: (weights.key_to_file[pair[0]], pair[0]))
+                state = {layer_key: _owned_copy(weights.get(hf_key)) for hf_key, layer_key in keys}
+                torch.save(state, tmp / layer_file_name(idx))
+                del state
+            copy_model_files(input_path, tmp)
+    finally:
+        weights.close()
+    return save_path
+
+
+class _ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_bytes`` (a bigger tensor gets its own shard).
+
+    Shards are first written under provisional names, since their count is only known at the end.
+    """
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []  # keys of each written shard
+        self.total_size = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[key] = tensor
+        self.pending_bytes += size
+        self.total_size += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, self.out_dir / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
+        self.shards.append(sorted(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Write the last shard and give every shard its final name (and the index if there are several)."""
+        if self.pending:
+            self._flush()
+        count = len(self.shards)
+        if count == 1:
+            (self.out_dir / "shard-00000.tmp").rename(self.out_dir / SAFETENSORS_SINGLE)
+            return
+        weight_map = {}
+        for i, keys in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.out_dir / f"shard-{i:05d}.tmp").rename(self.out_dir / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_shard_size: str | int = "5GB",
+             overwrite: bool = False) -> Path:
+    """Convert pipeline layer files into a Hugging Face safetensors checkpoint; returns the save path."""
+    max_bytes = parse_size(max_shard_size)
+    ckpt_dir = resolve_checkpoint_dir(input_path)
+    config, family = _load_config(ckpt_dir)
+    n_layers = num_layer_files(family, config)
+    present = {int(m.group(1)) for p in ckpt_dir.iterdir() if (m := LAYER_FILE_RE.match(p.name))}
+    missing = [layer_file_name(idx) for idx in range(n_layers) if idx not in present]
+    if missing:
+        raise PipellmError(f"{ckpt_dir / missing[0]} is missing ({len(missing)} layer files missing in all); "
+                           f"the checkpoint is incomplete: copy all layer files or convert another checkpoint")
+    extra = sorted(idx for idx in present if idx >= n_layers)
+    if extra:
+        raise PipellmError(f"{ckpt_dir / layer_file_name(extra[0])} is beyond the {n_layers} layers that "
+                           f"config.json describes (num_hidden_layers, tie_word_embeddings); use the config "
+                           f"the model was trained with")
+    with _atomic_output_dir(Path(save_path), ckpt_dir, overwrite) as tmp:
+        writer = _ShardWriter(tmp, max_bytes)
+        for idx in tqdm(range(n_layers), desc="pp_to_hg", unit="layer"):
+            kind, decoder_index = family.layer_kind(idx, config)
+            layer_path = ckpt_dir / layer_file_name(idx)
+            state = torch.load(layer_path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict) or not state:
+                raise PipellmError(f"{layer_path} holds no layer state dict; it is not a pipeline layer file")
+            for key, tensor in state.items():
+                writer.add(family.key_map.hf_key(kind, decoder_index, key), _owned_copy(tensor))
+            del state
+        writer.finish()
+        copy_model_files(ckpt_dir, tmp)
+    return Path(save_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="convert_model.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_pp = commands.add_parser("hg_to_pp", help="Hugging Face checkpoint -> pipeline layer files")
+    to_hg = commands.add_parser("pp_to_hg", help="pipeline layer files -> Hugging Face safetensors")
+    for sub, what in ((to_pp, "Hugging Face model directory"),
+                      (to_hg, "pipeline checkpoint: converted dir, training save dir (with 'latest') or tag dir")):
+        sub.add_argument("--input-path", required=True, help=what)
+        sub.add_argument("--save-path", required=True, help="output directory (must not exist or be empty)")
+        sub.add_argument("--overwrite", action="store_true", help="replace a non-empty save path")
+    to_hg.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 200MB")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "hg_to_pp":
+            hg_to_pp(args.input_path, args.save_path, overwrite=args.overwrite)
+        else:
+            pp_to_hg(args.input_path, args.save_path, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    except PipellmError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+    print(f"saved {args.save_path}")

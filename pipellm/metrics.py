@@ -1,0 +1,96 @@
+"""Throughput, MFU and memory figures, and where they go: ``metrics.jsonl``, a log line and a progress bar.
+
+MFU (model FLOPs utilisation), the formula used everywhere in pipellm:
+
+    MFU = tokens/s/GPU * (6 * (N - N_embedding) + 12 * L * d * S) / peak FLOP/s of one GPU
+
+N is the parameter count, N_embedding the input embedding's (a lookup, no matmul; an untied head is a matmul
+and counts), L the decoder layers, d the hidden size, S the sequence length. Tokens are all positions computed
+(micro batch x S, padding included: the GPU spends the FLOPs on them), and 6 = forward + backward (2 + 4)
+FLOPs per parameter per token; 12·L·d·S is the attention score and value matmuls, forward and backward.
+Activation recomputation (``use_grad_ckpt``) is not counted as useful work.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16/fp16 tensor-core peak, FLOP/s, by a substring of the device name.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "V100": 125e12}
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(hf_config, num_params: int, embedding_params: int, seq_len: int) -> float:
+    layers, hidden = hf_config.num_hidden_layers, hf_config.hidden_size
+    return 6 * (num_params - embedding_params) + 12 * layers * hidden * seq_len
+
+
+def peak_memory_gib() -> float:
+    """Peak device memory of this process (GPU allocator peak; on CPU the process's peak resident set)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLog:
+    """Writes one JSON object per logged step to ``metrics.jsonl``, prints a readable line, drives a bar."""
+
+    def __init__(self, save_path: str | Path, total_steps: int, first_step: int, enabled: bool):
+        self.enabled = enabled
+        self.file = None
+        self.bar = None
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        Path(save_path).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(save_path) / "metrics.jsonl", "a", buffering=1)
+        self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr)
+
+    def step(self, record: dict | None) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if record is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        parts = [f"step {record['step']}", f"epoch {record['epoch']}", f"loss {record['loss']:.4f}",
+                 f"lr {record['lr']:.3g}", f"grad_norm {record['grad_norm']:.3g}" if record["grad_norm"] is not None
+                 else "grad_norm n/a", f"tokens/s {record['tokens_per_sec']:.0f}",
+                 f"tokens/s/gpu {record['tokens_per_sec_per_gpu']:.0f}",
+                 f"mfu {record['mfu']:.1%}" if record["mfu"] is not None else "mfu n/a",
+                 "mem GiB/stage " + "/".join(f"{m:.1f}" for m in record["peak_mem_gib_per_stage"])]
+        self.bar.write(" | ".join(parts), file=sys.stderr)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.file.close()
+
+
+class StepTimer:
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.last = self.start
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

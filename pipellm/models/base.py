@@ -1,0 +1,105 @@
+"""What a model family declares: its pipeline layers, its checkpoint key map and its default partition.
+
+A family is data plus four plain ``nn.Module`` classes. It knows nothing about pipelines, stages or
+DeepSpeed: ``pipellm.pipeline`` turns the declaration into ``PipelineModule`` layers, and
+``pipellm.convert`` uses the key map to move tensors between a Hugging Face checkpoint and one file per
+pipeline layer.
+
+Pipeline layers, in order (DeepSpeed layer index in brackets, N = number of decoder layers):
+
+* ``embed``   [0]        token embedding; ``forward(input_ids) -> hidden``
+* ``decoder`` [1 .. N]   one decoder block each; ``forward(hidden, position_ids) -> hidden``
+* ``norm``    [N + 1]    the final norm; ``forward(hidden) -> hidden``
+* ``head``    [N + 2]    the output projection; ``forward(hidden) -> logits``. With tied embeddings the
+  head reuses the ``embed`` module's weight (DeepSpeed ``TiedLayerSpec``) and has no file of its own.
+
+Users count ``norm`` and ``head`` together as one "head" layer when they write ``parts`` (as the original
+design does: llama-7b on 8 stages is ``[5, 4, 4, 4, 4, 4, 4, 5]``), so ``sum(parts) == N + 2``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+from torch import nn
+
+LAYER_KINDS = ("embed", "decoder", "norm", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """Where each pipeline layer's tensors live in a Hugging Face checkpoint.
+
+    A pipeline layer file holds the layer module's ``state_dict``; the Hugging Face key of a tensor is the
+    layer kind's prefix followed by the key inside the layer. ``{i}`` in the decoder prefix is the decoder
+    index (0-based). ``accepted_prefixes`` lists further spellings found in the wild (for example a model
+    saved without its ``transformer.`` wrapper); the first spelling in ``prefixes`` is the one written.
+    """
+
+    prefixes: dict[str, str]
+    """Layer kind -> key prefix, e.g. ``{"decoder": "model.layers.{i}.", ...}``; none may be empty."""
+    accepted_prefixes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def spellings(self, kind: str) -> tuple[str, ...]:
+        return (self.prefixes[kind],) + tuple(self.accepted_prefixes.get(kind, ()))
+
+    def hf_key(self, kind: str, decoder_index: int | None, layer_key: str) -> str:
+        return self.prefixes[kind].format(i=decoder_index) + layer_key
+
+    def parse_hf_key(self, hf_key: str) -> tuple[str, int | None, str] | None:
+        """``(kind, decoder_index, layer_key)`` for a checkpoint key, or None if no layer owns it."""
+        for kind in LAYER_KINDS:
+            for prefix in self.spellings(kind):
+                if "{i}" in prefix:
+                    head, tail = prefix.split("{i}")
+                    match = re.match(re.escape(head) + r"(\d+)" + re.escape(tail), hf_key)
+                    if match:
+                        return kind, int(match.group(1)), hf_key[match.end():]
+                elif hf_key.startswith(prefix):
+                    return kind, None, hf_key[len(prefix):]
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """A model family as pipellm sees it. One instance per family, registered in ``pipellm.models``."""
+
+    name: str
+    """Value of ``model_type`` in the Hugging Face ``config.json``."""
+    embed: type[nn.Module]
+    decoder: type[nn.Module]
+    norm: type[nn.Module]
+    head: type[nn.Module]
+    key_map: KeyMap
+    tied_weight: str
+    """Attribute path of the embedding weight inside ``embed`` that the head reuses when tied."""
+    tied_head_forward: Callable
+    """``f(embed_module, hidden) -> logits`` used as the head when the embeddings are tied."""
+    default_parts: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    """Recommended ``parts`` for a stage count, for the family's common sizes (keyed by stage count)."""
+    ignored_hf_keys: tuple[str, ...] = ()
+    """Regexes of checkpoint keys that hold nothing to train (buffers derived from the config)."""
+
+    def is_tied(self, hf_config) -> bool:
+        return bool(getattr(hf_config, "tie_word_embeddings", False))
+
+    def num_decoder_layers(self, hf_config) -> int:
+        return int(hf_config.num_hidden_layers)
+
+    def layer_kind(self, layer_index: int, hf_config) -> tuple[str, int | None]:
+        """Kind and decoder index of DeepSpeed pipeline layer ``layer_index``."""
+        n = self.num_decoder_layers(hf_config)
+        if layer_index == 0:
+            return "embed", None
+        if layer_index <= n:
+            return "decoder", layer_index - 1
+        if layer_index == n + 1:
+            return "norm", None
+        if layer_index == n + 2:
+            return "head", None
+        raise IndexError(f"layer {layer_index} is out of range for {n} decoder layers")
+
+    def layer_index(self, kind: str, decoder_index: int | None, hf_config) -> int:
+        n = self.num_decoder_layers(hf_config)
+        return {"embed": 0, "norm": n + 1, "head": n + 2}.get(kind, (decoder_index or 0) + 1)

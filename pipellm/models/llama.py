@@ -1,0 +1,153 @@
+"""Llama: token embedding, pre-norm decoder blocks (RMSNorm, rotary GQA attention, SwiGLU MLP), final norm, head.
+
+Module and parameter names follow transformers' ``LlamaForCausalLM`` so that a pipeline layer's state dict is
+the Hugging Face checkpoint's keys with the prefixes of ``KEY_MAP`` removed. Rotary frequencies come from
+transformers' own rope functions, so every static ``rope_parameters`` type (default, linear, yarn, llama3, ...)
+means exactly what it means there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from pipellm.attention import causal_attention
+from pipellm.models.base import KeyMap, ModelFamily
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the scale, as the reference does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for the positions of a batch, computed in fp32.
+
+    Not an ``nn.Module`` with buffers on purpose: DeepSpeed casts every floating buffer to bf16/fp16, and a bf16
+    ``inv_freq`` gives wrong angles beyond a few hundred positions.
+    """
+
+    # Types whose frequencies change with the sequence length: an inference-time extension, not trained with.
+    LENGTH_DEPENDENT = ("dynamic", "longrope")
+
+    def __init__(self, config):
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type in self.LENGTH_DEPENDENT:
+            raise ValueError(f"rope_type {rope_type!r} changes with the sequence length and is not supported for "
+                             f"training; use a static type (default, linear, yarn, llama3)")
+        init = ROPE_INIT_FUNCTIONS.get(rope_type, LlamaRotaryEmbedding.compute_default_rope_parameters)
+        self.inv_freq, self.scaling = init(config)
+        self.inv_freq = self.inv_freq.float()
+
+    def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        angles = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, use_flash_attn: bool):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.use_flash_attn = use_flash_attn
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = causal_attention(q, k, v, self.use_flash_attn)
+        return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"llama: hidden_act {config.hidden_act!r} is not supported (only 'silu')")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, use_flash_attn: bool = False):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, use_flash_attn)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaEmbedding(nn.Embedding):
+    def __init__(self, config):
+        super().__init__(config.vocab_size, config.hidden_size)
+
+
+class LlamaFinalNorm(RMSNorm):
+    def __init__(self, config):
+        super().__init__(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaHead(nn.Linear):
+    def __init__(self, config):
+        super().__init__(config.hidden_size, config.vocab_size, bias=False)
+
+
+def tied_head_forward(embedding: LlamaEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, embedding.weight)
+
+
+FAMILY = ModelFamily(
+    name="llama",
+    embed=LlamaEmbedding,
+    decoder=LlamaDecoderLayer,
+    norm=LlamaFinalNorm,
+    head=LlamaHead,
+    key_map=KeyMap(prefixes={"embed": "model.embed_tokens.", "decoder": "model.layers.{i}.",
+                             "norm": "model.norm.", "head": "lm_head."}),
+    tied_weight="weight",
+    tied_head_forward=tied_head_forward,
+    # llama-7b (32 decoder layers + embedding + head = 34): the embedding and the head each cost about one
+    # decoder layer of time at 32k vocab, so the end stages take one block more than the middle ones.
+    default_parts={8: [5, 4, 4, 4, 4, 4, 4, 5], 4: [9, 8, 8, 9], 2: [17, 17]},
+    ignored_hf_keys=(r"rotary_emb\.inv_freq$",),
+)

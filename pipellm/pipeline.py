@@ -1,0 +1,186 @@
+"""Turn a model family into a DeepSpeed ``PipelineModule``: stage wrappers, partition, weight loading, loss.
+
+The family's modules have plain signatures (``decoder(hidden, position_ids) -> hidden``). The wrappers here
+are mixins that adapt them to DeepSpeed's one-argument layer convention, so a layer's ``state_dict`` keys stay
+the family's own (and a pipeline layer file is the Hugging Face checkpoint minus a key prefix).
+
+Between stages only tensors travel: ``(hidden, position_ids)`` until the final norm, then the logits.
+The batch that the data iterator yields is ``((input_ids, position_ids), (targets, loss_scale))``; see
+``token_mean_loss`` for why the loss scale travels with the targets.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime import utils as ds_utils
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipellm.checkpoint import layer_file_name
+from pipellm.errors import PipellmError
+from pipellm.models.base import ModelFamily
+
+class EmbedStage:
+    def forward(self, inputs):
+        input_ids, position_ids = inputs
+        return super().forward(input_ids), position_ids
+
+
+class DecoderStage:
+    def __init__(self, *args, grad_ckpt: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_ckpt = grad_ckpt
+
+    def forward(self, inputs):
+        hidden, position_ids = inputs
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            hidden = checkpoint(super().forward, hidden, position_ids, use_reentrant=False)
+        else:
+            hidden = super().forward(hidden, position_ids)
+        return hidden, position_ids
+
+
+class NormStage:
+    def forward(self, inputs):
+        hidden, _ = inputs
+        return super().forward(hidden)
+
+
+@functools.cache
+def stage_class(stage: type, module: type) -> type:
+    """``module`` with ``stage``'s pipeline forward; named after the module so DeepSpeed's plan reads well."""
+    return type(module.__name__, (stage, module), {"__module__": module.__module__})
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Hugging Face's initialisation for decoder-only models: N(0, std) weights, zero biases, unit norms."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if getattr(sub, "bias", None) is not None:
+                nn.init.zeros_(sub.bias)
+
+
+def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, use_flash_attn: bool) -> list:
+    """DeepSpeed layer specs: embed, decoders, final norm, head (tied to the embedding when the config says so)."""
+    embed_cls = stage_class(EmbedStage, family.embed)
+    if family.is_tied(hf_config):
+        embed = TiedLayerSpec("embed", embed_cls, hf_config, tied_weight_attr=[family.tied_weight])
+        head = TiedLayerSpec("embed", embed_cls, hf_config, forward_fn=family.tied_head_forward,
+                             tied_weight_attr=[family.tied_weight])
+    else:
+        embed = LayerSpec(embed_cls, hf_config)
+        head = LayerSpec(family.head, hf_config)
+    decoder_cls = stage_class(DecoderStage, family.decoder)
+    decoders = [LayerSpec(decoder_cls, hf_config, use_flash_attn, grad_ckpt=use_grad_ckpt)
+                for _ in range(family.num_decoder_layers(hf_config))]
+    return [embed, *decoders, LayerSpec(stage_class(NormStage, family.norm), hf_config), head]
+
+
+def parameter_costs(family: ModelFamily, hf_config) -> list[float]:
+    """Parameter count of each user-counted layer (embed, decoders, head), for ``parts: parameters``."""
+    with torch.device("meta"):
+        embed = family.embed(hf_config).weight.numel()
+        decoder = sum(p.numel() for p in family.decoder(hf_config).parameters())
+    return [float(embed)] + [float(decoder)] * family.num_decoder_layers(hf_config) + [float(embed)]
+
+
+def stage_boundaries(parts: list[int] | str, family: ModelFamily, hf_config, num_stages: int) -> list[int]:
+    """DeepSpeed layer boundaries (len num_stages + 1) from the user's ``parts``.
+
+    Users count the final norm and the head as one layer; DeepSpeed sees two, always on the last stage.
+    """
+    if parts == "uniform":
+        bounds = ds_utils.partition_uniform(num_items=family.num_decoder_layers(hf_config) + 2,
+                                            num_parts=num_stages)
+    elif parts == "parameters":
+        bounds = ds_utils.partition_balanced(weights=parameter_costs(family, hf_config), num_parts=num_stages)
+    else:
+        bounds = [0]
+        for count in parts:
+            bounds.append(bounds[-1] + count)
+    return bounds[:-1] + [bounds[-1] + 1]
+
+
+class PipelineModel(PipelineModule):
+    """A ``PipelineModule`` whose stages hold exactly the layers given by ``boundaries``."""
+
+    def __init__(self, layers: list, boundaries: list[int], **kwargs):
+        self._boundaries = list(boundaries)
+        super().__init__(layers=layers, **kwargs)
+
+    def _partition_layers(self, method="uniform"):
+        self.parts = self._boundaries
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    @property
+    def local_layer_indices(self) -> range:
+        return range(self._local_start, self._local_stop)
+
+
+def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_ckpt: bool = False,
+                   use_flash_attn: bool = False, seed: int = 42) -> PipelineModel:
+    """Build this rank's stage, randomly initialised (``load_pipeline_weights`` then loads a checkpoint).
+
+    Each layer's initialisation is seeded by its layer index, so the initial weights do not depend on the
+    partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
+    """
+    specs = layer_specs(family, hf_config, use_grad_ckpt, use_flash_attn)
+    boundaries = stage_boundaries(parts, family, hf_config, topology.get_dim("pipe"))
+    model = PipelineModel(specs, boundaries, topology=topology, loss_fn=token_mean_loss)
+    std = getattr(hf_config, "initializer_range", 0.02)
+    for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
+        module = _layer_module(layer)
+        torch.manual_seed(seed + (0 if isinstance(layer, functools.partial) else layer_index))
+        init_weights(module, std)
+    return model
+
+
+def _layer_module(layer) -> nn.Module | None:
+    """The module that owns a pipeline layer's weights (a tied head's is the tied embedding)."""
+    if isinstance(layer, nn.Module):
+        return layer
+    if isinstance(layer, functools.partial):
+        return layer.args[0]
+    return None
+
+
+def load_pipeline_weights(model: PipelineModel, family: ModelFamily, hf_config, model_dir: str | Path) -> None:
+    """Load only this rank's layers from ``layer_XX-model_states.pt`` files (strict: every key must match)."""
+    model_dir = Path(model_dir)
+    for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
+        module = _layer_module(layer)
+        if module is None:
+            continue
+        kind, _ = family.layer_kind(layer_index, hf_config)
+        file_index = 0 if kind == "head" and family.is_tied(hf_config) else layer_index
+        path = model_dir / layer_file_name(file_index)
+        if not path.is_file():
+            raise PipellmError(f"missing pipeline layer file {path}; is `model_path` a `convert_model.py "
+                               f"hg_to_pp` output or a training checkpoint of this model?")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first_line = str(e).strip().splitlines()[0:2]
+            raise PipellmError(f"{path} does not match layer {layer_index} ({kind}) of this model: "
+                               f"{' '.join(first_line)}") from None
+
+
+def token_mean_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross entropy summed over a micro batch's labelled tokens, times ``loss_scale``.
+
+    The training loop sets ``loss_scale = gradient_accumulation_steps * D / (labelled tokens in the global
+    batch)``. DeepSpeed divides each micro batch's loss by the accumulation steps and averages gradients and
+    losses over the D replicas, so the step's loss and gradient are those of the mean over every labelled token
+    of the global batch: a long sample weighs by its tokens, not by its micro batch.
+    """
+    targets, loss_scale = labels
+    losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100,
+                             reduction="sum")
+    return losses * loss_scale.to(losses.dtype).reshape(())

@@ -1,0 +1,106 @@
+"""The whole user journey on the embedded tiny llama, offline, on CPUs or GPUs: ``python -m pipellm.quickstart``.
+
+1. make a randomly initialised tiny llama from ``pipellm/assets/tiny_llama`` (config + tokenizer), as a Hugging
+   Face checkpoint;
+2. ``convert_model.py hg_to_pp`` it;
+3. train it on ``pipellm/assets/data/sample.jsonl`` with ``deepspeed --num_gpus 2 train_ds.py --config
+   configs/ds_config_pp.yml`` (two pipeline stages; on a machine without GPUs, two CPU processes);
+4. ``convert_model.py pp_to_hg`` the checkpoint, load it with transformers, compare its loss on the data with
+   the starting model's, and generate one answer.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipellm.config import load_config
+from pipellm.data import INSTRUCT_TEMPLATE_NO_INPUT, build_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_LLAMA = ASSETS / "tiny_llama"
+
+
+def make_tiny_model(dest: Path, seed: int = 0) -> Path:
+    """A randomly initialised Hugging Face checkpoint of the embedded tiny llama, with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA))
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(dest)
+    return dest
+
+
+@torch.no_grad()
+def mean_token_loss(model_dir: str | Path, data_paths: list[str], max_seq_len: int) -> float:
+    """Mean cross entropy over every labelled token of the data, for the Hugging Face model in ``model_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    data = build_dataset(data_paths, AutoTokenizer.from_pretrained(model_dir), max_seq_len)
+    total, count = 0.0, 0
+    for start in range(0, len(data), 32):
+        rows = slice(start, start + 32)
+        attention_mask = torch.arange(max_seq_len) < data.lengths[rows, None]
+        logits = model(input_ids=data.input_ids[rows], attention_mask=attention_mask.long()).logits
+        targets = data.labels[rows, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
+                                                         ignore_index=-100, reduction="sum"))
+        count += int((targets != -100).sum())
+    return total / count
+
+
+def generate(model_dir: str | Path, instruction: str, max_new_tokens: int = 16) -> str:
+    """Answer an instruction with the built-in prompt template the model was trained with (greedy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt = INSTRUCT_TEMPLATE_NO_INPUT.format(instruct=instruction)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def launch_training(config: str | Path, num_processes: int) -> None:
+    """``deepspeed --num_gpus N train_ds.py --config CONFIG`` from the repository root."""
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_processes),
+               "--master_port", str(29500 + os.getpid() % 1000), str(REPO / "train_ds.py"), "--config", str(config)]
+    print("+ deepspeed " + " ".join(command[3:]), flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "ds_config_pp.yml"))
+    args = parser.parse_args(argv)
+    from pipellm.convert import hg_to_pp, pp_to_hg
+
+    cfg = load_config(args.config)
+    work = Path(cfg.model_path).parent
+    for stale in (work, Path(cfg.save_path)):
+        shutil.rmtree(stale, ignore_errors=True)
+    hf_init = make_tiny_model(work / "hf_init")
+    print(f"1. tiny llama (random init) written to {hf_init}")
+    hg_to_pp(hf_init, cfg.model_path)
+    print(f"2. converted to pipeline layers in {cfg.model_path}")
+    launch_training(args.config, cfg.pipe_degree * cfg.data_degree)
+    hf_trained = pp_to_hg(cfg.save_path, work / "hf_trained")
+    print(f"3. trained checkpoint exported to {hf_trained}")
+    before = mean_token_loss(hf_init, cfg.data_paths, cfg.max_seq_len)
+    after = mean_token_loss(hf_trained, cfg.data_paths, cfg.max_seq_len)
+    print(f"4. loss on the training data: {before:.3f} before, {after:.3f} after training")
+    question = "What is 3 plus 4?"
+    print(f"   sample: {question!r} -> {generate(hf_trained, question)!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""``deepspeed train_ds.py --config X.yml``: pipeline-parallel training, top to bottom.
+
+1. Read and validate the config (before any process group, so a bad file fails fast on every rank).
+2. Tokenize the data (every rank holds the token ids; each step's global batch is known to all ranks).
+3. Build this rank's pipeline stage and load only its layers.
+4. Loop: one ``engine.train_batch`` per optimizer step; log; checkpoint every ``save_steps`` and at the end.
+
+A checkpoint ``save_path/global_step<N>/`` holds DeepSpeed's per-layer files (``layer_XX-model_states.pt``, the
+same format as ``convert_model.py hg_to_pp`` writes), optimizer state, and the model's config and tokenizer, so
+``convert_model.py pp_to_hg --input-path save_path`` exports it directly (it follows ``latest``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from pipellm.batches import GlobalBatchOrder, micro_batches
+from pipellm.config import TrainConfig, dump_resolved, load_config, validate_environment
+from pipellm.data import build_dataset
+from pipellm.errors import PipellmError
+from pipellm.metrics import MetricsLog, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
+from pipellm.models import get_family
+from pipellm.models.base import ModelFamily
+from pipellm.optim import build_optimizer, record_grad_norm
+from pipellm.checkpoint import copy_model_files, layer_file_name, num_layer_files, resolve_checkpoint_dir
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a model with DeepSpeed pipeline parallelism.")
+    parser.add_argument("--config", required=True, help="training YAML (pipellm and DeepSpeed keys)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return parser.parse_args(argv)
+
+
+def read_model_config(cfg: TrainConfig):
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.model_path)
+    except (OSError, ValueError) as e:
+        raise PipellmError(f"`model_path` {cfg.model_path}: cannot read config.json ({str(e).splitlines()[0]})")
+    family = get_family_or_error(hf_config.model_type)
+    return hf_config, family
+
+
+def get_family_or_error(model_type: str) -> ModelFamily:
+    try:
+        return get_family(model_type)
+    except ValueError as e:
+        raise PipellmError(str(e)) from None
+
+
+def check_layer_files(cfg: TrainConfig, family: ModelFamily, hf_config) -> None:
+    if cfg.from_scratch:
+        return
+    for index in range(num_layer_files(family, hf_config)):
+        path = Path(cfg.model_path) / layer_file_name(index)
+        if not path.is_file():
+            raise PipellmError(f"`model_path` {cfg.model_path} lacks {path.name}; convert the Hugging Face model "
+                               f"with `convert_model.py hg_to_pp` or set `from_scratch: true`")
+
+
+def prepare(argv=None):
+    """Everything that can fail on bad input, done before any process group work."""
+    args = parse_args(argv)
+    cfg = load_config(args.config)
+    if not cfg.from_scratch and Path(cfg.model_path).is_dir():
+        # A training save directory works as a starting point too: start from its newest checkpoint.
+        cfg.model_path = str(resolve_checkpoint_dir(cfg.model_path))
+    hf_config, family = read_model_config(cfg)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_environment(cfg, world_size, num_layers=family.num_decoder_layers(hf_config) + 2)
+    check_layer_files(cfg, family, hf_config)
+    return cfg, hf_config, family
+
+
+def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
+    import deepspeed
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+    from transformers import AutoTokenizer
+
+    from pipellm.pipeline import build_pipeline, load_pipeline_weights  # imports deepspeed: after validation
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    dataset = build_dataset(cfg.data_paths, tokenizer, cfg.max_seq_len)
+    if len(dataset) < cfg.global_batch_size:
+        raise PipellmError(f"`data_path` has {len(dataset)} usable samples, fewer than one global batch "
+                           f"(`train_batch_size` {cfg.global_batch_size}); add data or lower the batch size")
+
+    on_gpu = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank = int(os.environ.get("RANK", "0"))
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    topo_cfg = cfg.model_topo.process_topology
+    topology = ProcessTopology(axes=topo_cfg.axes, dims=topo_cfg.dims)
+
+    model = build_pipeline(family, hf_config, topology, cfg.model_topo.parts, use_grad_ckpt=cfg.use_grad_ckpt,
+                           use_flash_attn=cfg.use_flash_attn, seed=cfg.seed)
+    if not cfg.from_scratch:
+        load_pipeline_weights(model, family, hf_config, cfg.model_path)
+
+    ds_config = dict(cfg.deepspeed)
+    optimizer = build_optimizer(model, ds_config.pop("optimizer", None))
+    plain_fp32 = not any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")) \
+        and not ds_config.get("zero_optimization", {}).get("stage", 0)
+    if plain_fp32:
+        # pipellm clips (and measures the norm) itself here; DeepSpeed's default clip would apply otherwise.
+        max_norm = float(ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT))
+        ds_config["gradient_clipping"] = 0.0
+        record_grad_norm(optimizer, model, model._grid.get_pipe_parallel_group(), max_norm)
+    ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    order = GlobalBatchOrder(len(dataset), cfg.global_batch_size, cfg.seed)
+    total_steps = cfg.n_epochs * order.steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    save_path = Path(cfg.save_path)
+    is_logger = rank == 0
+    if is_logger:
+        save_path.mkdir(parents=True, exist_ok=True)
+        (save_path / "train_config.json").write_text(dump_resolved(cfg))
+        print(f"pipellm: {len(dataset)} samples ({dataset.n_truncated} truncated, {dataset.n_dropped} dropped), "
+              f"fill ratio {dataset.fill_ratio:.1%}, {order.steps_per_epoch} steps/epoch, {total_steps} steps, "
+              f"global batch {cfg.global_batch_size} x {cfg.max_seq_len} tokens", file=sys.stderr)
+
+    num_params = sum(p.numel() for p in model.parameters() if not getattr(p, "ds_pipe_replicated", False))
+    embedding = hf_config.vocab_size * hf_config.hidden_size
+    stats = torch.tensor([num_params, 0.0], dtype=torch.float64)
+    if not model._grid.data_parallel_id == 0:
+        stats[0] = 0
+    total_params = _all_reduce_sum(stats)[0].item()
+    flops_token = flops_per_token(hf_config, int(total_params), embedding, cfg.max_seq_len)
+    peak_flops = cfg.peak_flops_per_gpu or device_peak_flops()
+    world_size = topology.world_size()
+    tokens_computed = cfg.global_batch_size * cfg.max_seq_len
+
+    log = MetricsLog(save_path, total_steps, 0, enabled=is_logger)
+    timer = StepTimer()
+    data_rank = model._grid.data_parallel_id
+    for step in range(total_steps):
+        rows = order.rows(step)
+        input_ids, labels = dataset.input_ids[rows], dataset.labels[rows]
+        batches = micro_batches(input_ids, labels, cfg.micro_batch_size, data_rank, cfg.data_degree)
+        loss = engine.train_batch(iter(batches))
+        seconds = timer.lap()
+        done = step + 1
+        record = None
+        if done % cfg.log_steps == 0 or done == total_steps:
+            memory = _gather_stage_memory(model, world_size)
+            tokens = int(dataset.lengths[rows].sum())
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": done, "epoch": order.epoch(step), "loss": float(loss), "lr": engine.get_lr()[0],
+                "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
+                "tokens_per_sec": tokens / seconds, "tokens_per_sec_per_gpu": tokens / seconds / world_size,
+                "samples_per_sec": cfg.global_batch_size / seconds,
+                "mfu": (tokens_computed / seconds / world_size * flops_token / peak_flops) if peak_flops else None,
+                "peak_mem_gib_per_stage": memory, "step_time_s": seconds, "elapsed_s": timer.elapsed,
+            }
+        log.step(record)
+        if (cfg.save_steps and done % cfg.save_steps == 0) or done == total_steps:
+            save_checkpoint(engine, cfg, save_path, done, is_logger)
+    log.close()
+    if is_logger:
+        print(f"pipellm: done, {total_steps} steps in {timer.elapsed:.1f}s; checkpoint {save_path}/"
+              f"global_step{total_steps} (export: python convert_model.py pp_to_hg --input-path {save_path} "
+              f"--save-path HF_OUT)", file=sys.stderr)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    import deepspeed.comm as dist
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reduced = tensor.to(device)
+    dist.all_reduce(reduced)
+    return reduced.cpu()
+
+
+def _gather_stage_memory(model, world_size: int) -> list[float]:
+    """Peak memory (GiB) per pipeline stage, the maximum over its data-parallel replicas."""
+    num_stages = model.num_stages
+    per_stage = torch.zeros(num_stages, dtype=torch.float64)
+    per_stage[model.stage_id] = peak_memory_gib()
+    import deepspeed.comm as dist
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gathered = per_stage.to(device)
+    dist.all_reduce(gathered, op=dist.ReduceOp.MAX)
+    return [round(x, 3) for x in gathered.cpu().tolist()]
+
+
+def save_checkpoint(engine, cfg: TrainConfig, save_path: Path, step: int, is_logger: bool) -> None:
+    import deepspeed.comm as dist
+
+    tag = f"global_step{step}"
+    engine.save_checkpoint(str(save_path), tag=tag)
+    if is_logger:
+        copy_model_files(Path(cfg.model_path), save_path / tag)
+    dist.barrier()
+
+
+def main(argv=None) -> None:
+    try:
+        cfg, hf_config, family = prepare(argv)
+        train(cfg, hf_config, family)
+    except PipellmError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
