@@ -56,8 +56,9 @@ class MetricsLog:
 
         Path(save_path).mkdir(parents=True, exist_ok=True)
         self.file = open(Path(save_path) / "metrics.jsonl", "a", buffering=1)
+        # Redirected to a file, a bar redraw per step would flood the log: redraw every 30 s there.
         self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stderr)
+                        file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30)
 
     def step(self, record: dict | None) -> None:
         if not self.enabled:

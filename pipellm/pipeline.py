@@ -30,17 +30,26 @@ class EmbedStage:
         return super().forward(input_ids), position_ids
 
 
+@functools.cache
+def compiled(function):
+    """One ``torch.compile`` of a block's forward function, shared by every layer of that class (parameters are
+    graph inputs, so all layers of one shape reuse one compiled graph)."""
+    return torch.compile(function, dynamic=False)
+
+
 class DecoderStage:
-    def __init__(self, *args, grad_ckpt: bool = False, **kwargs):
+    def __init__(self, *args, grad_ckpt: bool = False, compile_block: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.grad_ckpt = grad_ckpt
+        block = super().forward
+        self.block = functools.partial(compiled(block.__func__), self) if compile_block else block
 
     def forward(self, inputs):
         hidden, position_ids = inputs
         if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            hidden = checkpoint(super().forward, hidden, position_ids, use_reentrant=False)
+            hidden = checkpoint(self.block, hidden, position_ids, use_reentrant=False)
         else:
-            hidden = super().forward(hidden, position_ids)
+            hidden = self.block(hidden, position_ids)
         return hidden, position_ids
 
 
@@ -65,7 +74,8 @@ def init_weights(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(sub.bias)
 
 
-def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, use_flash_attn: bool) -> list:
+def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, use_flash_attn: bool,
+                compile_layers: bool = False) -> list:
     """DeepSpeed layer specs: embed, decoders, final norm, head (tied to the embedding when the config says so)."""
     embed_cls = stage_class(EmbedStage, family.embed)
     if family.is_tied(hf_config):
@@ -76,7 +86,7 @@ def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, use_flash_a
         embed = LayerSpec(embed_cls, hf_config)
         head = LayerSpec(family.head, hf_config)
     decoder_cls = stage_class(DecoderStage, family.decoder)
-    decoders = [LayerSpec(decoder_cls, hf_config, use_flash_attn, grad_ckpt=use_grad_ckpt)
+    decoders = [LayerSpec(decoder_cls, hf_config, use_flash_attn, grad_ckpt=use_grad_ckpt, compile_block=compile_layers)
                 for _ in range(family.num_decoder_layers(hf_config))]
     return [embed, *decoders, LayerSpec(stage_class(NormStage, family.norm), hf_config), head]
 
@@ -124,20 +134,23 @@ class PipelineModel(PipelineModule):
 
 
 def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_ckpt: bool = False,
-                   use_flash_attn: bool = False, seed: int = 42) -> PipelineModel:
+                   use_flash_attn: bool = False, compile_layers: bool = False, seed: int = 42,
+                   device: str | torch.device = "cpu") -> PipelineModel:
     """Build this rank's stage, randomly initialised (``load_pipeline_weights`` then loads a checkpoint).
 
     Each layer's initialisation is seeded by its layer index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
-    specs = layer_specs(family, hf_config, use_grad_ckpt, use_flash_attn)
+    specs = layer_specs(family, hf_config, use_grad_ckpt, use_flash_attn, compile_layers)
     boundaries = stage_boundaries(parts, family, hf_config, topology.get_dim("pipe"))
-    model = PipelineModel(specs, boundaries, topology=topology, loss_fn=token_mean_loss)
-    std = getattr(hf_config, "initializer_range", 0.02)
-    for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
-        module = _layer_module(layer)
-        torch.manual_seed(seed + (0 if isinstance(layer, functools.partial) else layer_index))
-        init_weights(module, std)
+    # Allocating on the target device directly skips a host copy of the stage (and is much faster to init).
+    with torch.device(device):
+        model = PipelineModel(specs, boundaries, topology=topology, loss_fn=token_mean_loss)
+        std = getattr(hf_config, "initializer_range", 0.02)
+        for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
+            module = _layer_module(layer)
+            torch.manual_seed(seed + (0 if isinstance(layer, functools.partial) else layer_index))
+            init_weights(module, std)
     return model
 
 
@@ -163,7 +176,7 @@ def load_pipeline_weights(model: PipelineModel, family: ModelFamily, hf_config, 
         if not path.is_file():
             raise PipellmError(f"missing pipeline layer file {path}; is `model_path` a `convert_model.py "
                                f"hg_to_pp` output or a training checkpoint of this model?")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=next(module.parameters()).device, weights_only=True)
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:

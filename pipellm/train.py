@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipellm.batches import GlobalBatchOrder, micro_batches
-from pipellm.config import TrainConfig, dump_resolved, load_config, validate_environment
+from pipellm.config import TrainConfig, dump_resolved, load_config, validate_environment, validate_partition
 from pipellm.data import build_dataset
 from pipellm.errors import PipellmError
 from pipellm.metrics import MetricsLog, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
@@ -71,9 +71,9 @@ def prepare(argv=None):
     if not cfg.from_scratch and Path(cfg.model_path).is_dir():
         # A training save directory works as a starting point too: start from its newest checkpoint.
         cfg.model_path = str(resolve_checkpoint_dir(cfg.model_path))
+    validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config, family = read_model_config(cfg)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_environment(cfg, world_size, num_layers=family.num_decoder_layers(hf_config) + 2)
+    validate_partition(cfg, family.num_decoder_layers(hf_config) + 2)
     check_layer_files(cfg, family, hf_config)
     return cfg, hf_config, family
 
@@ -101,7 +101,9 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     topology = ProcessTopology(axes=topo_cfg.axes, dims=topo_cfg.dims)
 
     model = build_pipeline(family, hf_config, topology, cfg.model_topo.parts, use_grad_ckpt=cfg.use_grad_ckpt,
-                           use_flash_attn=cfg.use_flash_attn, seed=cfg.seed)
+                           use_flash_attn=cfg.use_flash_attn, seed=cfg.seed,
+                           compile_layers=on_gpu if cfg.compile_layers is None else cfg.compile_layers,
+                           device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
     if not cfg.from_scratch:
         load_pipeline_weights(model, family, hf_config, cfg.model_path)
 
@@ -165,13 +167,13 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
                 "peak_mem_gib_per_stage": memory, "step_time_s": seconds, "elapsed_s": timer.elapsed,
             }
         log.step(record)
-        if (cfg.save_steps and done % cfg.save_steps == 0) or done == total_steps:
+        if (cfg.save_steps and done % cfg.save_steps == 0) or (cfg.save_final and done == total_steps):
             save_checkpoint(engine, cfg, save_path, done, is_logger)
     log.close()
     if is_logger:
-        print(f"pipellm: done, {total_steps} steps in {timer.elapsed:.1f}s; checkpoint {save_path}/"
-              f"global_step{total_steps} (export: python convert_model.py pp_to_hg --input-path {save_path} "
-              f"--save-path HF_OUT)", file=sys.stderr)
+        saved = (f"; checkpoint {save_path}/global_step{total_steps} (export: python convert_model.py pp_to_hg "
+                 f"--input-path {save_path} --save-path HF_OUT)") if cfg.save_final else ""
+        print(f"pipellm: done, {total_steps} steps in {timer.elapsed:.1f}s{saved}", file=sys.stderr)
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

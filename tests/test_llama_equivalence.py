@@ -116,3 +116,29 @@ def test_loss_and_grads_match_transformers(case, tmp_path):
             seen.add(name)
     # Every parameter of the reference got a gradient from some stage.
     assert seen == set(ref_grads) - ({"lm_head.weight"} if spec["tied"] else set())
+
+
+def test_compiled_layers_match_eager():
+    """``compile_layers`` changes kernels, not maths: same loss and gradients as eager (with checkpointing)."""
+    from pipellm.batches import micro_batches
+    from pipellm.models import get_family
+    from pipellm.pipeline import layer_specs, token_mean_loss
+
+    config = tiny_config(tied=False, kv_heads=2)
+    batch = make_batch(4, torch.Generator().manual_seed(1))
+    inputs, labels = micro_batches(batch[0], batch[2], 4, 0, 1)[0]
+    results = []
+    for compile_layers in (False, True):
+        torch.manual_seed(0)
+        layers = [spec.build() for spec in layer_specs(get_family("llama"), config, use_grad_ckpt=True,
+                                                        use_flash_attn=False, compile_layers=compile_layers)]
+        hidden = inputs
+        for layer in layers:
+            hidden = layer(hidden)
+        loss = token_mean_loss(hidden, labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for layer in layers for p in layer.parameters()]))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)

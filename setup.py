@@ -1,0 +1,39 @@
+"""pipellm: train and fine-tune large language models with DeepSpeed pipeline parallelism.
+
+Install torch first (`pip install torch==<version>` of the build you want), then
+`pip install --no-build-isolation -e '.[test]'` (DeepSpeed builds against the installed torch).
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec((Path(__file__).parent / "pipellm" / "__init__.py").read_text(), version)
+
+setup(
+    name="pipellm",
+    version=version["__version__"],
+    description="Train and fine-tune LLMs with DeepSpeed pipeline parallelism",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipellm", "pipellm.*"]),
+    package_data={"pipellm": ["assets/tiny_llama/*", "assets/data/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=5,<6",
+        "sentencepiece",
+        "protobuf",
+        "tokenizers",
+        "pyyaml",
+        "safetensors",
+        "lion-pytorch",
+        "tqdm",
+    ],
+    extras_require={
+        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest>=8", "pyflakes"],
+        "plot": ["matplotlib"],
+    },
+)

@@ -1,0 +1,18 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def tiny_pp_model(tmp_path_factory):
+    """The embedded tiny llama, randomly initialised, as a Hugging Face dir and as pipeline layer files."""
+    from pipellm.convert import hg_to_pp
+    from pipellm.quickstart import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    hf_dir = make_tiny_model(root / "hf")
+    return hf_dir, hg_to_pp(hf_dir, root / "pp")
