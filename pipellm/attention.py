@@ -10,6 +10,7 @@ default dispatcher, which on CPU is the math kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -17,6 +18,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 FUSED_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """How decoder layers compute attention; fixed for a run, handed to every family's attention module."""
+
+    use_flash_attn: bool = False
+    """Fastest exact kernel available (see the module docstring)."""
 
 
 @functools.cache
@@ -29,12 +38,15 @@ def flash_attn_func():
     return func
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_flash_attn: bool,
-                     scale: float | None = None) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: AttentionOptions,
+                     position_ids: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Causal attention over ``[batch, heads, seq, head_dim]`` tensors; k and v may have fewer (grouped) heads.
 
+    ``position_ids`` (``[batch, seq]``) are the rows' token positions; every family passes them so that packed
+    rows (several samples per row, positions restarting at 0) can keep attention within each sample.
     Returns ``[batch, seq, heads, head_dim]`` so the caller can merge the heads without a transpose copy.
     """
+    use_flash_attn = options.use_flash_attn
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
     if use_flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_func():
         # flash_attn takes [batch, seq, heads, dim] and handles grouped kv heads itself.

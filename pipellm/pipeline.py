@@ -20,6 +20,7 @@ from deepspeed.runtime import utils as ds_utils
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipellm.attention import AttentionOptions
 from pipellm.checkpoint import layer_file_name
 from pipellm.errors import PipellmError
 from pipellm.models.base import ModelFamily
@@ -74,7 +75,7 @@ def init_weights(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(sub.bias)
 
 
-def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, use_flash_attn: bool,
+def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: AttentionOptions,
                 compile_layers: bool = False) -> list:
     """DeepSpeed layer specs: embed, decoders, final norm, head (tied to the embedding when the config says so)."""
     embed_cls = stage_class(EmbedStage, family.embed)
@@ -86,7 +87,7 @@ def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, use_flash_a
         embed = LayerSpec(embed_cls, hf_config)
         head = LayerSpec(family.head, hf_config)
     decoder_cls = stage_class(DecoderStage, family.decoder)
-    decoders = [LayerSpec(decoder_cls, hf_config, use_flash_attn, grad_ckpt=use_grad_ckpt, compile_block=compile_layers)
+    decoders = [LayerSpec(decoder_cls, hf_config, attention, grad_ckpt=use_grad_ckpt, compile_block=compile_layers)
                 for _ in range(family.num_decoder_layers(hf_config))]
     return [embed, *decoders, LayerSpec(stage_class(NormStage, family.norm), hf_config), head]
 
@@ -141,7 +142,8 @@ def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_
     Each layer's initialisation is seeded by its layer index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
-    specs = layer_specs(family, hf_config, use_grad_ckpt, use_flash_attn, compile_layers)
+    specs = layer_specs(family, hf_config, use_grad_ckpt, AttentionOptions(use_flash_attn=use_flash_attn),
+                        compile_layers)
     boundaries = stage_boundaries(parts, family, hf_config, topology.get_dim("pipe"))
     # Allocating on the target device directly skips a host copy of the stage (and is much faster to init).
     with torch.device(device):

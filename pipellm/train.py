@@ -132,20 +132,18 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
               f"fill ratio {dataset.fill_ratio:.1%}, {order.steps_per_epoch} steps/epoch, {total_steps} steps, "
               f"global batch {cfg.global_batch_size} x {cfg.max_seq_len} tokens", file=sys.stderr)
 
-    num_params = sum(p.numel() for p in model.parameters() if not getattr(p, "ds_pipe_replicated", False))
+    # Parameters of the whole model: each stage counts its own (a tied copy once), replica 0 only.
+    data_rank = model._grid.data_parallel_id
+    local_params = sum(p.numel() for p in model.parameters() if not getattr(p, "ds_pipe_replicated", False))
+    total_params = _all_reduce(torch.tensor([local_params if data_rank == 0 else 0], dtype=torch.float64))
     embedding = hf_config.vocab_size * hf_config.hidden_size
-    stats = torch.tensor([num_params, 0.0], dtype=torch.float64)
-    if not model._grid.data_parallel_id == 0:
-        stats[0] = 0
-    total_params = _all_reduce_sum(stats)[0].item()
-    flops_token = flops_per_token(hf_config, int(total_params), embedding, cfg.max_seq_len)
+    flops_token = flops_per_token(hf_config, int(total_params[0]), embedding, cfg.max_seq_len)
     peak_flops = cfg.peak_flops_per_gpu or device_peak_flops()
     world_size = topology.world_size()
     tokens_computed = cfg.global_batch_size * cfg.max_seq_len
 
     log = MetricsLog(save_path, total_steps, 0, enabled=is_logger)
     timer = StepTimer()
-    data_rank = model._grid.data_parallel_id
     for step in range(total_steps):
         rows = order.rows(step)
         input_ids, labels = dataset.input_ids[rows], dataset.labels[rows]
@@ -155,7 +153,7 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
         done = step + 1
         record = None
         if done % cfg.log_steps == 0 or done == total_steps:
-            memory = _gather_stage_memory(model, world_size)
+            memory = _stage_peak_memory(model)
             tokens = int(dataset.lengths[rows].sum())
             grad_norm = engine.get_global_grad_norm()
             record = {
@@ -176,26 +174,22 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
         print(f"pipellm: done, {total_steps} steps in {timer.elapsed:.1f}s{saved}", file=sys.stderr)
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce over the world (sum by default) on the backend's device; the result on the CPU."""
     import deepspeed.comm as dist
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    reduced = tensor.to(device)
-    dist.all_reduce(reduced)
+    reduced = tensor.to("cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(reduced, op=op or dist.ReduceOp.SUM)
     return reduced.cpu()
 
 
-def _gather_stage_memory(model, world_size: int) -> list[float]:
+def _stage_peak_memory(model) -> list[float]:
     """Peak memory (GiB) per pipeline stage, the maximum over its data-parallel replicas."""
-    num_stages = model.num_stages
-    per_stage = torch.zeros(num_stages, dtype=torch.float64)
-    per_stage[model.stage_id] = peak_memory_gib()
     import deepspeed.comm as dist
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gathered = per_stage.to(device)
-    dist.all_reduce(gathered, op=dist.ReduceOp.MAX)
-    return [round(x, 3) for x in gathered.cpu().tolist()]
+    per_stage = torch.zeros(model.num_stages, dtype=torch.float64)
+    per_stage[model.stage_id] = peak_memory_gib()
+    return [round(x, 3) for x in _all_reduce(per_stage, dist.ReduceOp.MAX).tolist()]
 
 
 def save_checkpoint(engine, cfg: TrainConfig, save_path: Path, step: int, is_logger: bool) -> None:

@@ -120,6 +120,7 @@ def test_loss_and_grads_match_transformers(case, tmp_path):
 
 def test_compiled_layers_match_eager():
     """``compile_layers`` changes kernels, not maths: same loss and gradients as eager (with checkpointing)."""
+    from pipellm.attention import AttentionOptions
     from pipellm.batches import micro_batches
     from pipellm.models import get_family
     from pipellm.pipeline import layer_specs, token_mean_loss
@@ -131,7 +132,7 @@ def test_compiled_layers_match_eager():
     for compile_layers in (False, True):
         torch.manual_seed(0)
         layers = [spec.build() for spec in layer_specs(get_family("llama"), config, use_grad_ckpt=True,
-                                                        use_flash_attn=False, compile_layers=compile_layers)]
+                                                        attention=AttentionOptions(), compile_layers=compile_layers)]
         hidden = inputs
         for layer in layers:
             hidden = layer(hidden)

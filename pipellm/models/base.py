@@ -48,16 +48,21 @@ class KeyMap:
         return self.prefixes[kind].format(i=decoder_index) + layer_key
 
     def parse_hf_key(self, hf_key: str) -> tuple[str, int | None, str] | None:
-        """``(kind, decoder_index, layer_key)`` for a checkpoint key, or None if no layer owns it."""
-        for kind in LAYER_KINDS:
-            for prefix in self.spellings(kind):
-                if "{i}" in prefix:
-                    head, tail = prefix.split("{i}")
-                    match = re.match(re.escape(head) + r"(\d+)" + re.escape(tail), hf_key)
-                    if match:
-                        return kind, int(match.group(1)), hf_key[match.end():]
-                elif hf_key.startswith(prefix):
-                    return kind, None, hf_key[len(prefix):]
+        """``(kind, decoder_index, layer_key)`` for a checkpoint key, or None if no layer owns it.
+
+        Decoder prefixes (with their index) are tried first, then the other prefixes longest first, so a short
+        prefix such as bloom's ``transformer.`` (embedding) does not swallow ``transformer.ln_f.`` (final norm).
+        """
+        candidates = sorted(((kind, prefix) for kind in LAYER_KINDS for prefix in self.spellings(kind)),
+                            key=lambda kp: ("{i}" not in kp[1], -len(kp[1])))
+        for kind, prefix in candidates:
+            if "{i}" in prefix:
+                head, tail = prefix.split("{i}")
+                match = re.match(re.escape(head) + r"(\d+)" + re.escape(tail), hf_key)
+                if match:
+                    return kind, int(match.group(1)), hf_key[match.end():]
+            elif hf_key.startswith(prefix):
+                return kind, None, hf_key[len(prefix):]
         return None
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from pipellm.attention import causal_attention
+from pipellm.attention import AttentionOptions, causal_attention
 from pipellm.models.base import KeyMap, ModelFamily
 
 
@@ -64,7 +64,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, use_flash_attn: bool):
+    def __init__(self, config, attention: AttentionOptions):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
@@ -74,9 +74,9 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.use_flash_attn = use_flash_attn
+        self.attention = attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -84,7 +84,7 @@ class LlamaAttention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out = causal_attention(q, k, v, self.use_flash_attn)
+        out = causal_attention(q, k, v, self.attention, position_ids)
         return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
 
 
@@ -103,17 +103,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, use_flash_attn: bool = False):
+    def __init__(self, config, attention: AttentionOptions = AttentionOptions()):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, use_flash_attn)
+        self.self_attn = LlamaAttention(config, attention)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
         self.rotary = RotaryEmbedding(config)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rotary(position_ids, hidden.dtype)
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, position_ids)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
