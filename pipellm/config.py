@@ -68,13 +68,39 @@ class TrainConfig:
 
     model_path: str
     """Pipeline checkpoint to start from (``convert_model.py hg_to_pp`` output, or a training save directory):
-    layer files, ``config.json`` and tokenizer files. With ``from_scratch`` only the config and tokenizer."""
+    layer files, ``config.json`` and tokenizer files. With ``from_scratch`` only the config and tokenizer.
+    For ``train_ds_zero.py`` (the ZeRO-3 baseline): a Hugging Face model directory instead."""
     save_path: str
     """Directory for checkpoints (``global_step<N>/``, ``latest``) and ``metrics.jsonl``."""
     data_path: str | list[str]
-    """JSON list or JSONL file(s) of training records."""
+    """JSON list or JSONL file(s) of training records, of the five formats (README, ``pipellm/records.py``)."""
+    data_weights: list[float] | None = None
+    """Mixing weight of each ``data_path`` file: per epoch, ``floor(w)`` copies of each sample of the file plus
+    a fresh random ``frac(w)`` share of them (2: every sample twice; 0.3: a different 30% each epoch)."""
+    eval_data_path: str | list[str] | None = None
+    """File(s) of held-out records: the eval loss (mean over their labelled tokens) is logged."""
+    eval_ratio: float = 0.0
+    """Instead of ``eval_data_path``: hold out this share of each data file (seeded by ``seed``)."""
+    eval_steps: int = 0
+    """Evaluate every this many steps (and always at the end when there is eval data); 0: only at the end."""
     max_seq_len: int = 512
-    """Tokens per row; longer samples are truncated, shorter ones right-padded."""
+    """Tokens per row; longer samples are truncated or dropped (``overlong``), shorter rows right-padded."""
+    template: str = "auto"
+    """Prompt template: ``auto`` (the tokenizer's chat template if it has one, else the built-in templates),
+    ``builtin`` or ``chat``. The generation demo prompts with the same one."""
+    packing: bool = False
+    """Pack several samples into each ``max_seq_len`` row; attention never crosses samples and positions restart
+    per sample (per-token losses equal those of each sample alone). Otherwise one sample per padded row."""
+    overlong: str = "truncate"
+    """Samples longer than ``max_seq_len``: ``truncate`` (keep the beginning: the whole prompt and the start of
+    the answer) or ``drop``. Both are counted in the log."""
+    skip_bad_records: bool = False
+    """Skip (and count by reason) malformed records instead of stopping with an error naming the file and line."""
+    data_cache_dir: str | None = None
+    """Where tokenized data is cached (shared by the ranks of a node). Default: ``$PIPELLM_CACHE/data`` or
+    ``~/.cache/pipellm/data``."""
+    tokenize_workers: int | None = None
+    """Processes that tokenize a large data file (default: the usable CPU cores, at most 8)."""
     n_epochs: int = 1
     """Passes over the data (the original spelling ``n_epoches`` is accepted)."""
     max_steps: int | None = None
@@ -98,6 +124,9 @@ class TrainConfig:
     """Save a checkpoint when training ends (benchmarks turn this off)."""
     log_steps: int = 1
     """Write a log line and a ``metrics.jsonl`` record every this many steps."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective or stage-to-stage transfer may wait for another rank before the run stops with an
+    error naming the stage (a rank that died or hung otherwise stalls everyone silently)."""
     peak_flops_per_gpu: float | None = None
     """Peak dense bf16/fp16 FLOP/s of one device, for MFU. Default: looked up from the device name (H100/H200:
     989e12, A100: 312e12); MFU is not reported when unknown (e.g. on CPU)."""
@@ -115,6 +144,12 @@ class TrainConfig:
     @property
     def data_paths(self) -> list[str]:
         return [self.data_path] if isinstance(self.data_path, str) else list(self.data_path)
+
+    @property
+    def eval_data_paths(self) -> list[str]:
+        if self.eval_data_path is None:
+            return []
+        return [self.eval_data_path] if isinstance(self.eval_data_path, str) else list(self.eval_data_path)
 
     @property
     def micro_batch_size(self) -> int:
@@ -239,7 +274,33 @@ def _check_values(cfg: TrainConfig, source: str) -> None:
         raise PipellmError(f"{source}: `max_steps` must be >= 1 (or absent), got {cfg.max_steps}")
     if cfg.save_steps < 0:
         raise PipellmError(f"{source}: `save_steps` must be >= 0, got {cfg.save_steps}")
+    _check_data_keys(cfg, source)
     _complete_batch_sizes(cfg.deepspeed, cfg.data_degree, source)
+
+
+def _check_data_keys(cfg: TrainConfig, source: str) -> None:
+    if cfg.max_seq_len < 2:
+        raise PipellmError(f"{source}: `max_seq_len` must be >= 2, got {cfg.max_seq_len}")
+    if not cfg.data_paths:
+        raise PipellmError(f"{source}: `data_path` is an empty list; give at least one data file")
+    choices = {"template": ("auto", "builtin", "chat"), "overlong": ("truncate", "drop")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise PipellmError(f"{source}: `{key}` must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.data_weights is not None:
+        if len(cfg.data_weights) != len(cfg.data_paths):
+            raise PipellmError(f"{source}: `data_weights` has {len(cfg.data_weights)} entries but `data_path` has "
+                               f"{len(cfg.data_paths)} files; give one weight per file")
+        if any(w <= 0 for w in cfg.data_weights):
+            raise PipellmError(f"{source}: `data_weights` must be > 0, got {cfg.data_weights}")
+    if not 0 <= cfg.eval_ratio < 1:
+        raise PipellmError(f"{source}: `eval_ratio` must be in [0, 1), got {cfg.eval_ratio}")
+    if cfg.eval_ratio and cfg.eval_data_path is not None:
+        raise PipellmError(f"{source}: give `eval_data_path` or `eval_ratio`, not both")
+    if cfg.eval_steps < 0:
+        raise PipellmError(f"{source}: `eval_steps` must be >= 0, got {cfg.eval_steps}")
+    if cfg.tokenize_workers is not None and cfg.tokenize_workers < 1:
+        raise PipellmError(f"{source}: `tokenize_workers` must be >= 1, got {cfg.tokenize_workers}")
 
 
 def _complete_batch_sizes(ds: dict, data_degree: int, source: str) -> None:
@@ -279,9 +340,10 @@ def validate_environment(cfg: TrainConfig, world_size: int) -> None:
     if not (model_path / "config.json").is_file():
         raise PipellmError(f"`model_path` {model_path} has no config.json; convert a Hugging Face model with "
                            f"`python convert_model.py hg_to_pp --input-path HF_DIR --save-path {model_path}`")
-    for data_file in cfg.data_paths:
-        if not Path(data_file).is_file():
-            raise PipellmError(f"`data_path` file {data_file} does not exist")
+    for key, files in (("data_path", cfg.data_paths), ("eval_data_path", cfg.eval_data_paths)):
+        for data_file in files:
+            if not Path(data_file).is_file():
+                raise PipellmError(f"`{key}` file {data_file} does not exist")
     save_path = Path(cfg.save_path)
     if save_path.exists() and not save_path.is_dir():
         raise PipellmError(f"`save_path` {save_path} exists and is not a directory")

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from pipellm.checkpoint import (LAYER_FILE_RE, copy_model_files, layer_file_name, num_layer_files,
                                 resolve_checkpoint_dir)
 from pipellm.errors import PipellmError
-from pipellm.models import get_family
-from pipellm.models.base import ModelFamily
+from pipellm.models import load_model_config
+from pipellm.models.base import Export, ModelFamily
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -56,27 +56,6 @@ def parse_size(size: str | int) -> int:
     if scale is None or number * scale < 1:
         raise PipellmError(f"cannot read size {size!r}; write it like 5GB, 200MB, 2KiB or a number of bytes")
     return int(number * scale)
-
-
-def _load_config(model_dir: Path):
-    """``(hf_config, family)`` for the ``config.json`` in ``model_dir``."""
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise PipellmError(f"{config_path} not found; the model directory must contain its Hugging Face "
-                           f"config.json")
-    # Check the family before transformers parses the file, so that a model_type transformers does not
-    # know gets the same clear message as one it knows but pipellm does not support.
-    try:
-        model_type = json.loads(config_path.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise PipellmError(f"{config_path} is not a JSON object ({err}); restore the original config.json")
-    try:
-        family = get_family(model_type)
-    except ValueError as err:
-        raise PipellmError(f"{config_path}: {err}") from None
-    from transformers import AutoConfig  # heavy import, only needed once a conversion really runs
-
-    return AutoConfig.from_pretrained(model_dir), family
 
 
 @contextlib.contextmanager
@@ -201,7 +180,7 @@ def hg_to_pp(input_path: str | os.PathLike, save_path: str | os.PathLike, overwr
     if not input_path.is_dir():
         raise PipellmError(f"input path {input_path} does not exist or is not a directory; pass a Hugging Face "
                            f"model directory with config.json and weights")
-    config, family = _load_config(input_path)
+    config, family = load_model_config(input_path)
     weights = _HFWeights(input_path)
     try:
         layers = _group_by_layer(weights.key_to_file, family, config, input_path)
@@ -261,12 +240,27 @@ class _ShardWriter:
         (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _export(family: ModelFamily, export_as: str | None, ckpt_dir: Path) -> Export | None:
+    if export_as is None:
+        return None
+    if export_as not in family.exports:
+        offered = ", ".join(sorted(family.exports)) or "none"
+        raise PipellmError(f"--export-as {export_as}: {ckpt_dir / 'config.json'} is a {family.name} model, whose "
+                           f"exports are: {offered}; drop --export-as to write the {family.name} layout")
+    return family.exports[export_as]
+
+
 def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_shard_size: str | int = "5GB",
-             overwrite: bool = False) -> Path:
-    """Convert pipeline layer files into a Hugging Face safetensors checkpoint; returns the save path."""
+             overwrite: bool = False, export_as: str | None = None) -> Path:
+    """Convert pipeline layer files into a Hugging Face safetensors checkpoint; returns the save path.
+
+    ``export_as`` names one of the family's ``exports`` to write another layout (e.g. ``"llama"`` for baichuan).
+    """
     max_bytes = parse_size(max_shard_size)
     ckpt_dir = resolve_checkpoint_dir(input_path)
-    config, family = _load_config(ckpt_dir)
+    config, family = load_model_config(ckpt_dir)
+    export = _export(family, export_as, ckpt_dir)
+    key_map = export.key_map if export else family.key_map
     n_layers = num_layer_files(family, config)
     present = {int(m.group(1)) for p in ckpt_dir.iterdir() if (m := LAYER_FILE_RE.match(p.name))}
     missing = [layer_file_name(idx) for idx in range(n_layers) if idx not in present]
@@ -286,11 +280,16 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
             state = torch.load(layer_path, map_location="cpu", weights_only=True, mmap=True)
             if not isinstance(state, dict) or not state:
                 raise PipellmError(f"{layer_path} holds no layer state dict; it is not a pipeline layer file")
+            if export:
+                state = export.convert_layer(kind, state, config)
             for key, tensor in state.items():
-                writer.add(family.key_map.hf_key(kind, decoder_index, key), _owned_copy(tensor))
+                writer.add(key_map.hf_key(kind, decoder_index, key), _owned_copy(tensor))
             del state
         writer.finish()
         copy_model_files(ckpt_dir, tmp)
+        if export:
+            config_json = export.convert_config(json.loads((ckpt_dir / "config.json").read_text()))
+            (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     return Path(save_path)
 
 
@@ -305,12 +304,15 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--save-path", required=True, help="output directory (must not exist or be empty)")
         sub.add_argument("--overwrite", action="store_true", help="replace a non-empty save path")
     to_hg.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 200MB")
+    to_hg.add_argument("--export-as", default=None,
+                       help="write another family's layout the model family offers (baichuan: llama)")
     args = parser.parse_args(argv)
     try:
         if args.command == "hg_to_pp":
             hg_to_pp(args.input_path, args.save_path, overwrite=args.overwrite)
         else:
-            pp_to_hg(args.input_path, args.save_path, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+            pp_to_hg(args.input_path, args.save_path, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                     export_as=args.export_as)
     except PipellmError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)

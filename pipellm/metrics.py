@@ -74,6 +74,8 @@ class MetricsLog:
                  f"tokens/s/gpu {record['tokens_per_sec_per_gpu']:.0f}",
                  f"mfu {record['mfu']:.1%}" if record["mfu"] is not None else "mfu n/a",
                  "mem GiB/stage " + "/".join(f"{m:.1f}" for m in record["peak_mem_gib_per_stage"])]
+        if record.get("eval_loss") is not None:
+            parts.insert(3, f"eval_loss {record['eval_loss']:.4f}")
         self.bar.write(" | ".join(parts), file=sys.stderr)
 
     def close(self) -> None:

@@ -4,7 +4,9 @@ The family's modules have plain signatures (``decoder(hidden, position_ids) -> h
 are mixins that adapt them to DeepSpeed's one-argument layer convention, so a layer's ``state_dict`` keys stay
 the family's own (and a pipeline layer file is the Hugging Face checkpoint minus a key prefix).
 
-Between stages only tensors travel: ``(hidden, position_ids)`` until the final norm, then the logits.
+Between stages only tensors travel: ``(hidden, position_ids)`` until the final norm, then the logits. A family
+with an auxiliary loss (``ModelFamily.aux_loss``) carries ``(hidden, position_ids, stats)`` from its first decoder
+on, and its head returns ``(logits, auxiliary loss term)``; other families carry nothing more.
 The batch that the data iterator yields is ``((input_ids, position_ids), (targets, loss_scale))``; see
 ``token_mean_loss`` for why the loss scale travels with the targets.
 """
@@ -46,18 +48,36 @@ class DecoderStage:
         self.block = functools.partial(compiled(block.__func__), self) if compile_block else block
 
     def forward(self, inputs):
-        hidden, position_ids = inputs
+        hidden, position_ids, *aux = inputs
         if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            hidden = checkpoint(self.block, hidden, position_ids, use_reentrant=False)
+            out = checkpoint(self.block, hidden, position_ids, use_reentrant=False)
         else:
-            hidden = self.block(hidden, position_ids)
-        return hidden, position_ids
+            out = self.block(hidden, position_ids)
+        if isinstance(out, tuple):
+            # A family with an auxiliary loss: the layer's statistics join the micro batch's running sum, which
+            # the first decoder starts (a stage holding only the embedding sends none).
+            out, stats = out
+            aux = [aux[0] + stats] if aux else [stats]
+        return (out, position_ids, *aux)
 
 
 class NormStage:
     def forward(self, inputs):
-        hidden, _ = inputs
-        return super().forward(hidden)
+        hidden, _, *aux = inputs
+        hidden = super().forward(hidden)
+        return (hidden, *aux) if aux else hidden
+
+
+class AuxLossHeadStage:
+    """The head of a family with an auxiliary loss: ``(hidden, stats) -> (logits, auxiliary loss term)``."""
+
+    def __init__(self, config, *, aux_loss):
+        super().__init__(config)
+        self.aux_loss = functools.partial(aux_loss, config=config)
+
+    def forward(self, inputs):
+        hidden, stats = inputs
+        return super().forward(hidden), self.aux_loss(stats)
 
 
 @functools.cache
@@ -85,7 +105,8 @@ def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: 
                              tied_weight_attr=[family.tied_weight])
     else:
         embed = LayerSpec(embed_cls, hf_config)
-        head = LayerSpec(family.head, hf_config)
+        head = LayerSpec(family.head, hf_config) if family.aux_loss is None else \
+            LayerSpec(stage_class(AuxLossHeadStage, family.head), hf_config, aux_loss=family.aux_loss)
     decoder_cls = stage_class(DecoderStage, family.decoder)
     decoders = [LayerSpec(decoder_cls, hf_config, attention, grad_ckpt=use_grad_ckpt, compile_block=compile_layers)
                 for _ in range(family.num_decoder_layers(hf_config))]
@@ -95,7 +116,7 @@ def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: 
 def parameter_costs(family: ModelFamily, hf_config) -> list[float]:
     """Parameter count of each user-counted layer (embed, decoders, head), for ``parts: parameters``."""
     with torch.device("meta"):
-        embed = family.embed(hf_config).weight.numel()
+        embed = sum(p.numel() for p in family.embed(hf_config).parameters())  # bloom's has a norm too
         decoder = sum(p.numel() for p in family.decoder(hf_config).parameters())
     return [float(embed)] + [float(decoder)] * family.num_decoder_layers(hf_config) + [float(embed)]
 
@@ -136,14 +157,15 @@ class PipelineModel(PipelineModule):
 
 def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_ckpt: bool = False,
                    use_flash_attn: bool = False, compile_layers: bool = False, seed: int = 42,
-                   device: str | torch.device = "cpu") -> PipelineModel:
+                   device: str | torch.device = "cpu", packed: bool = False) -> PipelineModel:
     """Build this rank's stage, randomly initialised (``load_pipeline_weights`` then loads a checkpoint).
 
+    ``packed``: rows may hold several samples (``packing: true``); attention keeps to each sample.
     Each layer's initialisation is seeded by its layer index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
-    specs = layer_specs(family, hf_config, use_grad_ckpt, AttentionOptions(use_flash_attn=use_flash_attn),
-                        compile_layers)
+    specs = layer_specs(family, hf_config, use_grad_ckpt,
+                        AttentionOptions(use_flash_attn=use_flash_attn, packed=packed), compile_layers)
     boundaries = stage_boundaries(parts, family, hf_config, topology.get_dim("pipe"))
     # Allocating on the target device directly skips a host copy of the stage (and is much faster to init).
     with torch.device(device):
@@ -187,15 +209,23 @@ def load_pipeline_weights(model: PipelineModel, family: ModelFamily, hf_config, 
                                f"{' '.join(first_line)}") from None
 
 
-def token_mean_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Cross entropy summed over a micro batch's labelled tokens, times ``loss_scale``.
+def token_mean_loss(outputs, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross entropy summed over a micro batch's labelled tokens, times ``loss_scale`` (plus an auxiliary term).
 
     The training loop sets ``loss_scale = gradient_accumulation_steps * D / (labelled tokens in the global
     batch)``. DeepSpeed divides each micro batch's loss by the accumulation steps and averages gradients and
     losses over the D replicas, so the step's loss and gradient are those of the mean over every labelled token
     of the global batch: a long sample weighs by its tokens, not by its micro batch.
+
+    ``outputs`` is the logits, or ``(logits, aux)`` for a family with an auxiliary loss, ``aux`` being that loss
+    (coefficient included) on this micro batch alone. It is added unscaled, so the same division and averaging
+    make the step's auxiliary term the mean of ``aux`` over the global batch's micro batches (all replicas).
+    With one micro batch that is the term on the global batch; with several it is the reference's term only if
+    the term is linear in the tokens, which mixtral's load-balancing loss is not (see ``pipellm.models.mixtral``).
     """
+    logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
     targets, loss_scale = labels
     losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100,
                              reduction="sum")
-    return losses * loss_scale.to(losses.dtype).reshape(())
+    loss = losses * loss_scale.to(losses.dtype).reshape(())
+    return loss if aux is None else loss + aux

@@ -3,7 +3,8 @@
 1. make a randomly initialised tiny llama from ``pipellm/assets/tiny_llama`` (config + tokenizer), as a Hugging
    Face checkpoint;
 2. ``convert_model.py hg_to_pp`` it;
-3. train it on ``pipellm/assets/data/sample.jsonl`` with ``deepspeed --num_gpus 2 train_ds.py --config
+3. train it on ``pipellm/assets/data/`` (generated ``sample.jsonl`` plus one example file per record format,
+   packed into rows) with ``deepspeed --num_gpus 2 train_ds.py --config
    configs/ds_config_pp.yml`` (two pipeline stages; on a machine without GPUs, two CPU processes);
 4. ``convert_model.py pp_to_hg`` the checkpoint, load it with transformers, compare its loss on the data with
    the starting model's, and generate one answer.
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 
 from pipellm.config import load_config
-from pipellm.data import INSTRUCT_TEMPLATE_NO_INPUT, build_dataset
+from pipellm.data import build_dataset
+from pipellm.templates import Encoder
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -39,12 +41,12 @@ def make_tiny_model(dest: Path, seed: int = 0) -> Path:
 
 
 @torch.no_grad()
-def mean_token_loss(model_dir: str | Path, data_paths: list[str], max_seq_len: int) -> float:
+def mean_token_loss(model_dir: str | Path, data_paths: list[str], max_seq_len: int, template: str = "auto") -> float:
     """Mean cross entropy over every labelled token of the data, for the Hugging Face model in ``model_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    data = build_dataset(data_paths, AutoTokenizer.from_pretrained(model_dir), max_seq_len)
+    data = build_dataset(data_paths, AutoTokenizer.from_pretrained(model_dir), max_seq_len, template=template)
     total, count = 0.0, 0
     for start in range(0, len(data), 32):
         rows = slice(start, start + 32)
@@ -57,16 +59,21 @@ def mean_token_loss(model_dir: str | Path, data_paths: list[str], max_seq_len: i
     return total / count
 
 
-def generate(model_dir: str | Path, instruction: str, max_new_tokens: int = 16) -> str:
-    """Answer an instruction with the built-in prompt template the model was trained with (greedy)."""
+def generate(model_dir: str | Path, record: dict | str, template: str = "auto", max_new_tokens: int = 32) -> str:
+    """The model's answer (greedy) to an instruction or to the last ask of a conversation-like record, prompted
+    exactly as training encoded such records (``template``: the training config's) and stopped at the EOS or
+    end-of-turn token that training taught it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(record, str):
+        record = {"type": "instruct", "instruct": record}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompt = INSTRUCT_TEMPLATE_NO_INPUT.format(instruct=instruction)
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-    output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    encoder = Encoder(tokenizer, template)
+    input_ids = torch.tensor([encoder.prompt_ids(record)])
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=encoder.stop_token_ids(),
+                            pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -95,11 +102,12 @@ def main(argv=None) -> None:
     launch_training(args.config, cfg.pipe_degree * cfg.data_degree)
     hf_trained = pp_to_hg(cfg.save_path, work / "hf_trained")
     print(f"3. trained checkpoint exported to {hf_trained}", flush=True)
-    before = mean_token_loss(hf_init, cfg.data_paths, cfg.max_seq_len)
-    after = mean_token_loss(hf_trained, cfg.data_paths, cfg.max_seq_len)
+    before = mean_token_loss(hf_init, cfg.data_paths, cfg.max_seq_len, cfg.template)
+    after = mean_token_loss(hf_trained, cfg.data_paths, cfg.max_seq_len, cfg.template)
     print(f"4. loss on the training data: {before:.3f} before, {after:.3f} after training")
     question = "What is 3 plus 4?"
-    print(f"   sample: {question!r} -> {generate(hf_trained, question)!r}")
+    print(f"   sample ({cfg.template} template): {question!r} -> "
+          f"{generate(hf_trained, question, cfg.template)!r}")
 
 
 if __name__ == "__main__":

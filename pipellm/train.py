@@ -1,7 +1,8 @@
 """``deepspeed train_ds.py --config X.yml``: pipeline-parallel training, top to bottom.
 
 1. Read and validate the config (before any process group, so a bad file fails fast on every rank).
-2. Tokenize the data (every rank holds the token ids; each step's global batch is known to all ranks).
+2. Tokenize the data once into the on-disk cache (memory-mapped by every rank; each step's global batch is known
+   to all ranks).
 3. Build this rank's pipeline stage and load only its layers.
 4. Loop: one ``engine.train_batch`` per optimizer step; log; checkpoint every ``save_steps`` and at the end.
 
@@ -12,18 +13,19 @@ same format as ``convert_model.py hg_to_pp`` writes), optimizer state, and the m
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from pipellm.batches import GlobalBatchOrder, micro_batches
+from pipellm.batches import Schedule, TrainingData, load_training_data, micro_batches
 from pipellm.config import TrainConfig, dump_resolved, load_config, validate_environment, validate_partition
-from pipellm.data import build_dataset
+from pipellm.distributed import StallWatchdog, config_hash, data_fingerprint, verify_same_run
 from pipellm.errors import PipellmError
 from pipellm.metrics import MetricsLog, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
-from pipellm.models import get_family
+from pipellm.models import load_model_config
 from pipellm.models.base import ModelFamily
 from pipellm.optim import build_optimizer, record_grad_norm
 from pipellm.checkpoint import copy_model_files, layer_file_name, num_layer_files, resolve_checkpoint_dir
@@ -37,21 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_model_config(cfg: TrainConfig):
-    from transformers import AutoConfig
-
-    try:
-        hf_config = AutoConfig.from_pretrained(cfg.model_path)
-    except (OSError, ValueError) as e:
-        raise PipellmError(f"`model_path` {cfg.model_path}: cannot read config.json ({str(e).splitlines()[0]})")
-    family = get_family_or_error(hf_config.model_type)
-    return hf_config, family
-
-
-def get_family_or_error(model_type: str) -> ModelFamily:
-    try:
-        return get_family(model_type)
-    except ValueError as e:
-        raise PipellmError(str(e)) from None
+    return load_model_config(cfg.model_path)
 
 
 def check_layer_files(cfg: TrainConfig, family: ModelFamily, hf_config) -> None:
@@ -87,23 +75,24 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     from pipellm.pipeline import build_pipeline, load_pipeline_weights  # imports deepspeed: after validation
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    dataset = build_dataset(cfg.data_paths, tokenizer, cfg.max_seq_len)
-    if len(dataset) < cfg.global_batch_size:
-        raise PipellmError(f"`data_path` has {len(dataset)} usable samples, fewer than one global batch "
-                           f"(`train_batch_size` {cfg.global_batch_size}); add data or lower the batch size")
+    rank = int(os.environ.get("RANK", "0"))
+    data = load_training_data(cfg, tokenizer, show_progress=int(os.environ.get("LOCAL_RANK", "0")) == 0)
 
     on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    rank = int(os.environ.get("RANK", "0"))
-    if on_gpu:
+    if on_gpu:  # before any NCCL collective, or every rank would use GPU 0
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # The watchdog below reports stalls inside steps first; the process group's timeout (a minute later) covers
+    # the collectives outside them (start-up checks, checkpoint saves).
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                               timeout=datetime.timedelta(seconds=cfg.collective_timeout_s + 60))
+    verify_same_run(config_hash(dump_resolved(cfg)), data_fingerprint(cfg.data_paths))
     topo_cfg = cfg.model_topo.process_topology
     topology = ProcessTopology(axes=topo_cfg.axes, dims=topo_cfg.dims)
 
     model = build_pipeline(family, hf_config, topology, cfg.model_topo.parts, use_grad_ckpt=cfg.use_grad_ckpt,
                            use_flash_attn=cfg.use_flash_attn, seed=cfg.seed,
                            compile_layers=on_gpu if cfg.compile_layers is None else cfg.compile_layers,
-                           device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+                           device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu", packed=cfg.packing)
     if not cfg.from_scratch:
         load_pipeline_weights(model, family, hf_config, cfg.model_path)
 
@@ -118,19 +107,19 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
         record_grad_norm(optimizer, model, model._grid.get_pipe_parallel_group(), max_norm)
     ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    watchdog = StallWatchdog(engine, model.stage_id, cfg.collective_timeout_s)
 
-    order = GlobalBatchOrder(len(dataset), cfg.global_batch_size, cfg.seed)
-    total_steps = cfg.n_epochs * order.steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    schedule = Schedule(data.plan, cfg.n_epochs, cfg.max_steps)
+    total_steps = schedule.total_steps
     save_path = Path(cfg.save_path)
     is_logger = rank == 0
     if is_logger:
         save_path.mkdir(parents=True, exist_ok=True)
         (save_path / "train_config.json").write_text(dump_resolved(cfg))
-        print(f"pipellm: {len(dataset)} samples ({dataset.n_truncated} truncated, {dataset.n_dropped} dropped), "
-              f"fill ratio {dataset.fill_ratio:.1%}, {order.steps_per_epoch} steps/epoch, {total_steps} steps, "
-              f"global batch {cfg.global_batch_size} x {cfg.max_seq_len} tokens", file=sys.stderr)
+        template = data.files_meta[0]["template"]
+        print(f"pipellm data: {data.summary()}; template {template}", file=sys.stderr)
+        print(f"pipellm: {schedule.steps_per_epoch[0]} steps/epoch, {total_steps} steps, global batch "
+              f"{cfg.global_batch_size} x {cfg.max_seq_len} tokens", file=sys.stderr)
 
     # Parameters of the whole model: each stage counts its own (a tied copy once), replica 0 only.
     data_rank = model._grid.data_parallel_id
@@ -145,25 +134,28 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     log = MetricsLog(save_path, total_steps, 0, enabled=is_logger)
     timer = StepTimer()
     for step in range(total_steps):
-        rows = order.rows(step)
-        input_ids, labels = dataset.input_ids[rows], dataset.labels[rows]
-        batches = micro_batches(input_ids, labels, cfg.micro_batch_size, data_rank, cfg.data_degree)
-        loss = engine.train_batch(iter(batches))
+        input_ids, labels, position_ids, lengths = data.rows_of(schedule.batch(step))
+        batches = micro_batches(input_ids, labels, cfg.micro_batch_size, data_rank, cfg.data_degree, position_ids)
+        with watchdog.watch_step(step + 1):
+            loss = engine.train_batch(iter(batches))
         seconds = timer.lap()
         done = step + 1
         record = None
-        if done % cfg.log_steps == 0 or done == total_steps:
+        eval_due = bool(data.eval_rows) and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total_steps)
+        if done % cfg.log_steps == 0 or done == total_steps or eval_due:
             memory = _stage_peak_memory(model)
-            tokens = int(dataset.lengths[rows].sum())
+            tokens = int(lengths.sum())
             grad_norm = engine.get_global_grad_norm()
             record = {
-                "step": done, "epoch": order.epoch(step), "loss": float(loss), "lr": engine.get_lr()[0],
+                "step": done, "epoch": schedule.locate(step)[0], "loss": float(loss), "lr": engine.get_lr()[0],
                 "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
                 "tokens_per_sec": tokens / seconds, "tokens_per_sec_per_gpu": tokens / seconds / world_size,
                 "samples_per_sec": cfg.global_batch_size / seconds,
                 "mfu": (tokens_computed / seconds / world_size * flops_token / peak_flops) if peak_flops else None,
                 "peak_mem_gib_per_stage": memory, "step_time_s": seconds, "elapsed_s": timer.elapsed,
             }
+        if eval_due:
+            record["eval_loss"] = evaluate(engine, data, cfg, data_rank)
         log.step(record)
         if (cfg.save_steps and done % cfg.save_steps == 0) or (cfg.save_final and done == total_steps):
             save_checkpoint(engine, cfg, save_path, done, is_logger)
@@ -172,6 +164,18 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
         saved = (f"; checkpoint {save_path}/global_step{total_steps} (export: python convert_model.py pp_to_hg "
                  f"--input-path {save_path} --save-path HF_OUT)") if cfg.save_final else ""
         print(f"pipellm: done, {total_steps} steps in {timer.elapsed:.1f}s{saved}", file=sys.stderr)
+
+
+def evaluate(engine, data: TrainingData, cfg: TrainConfig, data_rank: int) -> float:
+    """Mean cross entropy over every labelled token of the eval rows (all ranks take part)."""
+    total, count = 0.0, 0
+    for input_ids, labels, position_ids, _ in data.eval_batches(cfg.global_batch_size):
+        batches = micro_batches(input_ids, labels, cfg.micro_batch_size, data_rank, cfg.data_degree, position_ids)
+        labelled = int((labels[:, 1:] != -100).sum())
+        loss = engine.eval_batch(iter(batches))
+        total += float(loss) * labelled
+        count += labelled
+    return total / max(count, 1)
 
 
 def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:

@@ -54,6 +54,14 @@ BAD = {
     "missing data": (dict(data_path="/nonexistent/data.jsonl"), ["/nonexistent/data.jsonl does not exist"]),
     "missing model": (dict(model_path="/nonexistent/model"), ["/nonexistent/model", "hg_to_pp"]),
     "unknown optimizer key at top": (dict(optimiser={"type": "AdamW"}), ["did you mean `optimizer`"]),
+    "template": (dict(template="alpaca"), ["`template` must be one of auto, builtin, chat"]),
+    "overlong": (dict(overlong="cut"), ["`overlong` must be one of truncate, drop"]),
+    "weights count": (dict(data_weights=[1, 2]), ["`data_weights` has 2 entries but `data_path` has 1"]),
+    "weights sign": (dict(data_weights=[0]), ["`data_weights` must be > 0"]),
+    "eval ratio": (dict(eval_ratio=1.5), ["`eval_ratio` must be in [0, 1)"]),
+    "eval twice": (dict(eval_ratio=0.1, eval_data_path=DATA), ["`eval_data_path` or `eval_ratio`, not both"]),
+    "missing eval data": (dict(eval_data_path="/nonexistent/eval.jsonl"),
+                          ["`eval_data_path` file /nonexistent/eval.jsonl does not exist"]),
 }
 
 
@@ -61,6 +69,15 @@ BAD = {
 def test_bad_config_fails_with_one_line(case, tmp_path, tiny_pp_model, capsys, monkeypatch):
     overrides, expected = BAD[case]
     assert_fails(capsys, monkeypatch, tmp_path, write_config(tmp_path, tiny_pp_model, **overrides), *expected)
+
+
+def test_bad_record_stops_before_training(tmp_path, tiny_pp_model, capsys, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"type": "pretrain", "text": "one two"}\n{"type": "conversation", "rounds": [["ask", "hi"], '
+                    '["ans", 7]]}\n')
+    config = write_config(tmp_path, tiny_pp_model, data_path=str(data), data_cache_dir=str(tmp_path / "cache"))
+    assert_fails(capsys, monkeypatch, tmp_path, config, f"{data} line 2: field \"rounds[1][1]\": must be a string, "
+                 "got int", "skip_bad_records: true")
 
 
 def test_world_size_must_match_dims(tmp_path, tiny_pp_model, capsys, monkeypatch):

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipellm.convert import hg_to_pp, layer_file_name, pp_to_hg, resolve_checkpoint_dir
 from pipellm.errors import PipellmError
+from pipellm.models import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 N_LAYERS = 2
@@ -184,7 +185,7 @@ def test_cli_unsupported_model_type(tmp_path):
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     result = run_cli("hg_to_pp", "--input-path", str(hf_dir), "--save-path", str(tmp_path / "pp"))
-    assert_cli_error(result, "'gpt2'", "supported: llama")
+    assert_cli_error(result, "'gpt2'", "supported: " + ", ".join(sorted(FAMILIES)))
     assert not (tmp_path / "pp").exists()
 
 

@@ -1,25 +1,87 @@
-"""Tests for pipellm.data with the embedded tiny tokenizer: label masks, loading, truncation, padding, errors."""
+"""Records, templates and label masks: for every format, the labelled tokens are exactly the model's own words.
+
+Three tokenizers: the embedded byte-level BPE (built-in templates), a sentencepiece model trained here, and
+tokenizers with a chat template (ChatML-style; one that rejects system and tool roles; a slow one without
+offsets). Labelled spans are decoded and compared with the answers the record holds.
+"""
 from __future__ import annotations
 
+import copy
+import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from pipellm.data import (INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_NO_INPUT, build_dataset, encode_record,
-                          load_records, pad_token_id)
+from pipellm.data import build_dataset, pad_token_id
 from pipellm.errors import PipellmError
+from pipellm.records import FORMATS, load_records, normalize
+from pipellm.templates import (ACTION_TEMPLATE, INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_NO_INPUT, Encoder,
+                               builtin_segments)
 
 ASSETS = Path(__file__).resolve().parents[1] / "pipellm" / "assets"
 MODEL_DIR = ASSETS / "tiny_llama"
-SAMPLE = ASSETS / "data" / "sample.jsonl"
+DATA = ASSETS / "data"
+SAMPLE = DATA / "sample.jsonl"
 
 PRETRAIN = {"type": "pretrain", "text": "The cat says meow. The dog says woof."}
 INSTRUCT = {"type": "instruct", "instruct": "What is 3 plus 4?", "output": "7"}
 INSTRUCT_INPUT = {"type": "instruct", "instruct": "Add the two numbers.", "input": "3 and 4", "output": "7"}
+# The answers repeat text of the prompt on purpose: a mask found by searching for the answer would go wrong.
+CONVERSATION = {"type": "conversation", "rounds": [
+    ["ask", "hello"], ["ans", "hello"], ["ask", "what is 3 plus 4?"], ["ask", "and 3 plus 4?"],
+    ["ans", "3 plus 4 is 7"], ["ask", "thanks"]]}
+API = {"type": "conver_has_api", "api_desc": "search: find a word.\nParameters: {\"q\": \"string\"}", "rounds": [
+    ["ask", "hi"], ["ans", "hi"], ["ask", "find cat"],
+    ["ans-api", {"actions": [
+        {"inner_thought": "search for cat", "api_name": "search", "api_param": "{\"q\": \"cat\"}",
+         "api_res": "cat: meow"},
+        {"inner_thought": "search again", "api_name": "search", "api_param": {"q": "dog"},
+         "api_res": {"dog": "woof"}}],
+        "ans": "The cat says meow."}],
+    ["ask", "ok"], ["ans", "ok"]]}
+REF_QA = {"type": "ref_qa", "reference": "The sky is blue. The grass is green.",
+          "rounds": [["ask", "What colour is the sky?"], ["ans", "The sky is blue."], ["ask", "And the grass?"],
+                     ["ans", "green"]]}
+CHINESE = {"type": "conversation", "rounds": [["ask", "你好"], ["ans", "你好，有什么可以帮你？"], ["ask", "明天星期几？"],
+                                              ["ans", "星期四。"]]}
+RECORDS = [PRETRAIN, INSTRUCT, INSTRUCT_INPUT, CONVERSATION, API, REF_QA, CHINESE]
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Only user and assistant, strictly alternating, like Llama-2's template.
+STRICT = ("{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('roles must be "
+          "user/assistant') }}{% endif %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception("
+          "'roles must alternate') }}{% endif %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]{% else %}"
+          " {{ m.content }}</s>{% endif %}{% endfor %}")
+
+
+def expected_runs(record: dict, end: str) -> list[str]:
+    """The trained text of a record, run by run (a run: consecutive trained tokens), ``end`` closing each turn."""
+    kind = record["type"]
+    if kind == "pretrain":
+        return [record["text"] + end]
+    if kind == "instruct":
+        return [record["output"] + end]
+    runs = []
+    for role, content in normalize(record)["rounds"]:
+        if role == "ans":
+            runs.append(content + end)
+        elif role == "ans-api":
+            runs += [ACTION_TEMPLATE.format(**a) + end for a in content["actions"]] + [content["ans"] + end]
+    return runs
+
+
+def trained_runs(ids: list[int], trained: list[bool]) -> list[list[int]]:
+    runs, current = [], []
+    for token, flag in zip(ids, trained):
+        if flag:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
 
 
 @pytest.fixture(scope="module")
@@ -27,199 +89,329 @@ def tok():
     return AutoTokenizer.from_pretrained(MODEL_DIR)
 
 
+def chat_tokenizer(template: str):
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory):
+    """A sentencepiece BPE model trained on a few lines, saved as a Llama tokenizer directory."""
+    import sentencepiece as spm
+
+    corpus = [json.dumps(r, ensure_ascii=False) for r in RECORDS] * 20 + list(map(str, range(100)))
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=500,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True,
+                                   character_coverage=1.0, minloglevel=2)
+    path = tmp_path_factory.mktemp("sp")
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "add_bos_token": True}))
+    return path
+
+
 def write_jsonl(path: Path, lines: list) -> Path:
     """Write JSONL; a str item is written verbatim (to plant broken lines)."""
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)) + "\n"
+                            for x in lines), encoding="utf-8")
     return path
 
 
 def write_json(path: Path, records: list) -> Path:
-    path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
     return path
 
 
-def text_ids(tok, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False)
+# ----- built-in templates: exact masks -----
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r["type"])
+def test_builtin_masks_are_the_answers(tok, record):
+    encoder = Encoder(tok, "auto")
+    assert encoder.template == "builtin"  # the tiny tokenizer has no chat template
+    ids, trained = encoder.encode(normalize(record))
+    assert ids[0] == tok.bos_token_id and not trained[0]
+    runs = [tok.decode(run) for run in trained_runs(ids, trained)]
+    assert runs == expected_runs(record, "</s>")
+    # The untrained tokens are the template, the prompts, the user turns and the tool results.
+    untrained = tok.decode([t for t, m in zip(ids, trained) if not m], skip_special_tokens=True)
+    for role, content in normalize(record).get("rounds", []):
+        if role == "ask":
+            assert content in untrained
+        if role == "ans-api":
+            assert all(a["api_res"] in untrained for a in content["actions"])
 
 
-# ----- encode_record: exact label masks -----
-
-def test_pretrain_every_token_after_bos_is_labelled(tok):
-    ids, labels = encode_record(PRETRAIN, tok)
-    assert ids == [tok.bos_token_id] + text_ids(tok, PRETRAIN["text"]) + [tok.eos_token_id]
-    assert labels == [-100] + ids[1:]
-    assert tok.decode(ids[1:]) == PRETRAIN["text"] + "</s>"
+def test_builtin_template_text(tok):
+    segments = builtin_segments(normalize(API))
+    text = "".join(s if isinstance(s, str) else "<EOS>" for s, _ in segments)
+    assert text == (
+        "### Tools:\nsearch: find a word.\nParameters: {\"q\": \"string\"}\n\n"
+        "### User:\nhi\n\n### Assistant:\nhi<EOS>"
+        "### User:\nfind cat\n\n### Assistant:\nThought: search for cat\nAction: search\nAction Input: {\"q\": \"cat\"}"
+        "\n<EOS>Observation: cat: meow\nThought: search again\nAction: search\nAction Input: {\"q\": \"dog\"}\n<EOS>"
+        "Observation: {\"dog\": \"woof\"}\nThe cat says meow.<EOS>### User:\nok\n\n### Assistant:\nok<EOS>")
+    assert INSTRUCT_TEMPLATE.format(instruct="I", input="X") == \
+        "### Instruction:\nI\n\n### Input:\nX\n\n### Response:\n"
+    assert INSTRUCT_TEMPLATE_NO_INPUT.format(instruct="I") == "### Instruction:\nI\n\n### Response:\n"
 
 
 @pytest.mark.parametrize("record, prompt", [
     (INSTRUCT, INSTRUCT_TEMPLATE_NO_INPUT.format(instruct="What is 3 plus 4?")),
     (INSTRUCT_INPUT, INSTRUCT_TEMPLATE.format(instruct="Add the two numbers.", input="3 and 4")),
-    # An empty input means no input: no empty Input block in the prompt.
-    ({**INSTRUCT, "input": ""}, INSTRUCT_TEMPLATE_NO_INPUT.format(instruct="What is 3 plus 4?")),
+    ({**INSTRUCT, "input": ""}, INSTRUCT_TEMPLATE_NO_INPUT.format(instruct="What is 3 plus 4?")),  # empty = none
 ])
-def test_instruct_prompt_masked_output_and_eos_labelled(tok, record, prompt):
-    ids, labels = encode_record(record, tok)
-    n_prompt = 1 + len(text_ids(tok, prompt))
-    assert len(ids) == len(labels) == n_prompt + len(text_ids(tok, record["output"])) + 1
-    assert ids[0] == tok.bos_token_id
+def test_instruct_prompt_and_labels(tok, record, prompt):
+    ids, labels = Encoder(tok).labels(normalize(record))
+    n_prompt = 1 + len(tok.encode(prompt, add_special_tokens=False))
     assert tok.decode(ids[1:n_prompt]) == prompt
-    assert labels[:n_prompt] == [-100] * n_prompt
-    assert labels[n_prompt:] == ids[n_prompt:]
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == tok.eos_token_id
-    assert tok.decode([t for t in labels if t != -100]) == record["output"] + "</s>"
 
 
-def test_template_has_input_block_only_with_input():
-    assert "### Input:" in INSTRUCT_TEMPLATE and "### Input:" not in INSTRUCT_TEMPLATE_NO_INPUT
-    assert INSTRUCT_TEMPLATE.format(instruct="I", input="X") == "### Instruction:\nI\n\n### Input:\nX\n\n### Response:\n"
-    assert INSTRUCT_TEMPLATE_NO_INPUT.format(instruct="I") == "### Instruction:\nI\n\n### Response:\n"
+def test_bos_follows_the_tokenizer(tok):
+    no_bos = copy.deepcopy(tok)
+    no_bos.backend_tokenizer.post_processor = None  # this tokenizer adds nothing in front of a text
+    ids, trained = Encoder(no_bos).encode(normalize(PRETRAIN))
+    assert ids == tok.encode(PRETRAIN["text"], add_special_tokens=False) + [tok.eos_token_id]
+    assert trained == [False] + [True] * (len(ids) - 1)  # the first token is never a target
 
 
-def test_no_bos_when_tokenizer_has_none(tok):
-    no_bos = SimpleNamespace(bos_token_id=None, eos_token_id=tok.eos_token_id,
-                             encode=lambda text, add_special_tokens: text_ids(tok, text))
-    ids, labels = encode_record(PRETRAIN, no_bos)
-    assert ids == text_ids(tok, PRETRAIN["text"]) + [tok.eos_token_id]
-    # The first token has nothing before it, so it is never a target.
-    assert labels == [-100] + ids[1:]
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r["type"])
+def test_sentencepiece_masks(sp_dir, record):
+    sp = AutoTokenizer.from_pretrained(sp_dir)
+    encoder = Encoder(sp, "builtin")
+    ids, trained = encoder.encode(normalize(record))
+    assert ids[0] == sp.bos_token_id == 1
+    runs = trained_runs(ids, trained)
+    expected = expected_runs(record, "")
+    assert len(runs) == len(expected)
+    for run, text in zip(runs, expected):
+        assert run[-1] == sp.eos_token_id
+        # sentencepiece marks the start of each separately encoded piece with a space
+        assert sp.decode(run, skip_special_tokens=True).strip() == text.strip()
 
 
-def test_pad_token_id_fallbacks(tok):
-    assert pad_token_id(tok) == tok.pad_token_id == 3
-    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
-    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+# ----- chat templates -----
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r["type"])
+def test_chat_template_masks_are_the_answers(record):
+    tokenizer = chat_tokenizer(CHATML)
+    encoder = Encoder(tokenizer, "auto")
+    assert encoder.template == "chat"
+    ids, trained = encoder.encode(normalize(record))
+    runs = [tokenizer.decode(run) for run in trained_runs(ids, trained)]
+    if record["type"] == "pretrain":
+        assert runs == [record["text"] + "</s>"]
+        return
+    # Each tool call is an assistant message of its own: no trailing newline inside the message.
+    expected = [r.replace("\n<|im_end|>", "<|im_end|>") for r in expected_runs(record, "<|im_end|>")]
+    assert runs == expected
+    # Tokens are those of the template's own rendering, tokenized as a whole.
+    from pipellm.templates import chat_messages
+
+    messages = chat_messages(normalize(record), encoder._chat)
+    plain = [{k: v for k, v in m.items() if k in ("role", "content", "name")} for m in messages]
+    rendered = tokenizer.apply_chat_template(plain, tokenize=False)
+    assert ids == tokenizer.encode(rendered, add_special_tokens=False)
+    assert encoder.stop_token_ids() == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-# ----- load_records -----
-
-def test_json_list_and_jsonl_load_the_same(tmp_path):
-    records = [PRETRAIN, INSTRUCT, INSTRUCT_INPUT]
-    a = write_json(tmp_path / "a.json", records)
-    # Extension does not matter, and blank lines in JSONL are skipped.
-    b = write_jsonl(tmp_path / "b.txt", [PRETRAIN, "", INSTRUCT, "   ", INSTRUCT_INPUT])
-    assert load_records(str(a)) == records
-    assert load_records(b) == records
-
-
-def test_several_files_in_order(tmp_path):
-    a = write_jsonl(tmp_path / "a.jsonl", [PRETRAIN])
-    b = write_json(tmp_path / "b.json", [INSTRUCT, INSTRUCT_INPUT])
-    assert load_records([str(b), str(a)]) == [INSTRUCT, INSTRUCT_INPUT, PRETRAIN]
-
-
-# ----- build_dataset -----
-
-def test_padding_is_right_padding_with_pad_id(tmp_path, tok):
-    path = write_jsonl(tmp_path / "d.jsonl", [PRETRAIN, INSTRUCT_INPUT])
-    ds = build_dataset(path, tok, max_seq_len=64)
-    assert len(ds) == 2 and ds.n_truncated == 0 and ds.n_dropped == 0
-    assert ds.input_ids.shape == ds.labels.shape == (2, 64)
-    assert ds.input_ids.dtype == ds.labels.dtype == torch.int64
-    for i, record in enumerate([PRETRAIN, INSTRUCT_INPUT]):
-        ids, labels = encode_record(record, tok)
-        n = len(ids)
-        assert ds.lengths[i].item() == n
-        assert ds.input_ids[i, :n].tolist() == ids and ds.labels[i, :n].tolist() == labels
-        assert (ds.input_ids[i, n:] == tok.pad_token_id).all()
-        assert (ds.labels[i, n:] == -100).all()
-    assert ds.fill_ratio == pytest.approx(ds.lengths.sum().item() / 128)
+def test_chat_template_roles(tok):
+    chatml = Encoder(chat_tokenizer(CHATML), "chat")
+    assert chatml._chat.has_system_role and chatml._chat.has_tool_role
+    strict_tok = chat_tokenizer(STRICT)
+    strict = Encoder(strict_tok, "chat")
+    assert not strict._chat.has_system_role and not strict._chat.has_tool_role
+    # Context goes into the first user message; tool results become user "Observation:" messages; consecutive
+    # asks are joined, so the roles alternate.
+    ids, trained = strict.encode(normalize(API))
+    text = strict_tok.decode(ids)
+    assert text.startswith("[INST] You can call these tools:\nsearch: find a word.")
+    assert "[INST] Observation: cat: meow [/INST]" in text
+    runs = [strict_tok.decode(r).strip() for r in trained_runs(ids, trained)]
+    assert runs == [r.strip().replace("\n</s>", "</s>") for r in expected_runs(API, "</s>")]
+    ids, trained = strict.encode(normalize(CONVERSATION))
+    assert "[INST] what is 3 plus 4?\n\nand 3 plus 4? [/INST]" in strict_tok.decode(ids)
 
 
-def test_fill_ratio_value(tmp_path, tok):
-    n_a = len(encode_record(PRETRAIN, tok)[0])
-    n_b = len(encode_record(INSTRUCT, tok)[0])
-    path = write_jsonl(tmp_path / "d.jsonl", [PRETRAIN, INSTRUCT])
-    ds = build_dataset(path, tok, max_seq_len=40)
-    assert ds.fill_ratio == pytest.approx((n_a + n_b) / 80)
-    assert 0 < ds.fill_ratio < 1
+def test_chat_template_without_offsets(sp_dir):
+    """A slow (python) tokenizer gives no character offsets: the pieces between span boundaries are tokenized
+    apart, and the masks are still the answers."""
+    from transformers import SentencePieceBackend
+
+    slow = SentencePieceBackend(vocab_file=str(sp_dir / "tokenizer.model"), bos_token="<s>", eos_token="</s>",
+                                unk_token="<unk>", pad_token="<pad>")
+    slow.chat_template = STRICT
+    assert not slow.is_fast
+    encoder = Encoder(slow, "chat")
+    ids, trained = encoder.encode(normalize(CONVERSATION))
+    runs = [slow.decode(r, skip_special_tokens=True).strip() for r in trained_runs(ids, trained)]
+    assert runs == ["hello", "3 plus 4 is 7"]
 
 
-def test_truncation_keeps_the_beginning(tmp_path, tok):
-    long = {"type": "pretrain", "text": " ".join(["one two three four five six seven eight nine ten."] * 5)}
-    full_ids, full_labels = encode_record(long, tok)
-    max_len = 16
-    assert len(full_ids) > max_len
-    short = {"type": "pretrain", "text": "cat cat cat."}
-    path = write_jsonl(tmp_path / "d.jsonl", [long, short])
-    ds = build_dataset(path, tok, max_seq_len=max_len)
-    assert len(ds) == 2 and ds.n_truncated == 1 and ds.n_dropped == 0
-    assert ds.input_ids[0].tolist() == full_ids[:max_len]
-    assert ds.labels[0].tolist() == full_labels[:max_len]
-    assert ds.lengths[0].item() == max_len
-    assert tok.eos_token_id not in ds.input_ids[0].tolist()  # the EOS was cut with the end
-    assert ds.input_ids[1, :ds.lengths[1]].tolist() == encode_record(short, tok)[0]
+def test_template_choice(tok):
+    assert Encoder(chat_tokenizer(CHATML), "builtin").template == "builtin"
+    with pytest.raises(PipellmError, match="no chat template"):
+        Encoder(tok, "chat")
+    with pytest.raises(PipellmError, match="template"):
+        Encoder(tok, "alpaca")
 
 
-def test_sample_without_trained_token_after_truncation_is_dropped(tmp_path, tok):
-    # The prompt alone is longer than max_seq_len: nothing labelled survives.
-    long_prompt = {"type": "instruct", "instruct": "Please tell me how this works and why it matters. " * 4,
-                   "output": "ok"}
-    kept = {"type": "pretrain", "text": "cat cat cat."}
-    path = write_jsonl(tmp_path / "d.jsonl", [long_prompt, kept, long_prompt])
-    ds = build_dataset(path, tok, max_seq_len=12)
-    assert len(ds) == 1
-    assert ds.n_dropped == 2 and ds.n_truncated == 2  # dropped samples were cut first, so they count as cut
-    assert ds.input_ids[0, :ds.lengths[0]].tolist() == encode_record(kept, tok)[0]
+@pytest.mark.parametrize("make", ["builtin", "chat"])
+@pytest.mark.parametrize("record", [INSTRUCT, CONVERSATION, REF_QA, API], ids=lambda r: r["type"])
+def test_generation_prompt_is_what_training_saw(tok, make, record):
+    """The demo's prompt for the last answer is exactly the training tokens before that answer."""
+    tokenizer = tok if make == "builtin" else chat_tokenizer(CHATML)
+    encoder = Encoder(tokenizer, make)
+    full = normalize(record)
+    ids, trained = encoder.encode(full)
+    if full["type"] == "instruct":
+        prompt_record = {k: v for k, v in full.items() if k != "output"}
+    else:
+        rounds = list(full["rounds"])
+        while rounds[-1][0] == "ask":
+            rounds.pop()
+        full = {**full, "rounds": rounds}
+        ids, trained = encoder.encode(full)
+        prompt_record = {**full, "rounds": rounds[:-1]}
+    prompt = encoder.prompt_ids(prompt_record)
+    last_run_start = max(i for i in range(1, len(ids)) if trained[i] and not trained[i - 1])
+    assert prompt == ids[:last_run_start]
 
 
-def test_all_dropped_is_an_error(tmp_path, tok):
-    path = write_jsonl(tmp_path / "d.jsonl", [{**INSTRUCT, "instruct": "Explain this. " * 20}])
-    with pytest.raises(PipellmError, match="no trainable sample.*1 dropped"):
-        build_dataset(path, tok, max_seq_len=8)
+# ----- records: reading and checking -----
+
+def test_json_list_and_jsonl_read_alike(tmp_path):
+    a = write_json(tmp_path / "a.json", RECORDS)
+    b = write_jsonl(tmp_path / "b.txt", [RECORDS[0], "", *RECORDS[1:3], "   ", *RECORDS[3:]])  # blank lines skipped
+    assert load_records(a) == load_records(str(b)) == [normalize(r) for r in RECORDS]
+    assert load_records([str(b), a])[len(RECORDS):] == load_records(a)
+
+
+def test_every_example_file_holds_its_format(tok):
+    for kind in FORMATS:
+        records = load_records(DATA / f"{kind}.jsonl")
+        assert records and {r["type"] for r in records} == {kind}
+        text = json.dumps(records, ensure_ascii=False)
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in text), f"{kind}: no Chinese example"
+        assert any(ch.isascii() and ch.isalpha() for ch in text)
 
 
 def test_embedded_sample_data_and_config_match_the_tokenizer(tok):
     ds = build_dataset(SAMPLE, tok, max_seq_len=128)
     assert len(ds) == 300 and ds.n_truncated == 0 and ds.n_dropped == 0
-    kinds = {(r["type"], "input" in r) for r in load_records(SAMPLE)}
-    assert kinds == {("pretrain", False), ("instruct", False), ("instruct", True)}
     config = AutoConfig.from_pretrained(MODEL_DIR)
     assert config.model_type == "llama" and config.vocab_size == len(tok)
-    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 3)
-    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 3)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 3) == \
+        (config.bos_token_id, config.eos_token_id, config.pad_token_id)
+    assert pad_token_id(tok) == 3
 
 
-# ----- errors: one line, naming the file and the line / record -----
+def test_build_dataset_pads_right_and_counts(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [PRETRAIN, INSTRUCT_INPUT])
+    ds = build_dataset(path, tok, max_seq_len=64)
+    for i, record in enumerate([PRETRAIN, INSTRUCT_INPUT]):
+        ids, labels = Encoder(tok).labels(normalize(record))
+        n = len(ids)
+        assert ds.lengths[i] == n and ds.input_ids[i, :n].tolist() == ids and ds.labels[i, :n].tolist() == labels
+        assert (ds.input_ids[i, n:] == tok.pad_token_id).all() and (ds.labels[i, n:] == -100).all()
+    assert ds.fill_ratio == pytest.approx(ds.lengths.sum().item() / 128)
 
-def assert_error(paths, *fragments):
+
+def test_truncation_keeps_the_beginning_and_drop_drops(tmp_path, tok):
+    long = {"type": "pretrain", "text": " ".join(["one two three four five six seven eight nine ten."] * 5)}
+    short = {"type": "pretrain", "text": "cat cat cat."}
+    full_ids, full_labels = Encoder(tok).labels(normalize(long))
+    path = write_jsonl(tmp_path / "d.jsonl", [long, short])
+    ds = build_dataset(path, tok, max_seq_len=16)
+    assert len(ds) == 2 and ds.n_truncated == 1 and ds.n_dropped == 0
+    assert ds.input_ids[0].tolist() == full_ids[:16] and ds.labels[0].tolist() == full_labels[:16]
+    assert tok.eos_token_id not in ds.input_ids[0].tolist()  # the cut answer is not taught to stop
+    dropped = build_dataset(path, tok, max_seq_len=16, overlong="drop")
+    assert len(dropped) == 1 and dropped.n_dropped == 1 and dropped.n_truncated == 0
+
+
+# ----- bad input: an error naming file:line (or record index) and field, or skipped and counted -----
+
+BAD_CASES = {
+    "invalid_json": ('{"type": "pretrain", "text": ', "line 2", "invalid JSON"),
+    "unknown_type": ({"type": "chat", "text": "hi"}, "line 2", "unknown type 'chat'"),
+    "missing_type": ({"text": "hi"}, "line 2", 'field "type": missing'),
+    "missing_output": ({"type": "instruct", "instruct": "x"}, "line 2", 'field "output": missing'),
+    "mistyped_text": ({"type": "pretrain", "text": 5}, "line 2", 'field "text": must be a string, got int'),
+    "mistyped_input": ({**INSTRUCT, "input": ["a"]}, "line 2", 'field "input": must be a string'),
+    "empty_output": ({**INSTRUCT, "output": "  "}, "line 2", 'field "output": is empty'),
+    "empty_answer": ({"type": "conversation", "rounds": [["ask", "hi"], ["ans", ""]]}, "line 2",
+                     'field "rounds[1][1]": is an empty answer'),
+    "no_answer": ({"type": "conversation", "rounds": [["ask", "hi"]]}, "line 2", 'field "rounds": has no answer'),
+    "bad_role": ({"type": "conversation", "rounds": [["ask", "hi"], ["ans-api", {}]]}, "line 2",
+                 "rounds[1][0]\": unknown role 'ans-api'"),
+    "bad_round": ({"type": "ref_qa", "reference": "r", "rounds": [["ask"]]}, "line 2", 'field "rounds[0]"'),
+    "action_field": ({**API, "rounds": [["ask", "x"], ["ans-api", {"actions": [
+        {"inner_thought": "t", "api_name": 3, "api_param": "p", "api_res": "r"}], "ans": "a"}]]}, "line 2",
+        'field "rounds[1][1].actions[0].api_name": must be a string, got int'),
+    "missing_api_res": ({**API, "rounds": [["ask", "x"], ["ans-api", {"actions": [
+        {"inner_thought": "t", "api_name": "s", "api_param": "p"}], "ans": "a"}]]}, "line 2",
+        'actions[0].api_res": missing'),
+    "missing_desc": ({"type": "conver_has_api", "rounds": [["ask", "x"], ["ans", "y"]]}, "line 2",
+                     'field "api_desc": missing'),
+    "not_object": ([1, 2], "line 2", "expected a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_record_names_file_line_and_field(tmp_path, tok, case):
+    bad, where, fragment = BAD_CASES[case]
+    path = write_jsonl(tmp_path / f"{case}.jsonl", [PRETRAIN, bad, INSTRUCT])
     with pytest.raises(PipellmError) as info:
-        load_records(paths)
+        build_dataset(path, tok, max_seq_len=64)
     message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
+    assert "\n" not in message and f"{case}.jsonl {where}" in message and fragment in message, message
+    assert "skip_bad_records" in message
+    # With skip_bad_records the two good records remain and the bad one is counted.
+    ds = build_dataset(path, tok, max_seq_len=64, skip_bad_records=True)
+    assert len(ds) == 2 and ds.n_bad == 1
 
 
-def test_unknown_type_names_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "bad_type.jsonl", [PRETRAIN, {"type": "chat", "text": "hi"}])
-    assert_error(path, "bad_type.jsonl", "line 2", "'chat'", '"pretrain" or "instruct"')
+def test_bad_record_in_json_list_names_its_index(tmp_path, tok):
+    path = write_json(tmp_path / "list.json", [PRETRAIN, INSTRUCT, {"type": "pretrain"}])
+    with pytest.raises(PipellmError, match=r"list.json record 2: field \"text\": missing"):
+        build_dataset(path, tok, max_seq_len=64)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n {"type": "pretrain", "text": "a"},\n {"type": "pretrain" "text": "b"}\n]\n')
+    with pytest.raises(PipellmError, match="broken.json line 3: invalid JSON"):
+        build_dataset(broken, tok, max_seq_len=64)
 
 
-def test_missing_field_names_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "no_output.jsonl", [PRETRAIN, INSTRUCT, {"type": "instruct", "instruct": "x"}])
-    assert_error(path, "no_output.jsonl", "line 3", 'missing field "output"')
-    path = write_jsonl(tmp_path / "no_type.jsonl", [{"text": "x"}])
-    assert_error(path, "no_type.jsonl", "line 1", 'missing field "type"')
+def test_all_labels_masked_after_truncation(tmp_path, tok):
+    long_prompt = {"type": "instruct", "instruct": "Please tell me how this works and why it matters. " * 4,
+                   "output": "ok"}
+    path = write_jsonl(tmp_path / "long.jsonl", [PRETRAIN, long_prompt])
+    with pytest.raises(PipellmError, match=r"long.jsonl line 2: nothing left to train on after truncation to "
+                                           r"max_seq_len 12"):
+        build_dataset(path, tok, max_seq_len=12)
+    ds = build_dataset(path, tok, max_seq_len=12, skip_bad_records=True)
+    assert len(ds) == 1 and ds.n_bad == 1 and ds.n_truncated == 1
 
 
-def test_missing_field_in_json_list_names_record_index(tmp_path):
-    path = write_json(tmp_path / "list.json", [PRETRAIN, {"type": "pretrain"}])
-    assert_error(path, "list.json", "record 1", 'missing field "text"')
+def test_chat_template_rejection_is_a_bad_record(tmp_path):
+    tokenizer = chat_tokenizer(STRICT)
+    # An answer first: this template insists on a user message first.
+    path = write_jsonl(tmp_path / "c.jsonl", [CONVERSATION, {"type": "conversation", "rounds": [["ans", "hi"]]}])
+    with pytest.raises(PipellmError, match=r"c.jsonl line 2: the tokenizer's chat template rejected it .*roles "
+                                           r"must alternate"):
+        build_dataset(path, tokenizer, max_seq_len=256)
+    assert len(build_dataset(path, tokenizer, max_seq_len=256, skip_bad_records=True)) == 1
 
 
-def test_bad_json_line_names_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "broken.jsonl", [PRETRAIN, INSTRUCT, '{"type": "pretrain", "text": '])
-    assert_error(path, "broken.jsonl", "line 3", "invalid JSON")
-
-
-def test_bad_json_list_names_file_and_line(tmp_path):
-    path = tmp_path / "broken.json"
-    path.write_text('[\n {"type": "pretrain", "text": "a"},\n {"type": "pretrain" "text": "b"}\n]\n')
-    assert_error(path, "broken.json", "line 3", "invalid JSON")
-
-
-def test_non_string_field_and_missing_file(tmp_path):
-    path = write_jsonl(tmp_path / "num.jsonl", [{"type": "pretrain", "text": 5}])
-    assert_error(path, "num.jsonl", "line 1", 'field "text" must be a string')
-    assert_error(tmp_path / "nope.jsonl", "nope.jsonl", "cannot read")
+def test_unreadable_files(tmp_path, tok):
+    with pytest.raises(PipellmError, match="nope.jsonl does not exist"):
+        build_dataset(tmp_path / "nope.jsonl", tok, max_seq_len=64)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"type": "pretrain", "text": "caf\xe9"}\n')
+    with pytest.raises(PipellmError, match="latin.jsonl line 1: not UTF-8"):
+        build_dataset(latin, tok, max_seq_len=64)

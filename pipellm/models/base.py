@@ -34,7 +34,9 @@ class KeyMap:
     A pipeline layer file holds the layer module's ``state_dict``; the Hugging Face key of a tensor is the
     layer kind's prefix followed by the key inside the layer. ``{i}`` in the decoder prefix is the decoder
     index (0-based). ``accepted_prefixes`` lists further spellings found in the wild (for example a model
-    saved without its ``transformer.`` wrapper); the first spelling in ``prefixes`` is the one written.
+    saved without its ``transformer.`` wrapper); the first spelling in ``prefixes`` is the one written. An accepted
+    spelling may be empty (bloom saved as a bare ``BloomModel`` has ``word_embeddings.weight`` at the top level):
+    being the shortest, it is tried last.
     """
 
     prefixes: dict[str, str]
@@ -67,6 +69,20 @@ class KeyMap:
 
 
 @dataclasses.dataclass(frozen=True)
+class Export:
+    """Another checkpoint layout that ``pp_to_hg --export-as NAME`` writes instead of the family's own (for
+    example baichuan2 as a native llama that loads without remote code). Applied one layer at a time, so the
+    export streams like the plain one."""
+
+    key_map: KeyMap
+    """Key prefixes of the target layout; its layer keys are the ones ``convert_layer`` returns."""
+    convert_layer: Callable[[str, dict, object], dict]
+    """``f(kind, layer_state_dict, hf_config) -> the layer's state dict in the target layout``."""
+    convert_config: Callable[[dict], dict]
+    """``f(config.json contents) -> the target's config.json contents``."""
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """A model family as pipellm sees it. One instance per family, registered in ``pipellm.models``."""
 
@@ -85,6 +101,21 @@ class ModelFamily:
     """Recommended ``parts`` for a stage count, for the family's common sizes (keyed by stage count)."""
     ignored_hf_keys: tuple[str, ...] = ()
     """Regexes of checkpoint keys that hold nothing to train (buffers derived from the config)."""
+    exports: dict[str, Export] = dataclasses.field(default_factory=dict)
+    """Other layouts ``pp_to_hg`` can write, by the name given to ``--export-as``."""
+    check_config: Callable | None = None
+    """``f(hf_config, config_path)``: raises ``PipellmError`` for a config.json the family cannot train, when
+    the config is loaded (before any conversion or process group)."""
+    config_class: type | None = None
+    """A ``PretrainedConfig`` subclass (pipellm's own, no model code) that reads ``config.json`` for a
+    ``model_type`` transformers does not know, when the file's names differ from the ones pipellm reads
+    (``num_hidden_layers``, ``vocab_size``, ...). None: a plain ``PretrainedConfig`` holds the file's keys."""
+    aux_loss: Callable | None = None
+    """For a family with an auxiliary loss (mixtral's router load balancing): its decoders return
+    ``(hidden, stats)``, the pipeline sums ``stats`` over the decoders of a micro batch and carries the sum to
+    the head, and ``f(stats, hf_config) -> scalar`` (coefficient included) is added to that micro batch's loss
+    (see ``pipellm.pipeline.token_mean_loss``). None: decoders return ``hidden`` and nothing more travels.
+    Such a family's ``check_config`` refuses tied embeddings (only an untied head carries the statistics)."""
 
     def is_tied(self, hf_config) -> bool:
         return bool(getattr(hf_config, "tie_word_embeddings", False))

@@ -1,0 +1,252 @@
+"""What every pipellm benchmark shares: a synthetic llama-shaped model and data, one training launch, its figures.
+
+* ``write_model`` -- a random-init llama ``config.json`` of a preset shape plus the embedded tokenizer (no
+  download); both trainers start from it with ``from_scratch: true``.
+* ``write_data`` -- pretrain records long enough to fill every row (no padding, so every token is real work).
+* ``Point`` -- one measurement: which trainer (``train_ds.py`` pipeline or ``train_ds_zero.py`` ZeRO-3), sequence
+  length, batch sizes and switches; ``Point.config`` is its training YAML.
+* ``launch`` -- runs one point through the deepspeed launcher in its own process group (a hung or timed-out point
+  is killed whole), logs to a file, and returns an ``Outcome``: the figures (median over the steps after the
+  warm-up ones) or why it failed, OOM told apart from other failures by the exit status and the log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MFU_FORMULA = ("MFU = tokens/s/GPU x (6 x (N - N_embedding) + 12 x L x d x S) / peak FLOP/s per GPU "
+               "(N parameters, L layers, d hidden size, S max_seq_len; all positions of the global batch "
+               "counted; recomputation not counted; the step time includes pipeline bubbles)")
+
+# name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+PRESETS = {
+    "tiny": (64, 172, 4, 4, 2, 1017),
+    "1b": (2048, 5632, 22, 32, 4, 32000),
+    "7b": (4096, 11008, 32, 32, 32, 32000),
+    "13b": (5120, 13824, 40, 40, 40, 32000),
+}
+WORDS = ("the of and to in is was for on are with as by at from this that have not but what all were when we "
+         "there can an your which their said if will each about how up out them then she many some so these "
+         "would other into has more her two like him see time could no make than first been its who now people "
+         "my made over did down only way find use may water long little very after words called just where most "
+         "know get through back much go good new write our me man too any day same right look think also around "
+         "another came come work three word must because does part even place well such here take why things "
+         "help put years different away again off went old number great tell men say small every found still "
+         "between name should home big give air line set own under read last never us left end along while").split()
+TRAINERS = {"pipeline": "train_ds.py", "zero3": "train_ds_zero.py"}
+# What the CUDA caching allocator, NCCL and the CPU allocator say when memory runs out.
+OOM_PATTERN = re.compile(r"out of memory|OutOfMemoryError|can't allocate memory|CUBLAS_STATUS_ALLOC_FAILED",
+                         re.IGNORECASE)
+# The last line of a Python traceback, as torch's launcher prefixes it.
+EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?[\w.]+(Error|Exception): ")
+
+
+def write_model(work: Path, preset: str) -> Path:
+    """A Hugging Face model directory without weights: llama ``config.json`` of the preset shape + tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from pipellm.quickstart import TINY_LLAMA
+
+    hidden, intermediate, layers, heads, kv_heads, vocab = PRESETS[preset]
+    model_dir = work / "model"
+    LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                pad_token_id=3).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(model_dir)
+    return model_dir
+
+
+def write_data(path: Path, samples: int, seq: int) -> Path:
+    """``samples`` pretrain records of ``seq`` words each (at least ``seq`` tokens: every row is full)."""
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(samples):
+            f.write(json.dumps({"type": "pretrain", "text": " ".join(rng.choices(WORDS, k=seq))}) + "\n")
+    return path
+
+
+@dataclasses.dataclass
+class Point:
+    """One measurement. ``replicas`` is the pipeline's data-parallel degree (stages = gpus / replicas); ZeRO-3
+    is data parallel over all ``gpus``. ``eager`` turns the pipeline's per-layer ``torch.compile`` off."""
+
+    trainer: str
+    seq: int
+    global_batch: int
+    micro: int
+    gpus: int
+    steps: int
+    replicas: int = 1
+    parts: str = "parameters"
+    flash: bool = False
+    grad_ckpt: bool = False
+    eager: bool = False
+    dtype: str = "bf16"
+
+    def config(self, model_dir: Path, data: Path, save: Path) -> dict:
+        if self.trainer == "pipeline":
+            dims = [self.gpus // self.replicas, self.replicas]
+            parts = self.parts if self.parts in ("uniform", "parameters") else \
+                [int(p) for p in self.parts.split(",")]
+        else:
+            dims, parts = [1, self.gpus], "uniform"
+        config = {
+            "model_path": str(model_dir), "save_path": str(save), "data_path": str(data),
+            "max_seq_len": self.seq, "max_steps": self.steps, "from_scratch": True, "log_steps": 1,
+            "save_final": False, "use_flash_attn": self.flash, "use_grad_ckpt": self.grad_ckpt,
+            "data_cache_dir": str(data.parent / "data_cache"),
+            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}, "parts": parts},
+            "train_batch_size": self.global_batch, "train_micro_batch_size_per_gpu": self.micro,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.0}},
+            "gradient_clipping": 1.0,
+        }
+        if self.trainer == "pipeline":
+            config["compile_layers"] = False if self.eager else None
+        else:
+            config["zero_optimization"] = zero3_settings(model_dir)
+        if self.dtype == "bf16":
+            config["bf16"] = {"enabled": True}
+        return config
+
+
+def zero3_settings(model_dir: Path) -> dict:
+    """ZeRO-3 buckets scaled to the model as the transformers Trainer's ``auto`` values do (hidden size d:
+    reduce bucket d^2, prefetch 0.9 d^2, parameters below 10 d elements stay unpartitioned), overlapped."""
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    return {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+
+
+@dataclasses.dataclass
+class Outcome:
+    status: str
+    """``ok``, ``OOM``, ``timeout`` or ``failed``."""
+    reason: str
+    """Empty when ok; else the log line that says why."""
+    log: Path
+    figures: dict | None
+    """``summarize``'s figures when ok."""
+
+
+def launch(point: Point, model_dir: Path, data: Path, work: Path, warmup: int, timeout: float | None = None,
+           echo: bool = False) -> Outcome:
+    """Train ``point`` with the deepspeed launcher; its config, log and metrics go to ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    save = work / "save"
+    config_path = work / "config.yml"
+    config_path.write_text(yaml.safe_dump(point.config(model_dir, data, save)))
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(point.gpus),
+               "--master_port", str(free_port()), str(REPO / TRAINERS[point.trainer]), "--config", str(config_path)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    log_path = work / "log.txt"
+    with open(log_path, "w") as log:
+        log.write("+ " + " ".join(command) + "\n")
+        log.flush()
+        # A session of its own, so that a timed-out point's workers die with it and free their GPUs.
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, errors="replace", start_new_session=True)
+        copier = threading.Thread(target=_copy_lines, args=(process.stdout, log, echo), daemon=True)
+        copier.start()
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = None
+        copier.join()
+    if returncode is None:
+        return Outcome("timeout", f"killed after {timeout:.0f}s", log_path, None)
+    text = log_path.read_text(errors="replace")
+    metrics = save / "metrics.jsonl"
+    if returncode != 0 or not metrics.is_file():
+        status, reason = classify_failure(text)
+        return Outcome(status, reason, log_path, None)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    if len(records) <= warmup:
+        return Outcome("failed", f"{len(records)} steps logged, not more than the {warmup} warm-up steps",
+                       log_path, None)
+    return Outcome("ok", "", log_path, summarize(records, warmup))
+
+
+def _copy_lines(stream, log, echo: bool) -> None:
+    for line in stream:
+        log.write(line)
+        if echo:
+            sys.stdout.write(line)
+
+
+def classify_failure(log_text: str) -> tuple[str, str]:
+    """``("OOM", line)`` when the log says memory ran out, else ``("failed", the most telling line)``."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    for line in lines:
+        if OOM_PATTERN.search(line):
+            return "OOM", line[:300]
+    user_errors = [line for line in lines if line.startswith("error: ")]  # pipellm's one-line errors
+    if user_errors:
+        return "failed", user_errors[0][:300]
+    exceptions = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return "failed", (exceptions or lines or ["no output"])[-1][:300]
+
+
+def summarize(records: list[dict], warmup: int) -> dict:
+    """Medians over the steps after the first ``warmup`` ones; peak memory is the worst step's worst GPU."""
+    timed = records[warmup:]
+    mfu = [r["mfu"] for r in timed if r["mfu"] is not None]
+    per_stage = max((r["peak_mem_gib_per_stage"] for r in timed), key=max)
+    return {
+        "timed_steps": len(timed),
+        "samples_per_sec": statistics.median(r["samples_per_sec"] for r in timed),
+        "tokens_per_sec_per_gpu": statistics.median(r["tokens_per_sec_per_gpu"] for r in timed),
+        "mfu": statistics.median(mfu) if mfu else None,
+        "step_time_s": statistics.median(r["step_time_s"] for r in timed),
+        "peak_mem_gib_per_stage": per_stage, "peak_mem_gib_per_gpu": max(per_stage),
+        "final_loss": timed[-1]["loss"],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpu_name() -> str | None:
+    """The GPU's name from nvidia-smi, None without GPUs (this process never creates a CUDA context, so it
+    holds no GPU memory while the points run)."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return names[0].strip() or None
+
+
+def environment() -> dict:
+    """Machine and versions, recorded next to every result."""
+    import deepspeed
+    import torch
+    import transformers
+
+    return {"device": gpu_name() or "cpu", "host": platform.node(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__}

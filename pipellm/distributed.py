@@ -1,0 +1,104 @@
+"""Guards for runs over several processes and nodes: the same run everywhere, and no silent hangs.
+
+* ``verify_same_run`` — before training, every rank compares pipellm's version, a hash of the resolved config
+  and the data key with rank 0's. Nodes with different code, config or data fail at start-up with the rank and
+  host that differ, instead of training on a silently inconsistent state (or hanging in a mismatched collective).
+* ``StallWatchdog`` — a pipeline operation that does not complete within ``collective_timeout_s`` ends the run
+  with one line naming the stage, rank, host, step and operation, instead of a silent hang.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import sys
+import threading
+import time
+
+import pipellm
+from pipellm.errors import PipellmError
+
+
+def config_hash(resolved_config: str) -> str:
+    return hashlib.sha256(resolved_config.encode()).hexdigest()[:16]
+
+
+def data_fingerprint(paths: list[str]) -> str:
+    """Content hash of the data files, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def verify_same_run(config_digest: str, data_key: str) -> None:
+    """All ranks: raise ``PipellmError`` (on every rank) if any rank differs from rank 0."""
+    import deepspeed.comm as dist
+
+    mine = {"version": pipellm.__version__, "config hash": config_digest, "data key": data_key}
+    identity = {"rank": dist.get_rank(), "host": socket.gethostname()}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (identity, mine))
+    reference_identity, reference = everyone[0]
+    for identity, theirs in everyone[1:]:
+        for key, value in theirs.items():
+            if value != reference[key]:
+                raise PipellmError(
+                    f"rank {identity['rank']} (host {identity['host']}) has pipellm {key} {value} but rank 0 (host "
+                    f"{reference_identity['host']}) has {reference[key]}; every node needs the same pipellm code, "
+                    f"config file and data files")
+
+
+class StallWatchdog:
+    """Ends the process with a one-line error when a pipeline operation stalls for ``timeout_s``.
+
+    A rank that died or hung leaves the others blocked in a transfer forever: gloo's point-to-point receive has
+    no timeout, and NCCL's watchdog aborts with a message that names neither the stage nor the step. So every
+    instruction of DeepSpeed's pipeline schedule (``RecvActivation``, ``ForwardPass``, ``ReduceGrads``, ...) is
+    timed from a side thread; the time between instructions counts as well. A stall prints which stage, rank,
+    host, step and operation, and exits with code 2. Checkpoint saving is not watched (it may legitimately take
+    long); the process group's own timeout covers it.
+    """
+
+    def __init__(self, engine, stage: int, timeout_s: float):
+        self.stage, self.timeout_s = stage, timeout_s
+        self.step, self.operation, self.since = 0, "", None
+        # The engine looks instructions up in this map on the instance: wrap each to record what runs when.
+        engine._INSTRUCTION_MAP = {kind: self._watched(kind.__name__, method)
+                                   for kind, method in type(engine)._INSTRUCTION_MAP.items()}
+        threading.Thread(target=self._watch, name="pipellm-stall-watchdog", daemon=True).start()
+
+    def _watched(self, name, method):
+        def run(engine, **kwargs):
+            self._enter(name)
+            method(engine, **kwargs)
+            self._enter(f"the step's bookkeeping after {name}")
+        return run
+
+    def _enter(self, operation: str) -> None:
+        self.operation, self.since = operation, time.monotonic()
+
+    @contextlib.contextmanager
+    def watch_step(self, step: int):
+        self.step = step
+        self._enter("the start of the step")
+        try:
+            yield
+        finally:
+            self.since = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 10))
+            since = self.since
+            if since is not None and time.monotonic() - since > self.timeout_s:
+                import deepspeed.comm as dist
+
+                print(f"error: pipeline stage {self.stage} (rank {dist.get_rank()}, host {socket.gethostname()}) "
+                      f"stalled for more than collective_timeout_s={self.timeout_s:g}s in {self.operation} of step "
+                      f"{self.step}; another rank probably died or hung: check the other ranks' logs, the network "
+                      f"(NCCL_SOCKET_IFNAME) and that every node runs the same config", file=sys.stderr, flush=True)
+                os._exit(2)

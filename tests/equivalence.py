@@ -1,0 +1,151 @@
+"""Family-agnostic harness for the equivalence tests: run a pipeline on a reference model's weights and batch,
+capture its loss and every parameter gradient (named by the reference's checkpoint keys), and compare.
+
+A family's test builds a tiny fp32 reference, computes its loss and gradients on ``make_batch``'s rows, and
+hands the reference state dict (in the family's checkpoint layout) to ``run_pipeline``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from conftest import REPO
+from distributed import free_port, run_distributed
+
+MICRO_BATCH = 2
+SEQ = 12
+LAUNCHER_DATA = str(REPO / "pipellm" / "assets" / "data" / "sample.jsonl")
+
+
+def make_batch(global_batch: int, generator: torch.Generator, vocab_size: int = 97):
+    """Right-padded rows of different lengths; the first tokens of some rows are an untrained prompt."""
+    input_ids = torch.randint(1, vocab_size, (global_batch, SEQ), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    for row in range(global_batch):
+        length = SEQ - (row * 3) % 7
+        input_ids[row, length:] = 0
+        attention_mask[row, length:] = 0
+        labels[row, length:] = -100
+        labels[row, : row % 3] = -100
+    return input_ids, attention_mask, labels
+
+
+class GradCapture(torch.optim.Optimizer):
+    """Records gradients instead of stepping."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+        self.grads = None
+
+    def step(self, closure=None):
+        self.grads = {id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                      if p.grad is not None}
+
+
+def pipeline_rank(rank, family_name, cases, dims, gas, out_dir):
+    """Run every ``(config, state_dict, batch)`` case in this process (one spawn amortised over the cases)."""
+    results = [_train_batch(family_name, config, state_dict, batch, dims, gas) for config, state_dict, batch in cases]
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def _train_batch(family_name, config, state_dict, batch, dims, gas) -> dict:
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    from pipellm.batches import micro_batches
+    from pipellm.models import get_family
+    from pipellm.pipeline import _layer_module, build_pipeline
+
+    family = get_family(family_name)
+    topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
+    model = build_pipeline(family, config, topology, "uniform", seed=0)
+    # Load this rank's layers straight from the reference state dict through the family's key map.
+    names = {}
+    for index, layer in zip(model.local_layer_indices, model.forward_funcs):
+        module = _layer_module(layer)
+        kind, decoder_index = family.layer_kind(index, config)
+        if kind == "head" and family.is_tied(config):
+            kind = "embed"
+        keys = {k: family.key_map.hf_key(kind, decoder_index, k) for k in module.state_dict()}
+        module.load_state_dict({k: state_dict[hf] for k, hf in keys.items()})
+        params = list(module.named_parameters())
+        if isinstance(layer, functools.partial):
+            # A tied head computes with the tied weight only; the rest of its copy of the embedding module
+            # (bloom's word_embeddings_layernorm on the last stage) is unused there.
+            params = [(n, p) for n, p in params if n == family.tied_weight]
+        names.update({id(p): keys[n] for n, p in params})
+    optimizer = GradCapture(model.parameters())
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": gas,
+        "train_batch_size": MICRO_BATCH * gas * dims[1], "steps_per_print": 10**9,
+        "gradient_clipping": 0.0})  # DeepSpeed clips at 1.0 unless told otherwise
+    input_ids, _, labels = batch
+    data_rank = model._grid.data_parallel_id
+    loss = engine.train_batch(iter(micro_batches(input_ids, labels, MICRO_BATCH, data_rank, dims[1])))
+    grads = {names[key]: grad for key, grad in optimizer.grads.items() if key in names}
+    unused = [grad for key, grad in optimizer.grads.items() if key not in names]
+    assert all(not grad.any() for grad in unused), "an unused copy of a tied module got a gradient"
+    return {"loss": loss.detach().clone(), "grads": grads}
+
+
+def run_pipelines(family_name: str, cases: list[tuple], dims, gas, out_dir: Path) -> list[list[dict]]:
+    """For each ``(config, state_dict, batch)`` case, each rank's ``{"loss", "grads"}`` after one
+    ``train_batch`` of the pipeline on ``dims = [pipe, data]``."""
+    world = dims[0] * dims[1]
+    run_distributed(world, pipeline_rank, family_name, cases, dims, gas, str(out_dir))
+    per_rank = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return [list(ranks) for ranks in zip(*per_rank)]
+
+
+def run_pipeline(family_name: str, config, state_dict, batch, dims, gas, out_dir: Path) -> list[dict]:
+    """``run_pipelines`` for one case."""
+    return run_pipelines(family_name, [(config, state_dict, batch)], dims, gas, out_dir)[0]
+
+
+def assert_matches_reference(results: list[dict], ref_loss: torch.Tensor, ref_grads: dict[str, torch.Tensor],
+                             expected: set[str]) -> None:
+    """Every rank's loss equals the reference's; every gradient a stage holds equals the reference's; together
+    the stages hold a gradient for exactly the ``expected`` checkpoint keys."""
+    seen = set()
+    for result in results:
+        torch.testing.assert_close(result["loss"], ref_loss.detach(), rtol=1e-5, atol=1e-6)
+        for name, grad in result["grads"].items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            seen.add(name)
+    assert seen == expected
+
+
+def train_through_launcher(tmp_path: Path, model_path: Path, parts: list[int], n_epochs: int = 2,
+                           save_steps: int = 10) -> tuple[Path, list[dict]]:
+    """``deepspeed --num_gpus 2 train_ds.py`` on two pipeline stages (CPU processes) over the sample data;
+    returns the save directory and the metrics records."""
+    save = tmp_path / "save"
+    config = {"model_path": str(model_path), "save_path": str(save), "data_path": LAUNCHER_DATA,
+              "max_seq_len": 64, "n_epochs": n_epochs, "log_steps": 1, "save_steps": save_steps, "seed": 1,
+              "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": parts},
+              "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4,
+              "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
+              "gradient_clipping": 1.0, "data_cache_dir": str(tmp_path / "data_cache")}
+    config_path = tmp_path / "config.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                             str(free_port()), "train_ds.py", "--config", str(config_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return save, records
+
+
+def copy_tiny_tokenizer(dest: Path) -> None:
+    """The embedded tiny llama's tokenizer (1017 tokens) into a model directory, for launcher runs of any family."""
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REPO / "pipellm" / "assets" / "tiny_llama" / name, dest / name)

@@ -1,0 +1,100 @@
+"""Scale-out, tested on one machine: two launcher invocations play two nodes (``--no_ssh --node_rank``), a
+mismatched config on one node fails at start-up naming the rank, and a hung rank ends the run with an error
+naming the stage instead of a silent hang."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+from conftest import REPO
+from distributed import free_port
+
+DATA = str(REPO / "pipellm" / "assets" / "data" / "sample.jsonl")
+
+
+def write_config(path, pp_model, save, dims, **overrides):
+    config = {"model_path": str(pp_model), "save_path": str(save), "data_path": DATA, "max_seq_len": 64,
+              "max_steps": 4, "log_steps": 1, "save_final": False, "seed": 3,
+              "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}, "parts": [3, 3]},
+              "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    config.update(overrides)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launcher(config, *args, port):
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *args, "--master_port", str(port), "train_ds.py",
+            "--config", str(config)]
+
+
+def run_two_nodes(tmp_path, configs):
+    """Start one launcher per "node" (2 processes each) without ssh; return their (returncode, output)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
+    port = free_port()
+    procs = [subprocess.Popen(launcher(config, "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2",
+                                       "--node_rank", str(rank), "--master_addr", "127.0.0.1", port=port),
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank, config in enumerate(configs)]
+    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+
+
+def losses(save):
+    return [json.loads(line)["loss"] for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_nodes_train_like_one(tmp_path, tiny_pp_model):
+    pp = tiny_pp_model[1]
+    one = write_config(tmp_path / "one.yml", pp, tmp_path / "one", [2, 1])
+    result = subprocess.run(launcher(one, "--num_gpus", "2", port=free_port()), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    two = write_config(tmp_path / "two.yml", pp, tmp_path / "two", [2, 2])
+    results = run_two_nodes(tmp_path, [two, two])
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    # 2 stages x 2 replicas over two "nodes" = the same global batch, so the same loss curve.
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+
+def test_mismatched_config_on_one_node_fails_fast(tmp_path, tiny_pp_model):
+    pp = tiny_pp_model[1]
+    good = write_config(tmp_path / "good.yml", pp, tmp_path / "save", [2, 2])
+    other = write_config(tmp_path / "other.yml", pp, tmp_path / "save", [2, 2], seed=4)
+    (code0, out0), (code1, out1) = run_two_nodes(tmp_path, [good, other])
+    assert code0 != 0 and code1 != 0
+    assert "error: rank 2 (host " in out0 and "config hash" in out0, out0[-3000:]
+
+
+def test_hung_rank_ends_with_error_naming_the_stage(tmp_path, tiny_pp_model):
+    config = write_config(tmp_path / "c.yml", tiny_pp_model[1], tmp_path / "save", [2, 1], n_epochs=100,
+                          max_steps=10**6, collective_timeout_s=10)
+    launch = subprocess.Popen(launcher(config, "--num_gpus", "2", port=free_port()), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "save" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.time() < deadline and launch.poll() is None, "training did not start"
+        time.sleep(0.5)
+    stage1 = next(p for p in psutil.Process(launch.pid).children(recursive=True)
+                  if "--local_rank=1" in " ".join(p.cmdline()))
+    os.kill(stage1.pid, signal.SIGSTOP)  # hung, not dead: nothing tells the other rank
+    try:
+        output, _ = launch.communicate(timeout=120)
+    finally:
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            p.kill()
+    assert launch.returncode != 0
+    assert "error: pipeline stage 0 (rank 0, host " in output, output[-3000:]
+    # Stage 0 is blocked handing activations to stage 1 (or waiting for its gradients).
+    assert "stalled for more than collective_timeout_s=10s in " in output, output[-3000:]
+    assert any(f"in {op} of step " in output for op in ("SendActivation", "RecvGrad")), output[-3000:]
