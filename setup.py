@@ -33,7 +33,7 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "pyflakes"],
+        "test": ["pytest>=8", "pyflakes", "matplotlib"],  # the benchmark smoke test draws its plot
         "plot": ["matplotlib"],
     },
 )
