@@ -219,6 +219,16 @@ def _suggest(key: str, known) -> str:
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
+def parse_launcher_args(description: str, argv=None):
+    """``--config PATH`` (and the ``--local_rank`` the deepspeed launcher appends) of the training scripts."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="training YAML (pipellm and DeepSpeed keys)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return parser.parse_args(argv)
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read and check the YAML file's own content (no file system or world-size checks; see ``validate``)."""
     path = Path(path)

@@ -12,7 +12,6 @@ same format as ``convert_model.py hg_to_pp`` writes), optimizer state, and the m
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -21,7 +20,8 @@ from pathlib import Path
 import torch
 
 from pipellm.batches import Schedule, TrainingData, load_training_data, micro_batches
-from pipellm.config import TrainConfig, dump_resolved, load_config, validate_environment, validate_partition
+from pipellm.config import (TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment,
+                            validate_partition)
 from pipellm.distributed import StallWatchdog, config_hash, data_fingerprint, verify_same_run
 from pipellm.errors import PipellmError
 from pipellm.metrics import MetricsLog, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
@@ -29,13 +29,6 @@ from pipellm.models import load_model_config
 from pipellm.models.base import ModelFamily
 from pipellm.optim import build_optimizer, record_grad_norm
 from pipellm.checkpoint import copy_model_files, layer_file_name, num_layer_files, resolve_checkpoint_dir
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a model with DeepSpeed pipeline parallelism.")
-    parser.add_argument("--config", required=True, help="training YAML (pipellm and DeepSpeed keys)")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    return parser.parse_args(argv)
 
 
 def read_model_config(cfg: TrainConfig):
@@ -54,7 +47,7 @@ def check_layer_files(cfg: TrainConfig, family: ModelFamily, hf_config) -> None:
 
 def prepare(argv=None):
     """Everything that can fail on bad input, done before any process group work."""
-    args = parse_args(argv)
+    args = parse_launcher_args("Train a model with DeepSpeed pipeline parallelism.", argv)
     cfg = load_config(args.config)
     if not cfg.from_scratch and Path(cfg.model_path).is_dir():
         # A training save directory works as a starting point too: start from its newest checkpoint.

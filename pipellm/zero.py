@@ -28,7 +28,6 @@ Checkpoints are DeepSpeed's ZeRO format (``save_path/global_step<N>/`` plus the 
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -37,20 +36,13 @@ from pathlib import Path
 import torch
 
 from pipellm.batches import Schedule, load_training_data, micro_batches
-from pipellm.config import TrainConfig, dump_resolved, load_config, validate_environment
+from pipellm.config import TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment
 from pipellm.distributed import config_hash, data_fingerprint, verify_same_run
 from pipellm.errors import PipellmError
 from pipellm.metrics import MetricsLog, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
 from pipellm.optim import build_optimizer
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a Hugging Face model with DeepSpeed ZeRO-3 (the baseline).")
-    parser.add_argument("--config", required=True, help="training YAML (pipellm and DeepSpeed keys)")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    return parser.parse_args(argv)
 
 
 def read_hf_config(model_path: str):
@@ -72,7 +64,8 @@ def read_hf_config(model_path: str):
 
 def prepare(argv=None) -> tuple[TrainConfig, object]:
     """Everything that can fail on bad input, done before any process group work."""
-    cfg = load_config(parse_args(argv).config)
+    args = parse_launcher_args("Train a Hugging Face model with DeepSpeed ZeRO-3 (the baseline).", argv)
+    cfg = load_config(args.config)
     model_path = Path(cfg.model_path)
     if not (model_path / "config.json").is_file():
         raise PipellmError(f"`model_path` {model_path} has no config.json; train_ds_zero.py takes a Hugging Face "

@@ -136,14 +136,16 @@ def tied_head_forward(embedding: LlamaEmbedding, hidden: torch.Tensor) -> torch.
     return F.linear(hidden, embedding.weight)
 
 
+KEY_MAP = KeyMap(prefixes={"embed": "model.embed_tokens.", "decoder": "model.layers.{i}.", "norm": "model.norm.",
+                          "head": "lm_head."})
+
 FAMILY = ModelFamily(
     name="llama",
     embed=LlamaEmbedding,
     decoder=LlamaDecoderLayer,
     norm=LlamaFinalNorm,
     head=LlamaHead,
-    key_map=KeyMap(prefixes={"embed": "model.embed_tokens.", "decoder": "model.layers.{i}.",
-                             "norm": "model.norm.", "head": "lm_head."}),
+    key_map=KEY_MAP,
     tied_weight="weight",
     tied_head_forward=tied_head_forward,
     # llama-7b (32 decoder layers + embedding + head = 34): the embedding and the head each cost about one

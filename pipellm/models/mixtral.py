@@ -25,8 +25,8 @@ from torch import nn
 
 from pipellm.attention import AttentionOptions
 from pipellm.errors import PipellmError
-from pipellm.models.base import KeyMap, ModelFamily
-from pipellm.models.llama import (LlamaAttention, LlamaEmbedding, LlamaFinalNorm, LlamaHead, RMSNorm,
+from pipellm.models.base import ModelFamily
+from pipellm.models.llama import (KEY_MAP, LlamaAttention, LlamaEmbedding, LlamaFinalNorm, LlamaHead, RMSNorm,
                                   RotaryEmbedding, tied_head_forward)
 
 
@@ -113,8 +113,7 @@ FAMILY = ModelFamily(
     decoder=MixtralDecoderLayer,
     norm=LlamaFinalNorm,
     head=LlamaHead,
-    key_map=KeyMap(prefixes={"embed": "model.embed_tokens.", "decoder": "model.layers.{i}.",
-                             "norm": "model.norm.", "head": "lm_head."}),
+    key_map=KEY_MAP,  # Mixtral's files use llama's names outside the experts
     tied_weight="weight",
     tied_head_forward=tied_head_forward,
     # mixtral-8x7b (32 decoder layers + embedding + head = 34): 4 decoder layers per stage; the 32k-vocab head
