@@ -12,6 +12,7 @@ Activation recomputation (``use_grad_ckpt``) is not counted as useful work.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -41,6 +42,31 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFigures:
+    """What turns a step's time into the figures of a ``metrics.jsonl`` record; fixed for a run."""
+
+    global_batch_size: int
+    max_seq_len: int
+    world_size: int
+    flops_per_token: float
+    peak_flops: float | None
+
+    def record(self, *, step: int, epoch: int, loss: float, lr: float, grad_norm, tokens: int, seconds: float,
+               elapsed: float, peak_mem_gib_per_stage: list[float]) -> dict:
+        """One step's record; ``tokens`` are the non-pad tokens, MFU counts all positions computed."""
+        tokens_computed = self.global_batch_size * self.max_seq_len
+        return {
+            "step": step, "epoch": epoch, "loss": float(loss), "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
+            "tokens_per_sec": tokens / seconds, "tokens_per_sec_per_gpu": tokens / seconds / self.world_size,
+            "samples_per_sec": self.global_batch_size / seconds,
+            "mfu": (tokens_computed / seconds / self.world_size * self.flops_per_token / self.peak_flops)
+            if self.peak_flops else None,
+            "peak_mem_gib_per_stage": peak_mem_gib_per_stage, "step_time_s": seconds, "elapsed_s": elapsed,
+        }
 
 
 class MetricsLog:

@@ -24,7 +24,7 @@ from pipellm.config import (TrainConfig, dump_resolved, load_config, parse_launc
                             validate_partition)
 from pipellm.distributed import StallWatchdog, config_hash, data_fingerprint, verify_same_run
 from pipellm.errors import PipellmError
-from pipellm.metrics import MetricsLog, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
+from pipellm.metrics import MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
 from pipellm.models import load_model_config
 from pipellm.models.base import ModelFamily
 from pipellm.optim import build_optimizer, record_grad_norm
@@ -119,10 +119,9 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     local_params = sum(p.numel() for p in model.parameters() if not getattr(p, "ds_pipe_replicated", False))
     total_params = _all_reduce(torch.tensor([local_params if data_rank == 0 else 0], dtype=torch.float64))
     embedding = hf_config.vocab_size * hf_config.hidden_size
-    flops_token = flops_per_token(hf_config, int(total_params[0]), embedding, cfg.max_seq_len)
-    peak_flops = cfg.peak_flops_per_gpu or device_peak_flops()
-    world_size = topology.world_size()
-    tokens_computed = cfg.global_batch_size * cfg.max_seq_len
+    figures = StepFigures(cfg.global_batch_size, cfg.max_seq_len, topology.world_size(),
+                          flops_per_token(hf_config, int(total_params[0]), embedding, cfg.max_seq_len),
+                          cfg.peak_flops_per_gpu or device_peak_flops())
 
     log = MetricsLog(save_path, total_steps, 0, enabled=is_logger)
     timer = StepTimer()
@@ -136,17 +135,10 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
         record = None
         eval_due = bool(data.eval_rows) and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total_steps)
         if done % cfg.log_steps == 0 or done == total_steps or eval_due:
-            memory = _stage_peak_memory(model)
-            tokens = int(lengths.sum())
-            grad_norm = engine.get_global_grad_norm()
-            record = {
-                "step": done, "epoch": schedule.locate(step)[0], "loss": float(loss), "lr": engine.get_lr()[0],
-                "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
-                "tokens_per_sec": tokens / seconds, "tokens_per_sec_per_gpu": tokens / seconds / world_size,
-                "samples_per_sec": cfg.global_batch_size / seconds,
-                "mfu": (tokens_computed / seconds / world_size * flops_token / peak_flops) if peak_flops else None,
-                "peak_mem_gib_per_stage": memory, "step_time_s": seconds, "elapsed_s": timer.elapsed,
-            }
+            record = figures.record(step=done, epoch=schedule.locate(step)[0], loss=loss, lr=engine.get_lr()[0],
+                                    grad_norm=engine.get_global_grad_norm(), tokens=int(lengths.sum()),
+                                    seconds=seconds, elapsed=timer.elapsed,
+                                    peak_mem_gib_per_stage=_stage_peak_memory(model))
         if eval_due:
             record["eval_loss"] = evaluate(engine, data, cfg, data_rank)
         log.step(record)

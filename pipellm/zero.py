@@ -39,7 +39,7 @@ from pipellm.batches import Schedule, load_training_data, micro_batches
 from pipellm.config import TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment
 from pipellm.distributed import config_hash, data_fingerprint, verify_same_run
 from pipellm.errors import PipellmError
-from pipellm.metrics import MetricsLog, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
+from pipellm.metrics import MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
 from pipellm.optim import build_optimizer
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -181,9 +181,9 @@ def train(cfg: TrainConfig, hf_config) -> None:
     # ZeRO-3 leaves each rank a slice of every parameter; ds_numel is the whole parameter's size.
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     embedding = hf_config.vocab_size * hf_config.hidden_size
-    flops_token = flops_per_token(hf_config, num_params, embedding, cfg.max_seq_len)
-    peak_flops = cfg.peak_flops_per_gpu or device_peak_flops()
-    tokens_computed = cfg.global_batch_size * cfg.max_seq_len
+    figures = StepFigures(cfg.global_batch_size, cfg.max_seq_len, world_size,
+                          flops_per_token(hf_config, num_params, embedding, cfg.max_seq_len),
+                          cfg.peak_flops_per_gpu or device_peak_flops())
 
     def global_batch_loss(input_ids, labels, position_ids, train_step: bool) -> float:
         """This rank's micro batches of one global batch (forward, and backward + step when training); returns
@@ -228,17 +228,10 @@ def train(cfg: TrainConfig, hf_config) -> None:
         if done % cfg.log_steps == 0 or done == total_steps or eval_due:
             memory = float(_all_reduce(torch.tensor([peak_memory_gib()], dtype=torch.float64),
                                        dist.ReduceOp.MAX)[0])
-            tokens = int(lengths.sum())
-            grad_norm = engine.get_global_grad_norm()
-            record = {
-                "step": done, "epoch": schedule.locate(step)[0], "loss": loss, "lr": engine.get_lr()[0],
-                "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
-                "tokens_per_sec": tokens / seconds, "tokens_per_sec_per_gpu": tokens / seconds / world_size,
-                "samples_per_sec": cfg.global_batch_size / seconds,
-                "mfu": (tokens_computed / seconds / world_size * flops_token / peak_flops) if peak_flops else None,
-                # One "stage" (the whole model), the maximum over its data-parallel ranks, as for the pipeline.
-                "peak_mem_gib_per_stage": [round(memory, 3)], "step_time_s": seconds, "elapsed_s": timer.elapsed,
-            }
+            # One "stage" (the whole model), the maximum over its data-parallel ranks, as for the pipeline.
+            record = figures.record(step=done, epoch=schedule.locate(step)[0], loss=loss, lr=engine.get_lr()[0],
+                                    grad_norm=engine.get_global_grad_norm(), tokens=int(lengths.sum()),
+                                    seconds=seconds, elapsed=timer.elapsed, peak_mem_gib_per_stage=[round(memory, 3)])
         if eval_due:
             record["eval_loss"] = evaluate()
         log.step(record)
