@@ -30,10 +30,12 @@ setup(
         "safetensors",
         "lion-pytorch",
         "tqdm",
+        "tensorboard",  # torch.utils.tensorboard's writer (use_tensorboard)
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "test": ["pytest>=8", "pyflakes", "matplotlib"],  # the benchmark smoke test draws its plot
         "plot": ["matplotlib"],
+        "nvml": ["nvidia-ml-py"],  # the GPU profile's sampler (pipellm.gpu_profile)
     },
 )

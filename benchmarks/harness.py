@@ -60,9 +60,10 @@ EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?[\w.]+(Error|Exception): ")
 
 def write_model(work: Path, preset: str) -> Path:
     """A Hugging Face model directory without weights: llama ``config.json`` of the preset shape + tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import LlamaConfig
 
     from pipellm.quickstart import TINY_LLAMA
+    from pipellm.tokenizer import load_tokenizer
 
     hidden, intermediate, layers, heads, kv_heads, vocab = PRESETS[preset]
     model_dir = work / "model"
@@ -70,7 +71,7 @@ def write_model(work: Path, preset: str) -> Path:
                 num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                 max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                 pad_token_id=3).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(model_dir)
+    load_tokenizer(TINY_LLAMA).save_pretrained(model_dir)
     return model_dir
 
 
@@ -105,7 +106,7 @@ class Point:
     def config(self, model_dir: Path, data: Path, save: Path) -> dict:
         if self.trainer == "pipeline":
             dims = [self.gpus // self.replicas, self.replicas]
-            parts = self.parts if self.parts in ("uniform", "parameters") else \
+            parts = self.parts if self.parts in ("uniform", "parameters", "auto") else \
                 [int(p) for p in self.parts.split(",")]
         else:
             dims, parts = [1, self.gpus], "uniform"

@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--parts", default="parameters", help="'uniform', 'parameters' or comma-separated counts")
+    parser.add_argument("--parts", default="parameters",
+                        help="'uniform', 'parameters', 'auto' or comma-separated counts")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
     parser.add_argument("--flash", action="store_true", help="use_flash_attn")

@@ -56,11 +56,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: the cores, <= 8)")
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
     from pipellm.data import DataOptions, tokenize_file
+    from pipellm.tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
         rng = random.Random(0)

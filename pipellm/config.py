@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -59,7 +61,39 @@ class ModelTopo:
     parts: list[int] | str = "uniform"
     """Pipeline layers per stage, the embedding and the head (final norm + output projection) counted as one
     layer each, so ``sum(parts) == num_hidden_layers + 2`` (llama-7b on 8 stages: ``[5, 4, 4, 4, 4, 4, 4, 5]``).
-    Or ``uniform`` (equal layer counts) or ``parameters`` (equal parameter counts)."""
+    Or ``uniform`` (equal layer counts), ``parameters`` (equal parameter counts) or ``auto`` (rank 0 times the
+    embedding, one decoder layer and the head on its device and picks the split that minimises the slowest
+    stage within device memory; ``pipellm.plan``)."""
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stop when the eval loss stops improving (needs eval data and ``eval_steps``)."""
+
+    patience: int = 0
+    """Stop (after saving a checkpoint) once this many evals in a row have not improved the best eval loss by
+    ``min_delta``; 0: never stop early."""
+    min_delta: float = 0.0
+    """An eval improves when its loss is below the best so far minus this."""
+
+
+# Biases and the weights of norm layers (any module name containing `norm`, and GPT-2/bloom-style `ln_*`), by
+# Hugging Face checkpoint name: `model.layers.3.input_layernorm.weight`, `model.norm.weight`, `transformer.ln_f.weight`.
+NO_WEIGHT_DECAY = (r"(^|\.)bias$", r"norm[^.]*\.weight$", r"(^|\.)ln_[^.]*\.weight$")
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass
+class LRSchedule:
+    """pipellm's learning-rate schedule around the peak ``optimizer.params.lr``: linear warmup, then decay to
+    ``min_lr_ratio`` of the peak, reached at the run's last step (the run's steps: ``n_epochs`` or ``max_steps``)."""
+
+    warmup_steps: int = 0
+    """Steps of linear warmup: the s-th step (1-based) of the warmup trains at lr * s / warmup_steps."""
+    decay: str = "constant"
+    """After the warmup: ``constant``, ``linear`` or ``cosine`` (down to lr * min_lr_ratio at the last step)."""
+    min_lr_ratio: float = 0.0
+    """The last step's learning rate as a share of the peak (``linear`` and ``cosine`` decay)."""
 
 
 @dataclasses.dataclass
@@ -87,7 +121,8 @@ class TrainConfig:
     """Tokens per row; longer samples are truncated or dropped (``overlong``), shorter rows right-padded."""
     template: str = "auto"
     """Prompt template: ``auto`` (the tokenizer's chat template if it has one, else the built-in templates),
-    ``builtin`` or ``chat``. The generation demo prompts with the same one."""
+    ``builtin`` or ``chat``; with ChatGLM3's tokenizer ``auto`` and ``chat`` mean ChatGLM3's own format
+    (``[gMASK]sop``, role tokens). The generation demo prompts with the same one."""
     packing: bool = False
     """Pack several samples into each ``max_seq_len`` row; attention never crosses samples and positions restart
     per sample (per-token losses equal those of each sample alone). Otherwise one sample per padded row."""
@@ -122,6 +157,18 @@ class TrainConfig:
     """Save a checkpoint every this many steps (0: only at the end)."""
     save_final: bool = True
     """Save a checkpoint when training ends (benchmarks turn this off)."""
+    keep_last_n: int | None = None
+    """Keep only the newest this many checkpoints in ``save_path`` (older ones are deleted once ``latest`` names
+    a newer one; the one named by ``best`` is never deleted). Default (null): keep all."""
+    resume: str | None = None
+    """Continue an interrupted run: ``auto`` (the checkpoint ``save_path/latest`` names; none: start at step 0)
+    or a save directory or checkpoint directory. Restores weights, optimizer, LR scheduler, data position, RNG
+    states, early-stopping state, and cuts ``metrics.jsonl`` back to the checkpoint's step."""
+    resume_weights_only: bool = False
+    """With ``resume``: load only the weights (into this run's ``parts``/``dims``, which may differ from the
+    checkpoint's) and continue at the checkpoint's step with a fresh optimizer state."""
+    early_stopping: EarlyStopping = dataclasses.field(default_factory=EarlyStopping)
+    """Stop when the eval loss stops improving; see ``EarlyStopping``."""
     log_steps: int = 1
     """Write a log line and a ``metrics.jsonl`` record every this many steps."""
     collective_timeout_s: float = 1800.0
@@ -130,6 +177,25 @@ class TrainConfig:
     peak_flops_per_gpu: float | None = None
     """Peak dense bf16/fp16 FLOP/s of one device, for MFU. Default: looked up from the device name (H100/H200:
     989e12, A100: 312e12); MFU is not reported when unknown (e.g. on CPU)."""
+    use_tensorboard: bool = True
+    """Also write every ``metrics.jsonl`` figure to TensorBoard event files in ``save_path/tensorboard/``."""
+    wandb_project: str | None = None
+    """Also log every ``metrics.jsonl`` figure to this Weights & Biases project (needs ``pip install wandb``;
+    entity, API key and mode come from wandb's own settings, e.g. ``WANDB_ENTITY``, ``WANDB_MODE=offline``)."""
+    wandb_run_name: str | None = None
+    """Name of the W&B run (default: one W&B makes up)."""
+    gpu_profile_interval_s: float = 5.0
+    """Sample every GPU's utilisation and memory this often (NVML, ``pip install 'pipellm[nvml]'``) into
+    ``save_path/gpu_profile.csv`` and ``.png``; 0 turns it off. Nothing is sampled without NVML or GPUs."""
+    no_weight_decay: list[str] = dataclasses.field(default_factory=lambda: list(NO_WEIGHT_DECAY))
+    """Regular expressions (Python ``re.search``) on parameter names as in the Hugging Face checkpoint
+    (``model.layers.3.input_layernorm.weight``, also in ``train_ds_zero.py``): a parameter matching any of them
+    gets no weight decay. Default: biases and norm weights of every supported family (``pipellm.config``)."""
+    lr_schedule: LRSchedule = dataclasses.field(default_factory=LRSchedule)
+    """Warmup and decay of the learning rate; see ``LRSchedule``. Not together with DeepSpeed's ``scheduler``."""
+    max_nonfinite_steps: int = 3
+    """After this many optimizer steps in a row skipped for a non-finite loss or gradients, save a checkpoint
+    and stop with an error (a skipped step changes nothing: weights, optimizer state and schedule stay)."""
     deepspeed: dict = dataclasses.field(default_factory=dict)
     """The DeepSpeed keys of the file, passed to ``deepspeed.initialize`` (batch sizes completed)."""
 
@@ -253,6 +319,8 @@ def load_config(path: str | Path) -> TrainConfig:
             raise PipellmError(f"{path}: unknown key `{key}`{_suggest(key, (ours_names | DEEPSPEED_KEYS) - {'deepspeed'})}")
     if "n_epochs" in ours and "n_epoches" in ours:
         raise PipellmError(f"{path}: give `n_epochs` or its old spelling `n_epoches`, not both")
+    if "lr_schedule" in ours and "scheduler" in ds_keys:
+        raise PipellmError(f"{path}: give pipellm's `lr_schedule` or DeepSpeed's `scheduler`, not both")
     cfg = _build(TrainConfig, ours, "", str(path))
     cfg.deepspeed = ds_keys
     _check_values(cfg, str(path))
@@ -268,9 +336,9 @@ def _check_values(cfg: TrainConfig, source: str) -> None:
         raise PipellmError(f"{source}: `model_topo.process_topology.dims` must be two positive integers [P, D], "
                            f"got {topo.dims}")
     parts = cfg.model_topo.parts
-    if isinstance(parts, str) and parts not in ("uniform", "parameters"):
-        raise PipellmError(f"{source}: `model_topo.parts` must be a list of layer counts, `uniform` or "
-                           f"`parameters`, got {parts!r}")
+    if isinstance(parts, str) and parts not in ("uniform", "parameters", "auto"):
+        raise PipellmError(f"{source}: `model_topo.parts` must be a list of layer counts, `uniform`, "
+                           f"`parameters` or `auto`, got {parts!r}")
     if isinstance(parts, list):
         if len(parts) != cfg.pipe_degree:
             raise PipellmError(f"{source}: `model_topo.parts` has {len(parts)} entries but the pipeline has "
@@ -284,7 +352,12 @@ def _check_values(cfg: TrainConfig, source: str) -> None:
         raise PipellmError(f"{source}: `max_steps` must be >= 1 (or absent), got {cfg.max_steps}")
     if cfg.save_steps < 0:
         raise PipellmError(f"{source}: `save_steps` must be >= 0, got {cfg.save_steps}")
+    _check_checkpoint_keys(cfg, source)
+    if cfg.gpu_profile_interval_s < 0:
+        raise PipellmError(f"{source}: `gpu_profile_interval_s` must be >= 0 (0: off), got "
+                           f"{cfg.gpu_profile_interval_s}")
     _check_data_keys(cfg, source)
+    _check_optimization_keys(cfg, source)
     _complete_batch_sizes(cfg.deepspeed, cfg.data_degree, source)
 
 
@@ -311,6 +384,58 @@ def _check_data_keys(cfg: TrainConfig, source: str) -> None:
         raise PipellmError(f"{source}: `eval_steps` must be >= 0, got {cfg.eval_steps}")
     if cfg.tokenize_workers is not None and cfg.tokenize_workers < 1:
         raise PipellmError(f"{source}: `tokenize_workers` must be >= 1, got {cfg.tokenize_workers}")
+
+
+def _check_checkpoint_keys(cfg: TrainConfig, source: str) -> None:
+    if cfg.keep_last_n is not None and cfg.keep_last_n < 1:
+        raise PipellmError(f"{source}: `keep_last_n` must be >= 1 (or absent: keep all), got {cfg.keep_last_n}")
+    if cfg.resume is not None and not cfg.resume.strip():
+        raise PipellmError(f"{source}: `resume` is empty; give `auto` or a checkpoint directory, or leave it out")
+    if cfg.resume_weights_only and cfg.resume is None:
+        raise PipellmError(f"{source}: `resume_weights_only: true` needs `resume` (`auto` or a checkpoint "
+                           f"directory)")
+    stopping = cfg.early_stopping
+    if stopping.patience < 0:
+        raise PipellmError(f"{source}: `early_stopping.patience` must be >= 0 (0: off), got {stopping.patience}")
+    if stopping.min_delta < 0:
+        raise PipellmError(f"{source}: `early_stopping.min_delta` must be >= 0, got {stopping.min_delta}")
+    if stopping.patience and not (cfg.eval_steps and (cfg.eval_ratio or cfg.eval_data_path is not None)):
+        raise PipellmError(f"{source}: `early_stopping.patience` needs evals during training: set `eval_steps` "
+                           f"and eval data (`eval_ratio` or `eval_data_path`)")
+
+
+def _check_optimization_keys(cfg: TrainConfig, source: str) -> None:
+    for pattern in cfg.no_weight_decay:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise PipellmError(f"{source}: `no_weight_decay` entry {pattern!r} is not a valid regular expression "
+                               f"({e}); fix or remove it") from None
+    schedule = cfg.lr_schedule
+    if schedule.warmup_steps < 0:
+        raise PipellmError(f"{source}: `lr_schedule.warmup_steps` must be >= 0, got {schedule.warmup_steps}")
+    if schedule.decay not in LR_DECAYS:
+        raise PipellmError(f"{source}: `lr_schedule.decay` must be one of {', '.join(LR_DECAYS)}, got "
+                           f"{schedule.decay!r}")
+    if not 0 <= schedule.min_lr_ratio <= 1:
+        raise PipellmError(f"{source}: `lr_schedule.min_lr_ratio` must be in [0, 1], got {schedule.min_lr_ratio}")
+    if schedule.decay == "constant" and schedule.min_lr_ratio:
+        raise PipellmError(f"{source}: `lr_schedule.min_lr_ratio` has no effect with `decay: constant`; set "
+                           f"`decay: linear` or `cosine`, or remove it")
+    if cfg.max_nonfinite_steps < 1:
+        raise PipellmError(f"{source}: `max_nonfinite_steps` must be >= 1, got {cfg.max_nonfinite_steps}")
+    optimizer = cfg.deepspeed.get("optimizer")
+    if optimizer is not None and not (isinstance(optimizer, dict) and isinstance(optimizer.get("params", {}), dict)):
+        raise PipellmError(f"{source}: `optimizer` must be a mapping like {{type: AdamW, params: {{lr: 2.0e-5, "
+                           f"weight_decay: 0.1}}}}, got {optimizer!r}")
+    if optimizer is not None and str(optimizer.get("type")).lower() not in ("adamw", "adam", "lion"):
+        raise PipellmError(f"{source}: `optimizer.type` {optimizer.get('type')!r} is not supported; use AdamW or "
+                           f"Lion")
+    if optimizer is not None and optimizer.get("params", {}).get("adam_w_mode") is False:
+        raise PipellmError(f"{source}: `optimizer.params.adam_w_mode: false` (L2-coupled Adam) is not supported; "
+                           f"pipellm's Adam is AdamW (decoupled weight decay): remove the key")
+    if all(isinstance(cfg.deepspeed.get(k), dict) and cfg.deepspeed[k].get("enabled") for k in ("bf16", "fp16")):
+        raise PipellmError(f"{source}: `bf16` and `fp16` are both enabled; enable one of them")
 
 
 def _complete_batch_sizes(ds: dict, data_degree: int, source: str) -> None:
@@ -357,6 +482,11 @@ def validate_environment(cfg: TrainConfig, world_size: int) -> None:
     save_path = Path(cfg.save_path)
     if save_path.exists() and not save_path.is_dir():
         raise PipellmError(f"`save_path` {save_path} exists and is not a directory")
+    for key, module, fix in (("wandb_project", "wandb", "pip install wandb, or remove `wandb_project`"),
+                             ("use_tensorboard", "tensorboard", "pip install tensorboard, or set `use_tensorboard: "
+                                                                "false`")):
+        if getattr(cfg, key) and importlib.util.find_spec(module) is None:
+            raise PipellmError(f"`{key}` is set but the {module} package is not installed: {fix}")
     grid = cfg.pipe_degree * cfg.data_degree
     if grid != world_size:
         raise PipellmError(f"`model_topo.process_topology.dims` {cfg.model_topo.process_topology.dims} needs "

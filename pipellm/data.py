@@ -232,14 +232,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is not None:
         h.update(backend.to_str().encode())
     else:
+        if getattr(tokenizer, "sp_model", None) is not None:  # the sentencepiece model: pieces, scores, normalizer
+            h.update(tokenizer.sp_model.serialized_model_proto())
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     special = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
     h.update(json.dumps(special, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def cache_key(path: Path, tokenizer_hash: str, encoder: Encoder, options: DataOptions) -> str:
-    parts = {"version": CACHE_VERSION, "file": _file_digest(path), "tokenizer": tokenizer_hash,
+def cache_key(file_digest: str, tokenizer_hash: str, encoder: Encoder, options: DataOptions) -> str:
+    parts = {"version": CACHE_VERSION, "file": file_digest, "tokenizer": tokenizer_hash,
              "encoder": encoder.describe(), "options": dataclasses.asdict(options)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -297,12 +299,15 @@ def tokenize_file(path: str | Path, tokenizer, options: DataOptions, *, cache_di
         raise PipellmError(f"data file {path} does not exist")
     encoder = Encoder(tokenizer, options.template)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = cache_key(path, tokenizer_hash or tokenizer_fingerprint(tokenizer), encoder, options)
+    file_digest = _file_digest(path)
+    key = cache_key(file_digest, tokenizer_hash or tokenizer_fingerprint(tokenizer), encoder, options)
     entry = cache_dir / key
     with _locked(cache_dir / f"{key}.lock"):
         if not (entry / "meta.json").is_file():
             _build_entry(path, entry, tokenizer, encoder, options, num_workers, show_progress)
-    return TokenizedFile.open(entry)
+    tokenized = TokenizedFile.open(entry)
+    tokenized.meta.update(sha256=file_digest, cache_key=key)  # what run_info.json records of the file
+    return tokenized
 
 
 def _build_entry(path: Path, entry: Path, tokenizer, encoder: Encoder, options: DataOptions,

@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 
+import torch
+
 import pipellm
 from pipellm.errors import PipellmError
 
@@ -32,6 +34,15 @@ def data_fingerprint(paths: list[str]) -> str:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce over the world (sum by default) on the backend's device; the result on the CPU."""
+    import deepspeed.comm as dist
+
+    reduced = tensor.to("cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(reduced, op=op or dist.ReduceOp.SUM)
+    return reduced.cpu()
 
 
 def verify_same_run(config_digest: str, data_key: str) -> None:

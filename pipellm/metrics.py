@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import resource
 import sys
 import time
@@ -35,6 +36,11 @@ def device_peak_flops() -> float | None:
 def flops_per_token(hf_config, num_params: int, embedding_params: int, seq_len: int) -> float:
     layers, hidden = hf_config.num_hidden_layers, hf_config.hidden_size
     return 6 * (num_params - embedding_params) + 12 * layers * hidden * seq_len
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean cross entropy); inf past exp's float range (a loss that high means a diverged run)."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 def peak_memory_gib() -> float:
@@ -70,10 +76,12 @@ class StepFigures:
 
 
 class MetricsLog:
-    """Writes one JSON object per logged step to ``metrics.jsonl``, prints a readable line, drives a bar."""
+    """Writes one JSON object per logged step to ``metrics.jsonl``, prints a readable line, drives a bar, and hands
+    the record to each of ``sinks`` (``pipellm.sinks``: TensorBoard, W&B): the one place a record fans out."""
 
-    def __init__(self, save_path: str | Path, total_steps: int, first_step: int, enabled: bool):
+    def __init__(self, save_path: str | Path, total_steps: int, first_step: int, enabled: bool, sinks=()):
         self.enabled = enabled
+        self.sinks = list(sinks)
         self.file = None
         self.bar = None
         if not enabled:
@@ -93,6 +101,8 @@ class MetricsLog:
         if record is None:
             return
         self.file.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         parts = [f"step {record['step']}", f"epoch {record['epoch']}", f"loss {record['loss']:.4f}",
                  f"lr {record['lr']:.3g}", f"grad_norm {record['grad_norm']:.3g}" if record["grad_norm"] is not None
@@ -101,13 +111,15 @@ class MetricsLog:
                  f"mfu {record['mfu']:.1%}" if record["mfu"] is not None else "mfu n/a",
                  "mem GiB/stage " + "/".join(f"{m:.1f}" for m in record["peak_mem_gib_per_stage"])]
         if record.get("eval_loss") is not None:
-            parts.insert(3, f"eval_loss {record['eval_loss']:.4f}")
+            parts.insert(3, f"eval_loss {record['eval_loss']:.4f} | eval_ppl {perplexity(record['eval_loss']):.2f}")
         self.bar.write(" | ".join(parts), file=sys.stderr)
 
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
             self.file.close()
+            for sink in self.sinks:
+                sink.close()
 
 
 class StepTimer:

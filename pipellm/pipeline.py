@@ -135,7 +135,8 @@ def stage_boundaries(parts: list[int] | str, family: ModelFamily, hf_config, num
         bounds = [0]
         for count in parts:
             bounds.append(bounds[-1] + count)
-    return bounds[:-1] + [bounds[-1] + 1]
+    # plain ints: DeepSpeed's balanced partition returns numpy integers, which the run record cannot hold
+    return [int(b) for b in bounds[:-1]] + [int(bounds[-1]) + 1]
 
 
 class PipelineModel(PipelineModule):
@@ -229,3 +230,20 @@ def token_mean_loss(outputs, labels: tuple[torch.Tensor, torch.Tensor]) -> torch
                              reduction="sum")
     loss = losses * loss_scale.to(losses.dtype).reshape(())
     return loss if aux is None else loss + aux
+
+
+def checkpoint_named_parameters(model: PipelineModel, family: ModelFamily, hf_config) -> list[tuple[str, nn.Parameter]]:
+    """This stage's parameters, each named by its Hugging Face checkpoint key (``model.layers.3.mlp.up_proj.weight``,
+    ``model.norm.weight``), so name-based rules read the same on every stage and in ``train_ds_zero.py``. The
+    ``PipelineModule``'s own names do not say what a layer is (the final norm's weight is ``4.weight``)."""
+    named = {}
+    for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
+        module = _layer_module(layer)
+        if module is None:
+            continue
+        kind, decoder_index = family.layer_kind(layer_index, hf_config)
+        if kind == "head" and family.is_tied(hf_config):
+            kind = "embed"  # the tied head computes with the embedding module (the same parameters)
+        for key, param in module.named_parameters():
+            named.setdefault(id(param), (family.key_map.hf_key(kind, decoder_index, key), param))
+    return list(named.values())

@@ -23,6 +23,7 @@ import torch
 from pipellm.config import load_config
 from pipellm.data import build_dataset
 from pipellm.templates import Encoder
+from pipellm.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -31,22 +32,22 @@ TINY_LLAMA = ASSETS / "tiny_llama"
 
 def make_tiny_model(dest: Path, seed: int = 0) -> Path:
     """A randomly initialised Hugging Face checkpoint of the embedded tiny llama, with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA))
     model.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(dest)
+    load_tokenizer(TINY_LLAMA).save_pretrained(dest)
     return dest
 
 
 @torch.no_grad()
 def mean_token_loss(model_dir: str | Path, data_paths: list[str], max_seq_len: int, template: str = "auto") -> float:
     """Mean cross entropy over every labelled token of the data, for the Hugging Face model in ``model_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    data = build_dataset(data_paths, AutoTokenizer.from_pretrained(model_dir), max_seq_len, template=template)
+    data = build_dataset(data_paths, load_tokenizer(model_dir), max_seq_len, template=template)
     total, count = 0.0, 0
     for start in range(0, len(data), 32):
         rows = slice(start, start + 32)
@@ -63,11 +64,11 @@ def generate(model_dir: str | Path, record: dict | str, template: str = "auto", 
     """The model's answer (greedy) to an instruction or to the last ask of a conversation-like record, prompted
     exactly as training encoded such records (``template``: the training config's) and stopped at the EOS or
     end-of-turn token that training taught it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(record, str):
         record = {"type": "instruct", "instruct": record}
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     encoder = Encoder(tokenizer, template)
     input_ids = torch.tensor([encoder.prompt_ids(record)])

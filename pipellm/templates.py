@@ -8,6 +8,10 @@ was trained.
 * ``builtin``: the built-in templates below, whatever the tokenizer has.
 * ``chat``: the tokenizer's chat template (an error if it has none).
 
+With ChatGLM3's tokenizer (``pipellm.tokenizer.ChatGLM3Tokenizer``), ``auto`` and ``chat`` use ChatGLM3's own
+format instead of a chat template (``pipellm.chatglm3_format``: ``[gMASK]sop``, role tokens); ``builtin`` puts
+the built-in templates after ``[gMASK]sop``.
+
 ``pretrain`` records never go through a chat template: ``[BOS] text [EOS]``, every token trained.
 
 **Built-in templates.** A sample is a list of segments, each trained or not; adjacent segments of one kind are
@@ -46,6 +50,7 @@ import functools
 
 import numpy as np
 
+from pipellm.chatglm3_format import ChatGLM3Format
 from pipellm.errors import PipellmError
 
 TEMPLATES = ("auto", "builtin", "chat")
@@ -89,17 +94,23 @@ class Encoder:
             raise PipellmError(f"`template` must be one of {', '.join(TEMPLATES)}, got {template!r}")
         if tokenizer.eos_token_id is None:
             raise PipellmError("the tokenizer has no EOS token; use a tokenizer that defines eos_token")
-        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        # A family's own format (ChatGLM3's tokenizer) takes the place of a jinja chat template.
+        own_format = getattr(tokenizer, "chat_format", None)
+        has_chat = bool(own_format or getattr(tokenizer, "chat_template", None))
         if template == "chat" and not has_chat:
             raise PipellmError("`template: chat` but the tokenizer has no chat template; use `template: builtin` "
                                "(or auto) or a tokenizer with one")
         self.tokenizer = tokenizer
         self.template = "chat" if template == "chat" or (template == "auto" and has_chat) else "builtin"
+        if self.template == "chat" and own_format:
+            self.template = own_format
         self.eos_id = int(tokenizer.eos_token_id)
         self.prefix_ids = _leading_special_ids(tokenizer)
         self._backend = _rust_backend(tokenizer)
         if self.template == "chat":
             self._chat = ChatRenderer(tokenizer)
+        elif self.template == "chatglm3":
+            self._format = ChatGLM3Format(tokenizer)
 
     # ----- identity, for the cache key -----
 
@@ -108,12 +119,17 @@ class Encoder:
         out = {"template": self.template, "prefix_ids": self.prefix_ids, "eos": self.eos_id}
         if self.template == "chat":
             out["chat_template"] = self.tokenizer.chat_template
+        elif self.template == "chatglm3":
+            out["chatglm3"] = self._format.describe()
         else:
             out["builtin"] = list(BUILTIN_STRINGS)
         return out
 
     def stop_token_ids(self) -> list[int]:
-        """Token ids at which generation must stop: EOS, and with a chat template its end-of-turn token."""
+        """Token ids at which generation must stop: EOS, and with a chat template its end-of-turn token (ChatGLM3:
+        also ``<|user|>`` and ``<|observation|>``)."""
+        if self.template == "chatglm3":
+            return self._format.stop_token_ids()
         ids = [self.eos_id]
         if self.template == "chat":
             ids += [t for t in self._chat.end_of_turn_ids() if t not in ids]
@@ -148,6 +164,9 @@ class Encoder:
                         texts.append(text)
                 plans.append(("segments", refs))
                 continue
+            if self.template == "chatglm3":
+                plans.append(("encoded", self._format.encode(record)))
+                continue
             try:
                 full, spans = self._chat.spans(chat_messages(record, self._chat))
             except TemplateError as e:
@@ -162,7 +181,9 @@ class Encoder:
             if plan[0] == "error":
                 out.append(plan[1])
                 continue
-            if plan[0] == "segments":
+            if plan[0] == "encoded":
+                ids, trained = np.array(plan[1][0], dtype=np.int32), np.array(plan[1][1], dtype=bool)
+            elif plan[0] == "segments":
                 ids = list(self.prefix_ids)
                 flags = [False] * len(ids)
                 for index, flag in plan[1]:
@@ -220,6 +241,8 @@ class Encoder:
             segments = builtin_segments(record, for_generation=True)
             ids, _ = self._encode_segments(segments)
             return ids
+        if self.template == "chatglm3":
+            return self._format.prompt_ids(record)
         return self._chat.prompt_ids(chat_messages(record, self._chat, for_generation=True))
 
 

@@ -3,8 +3,9 @@
 1. Read and validate the config (before any process group, so a bad file fails fast on every rank).
 2. Tokenize the data once into the on-disk cache (memory-mapped by every rank; each step's global batch is known
    to all ranks).
-3. Build this rank's pipeline stage and load only its layers.
-4. Loop: one ``engine.train_batch`` per optimizer step; log; checkpoint every ``save_steps`` and at the end.
+3. Build this rank's pipeline stage and load only its layers (or resume a checkpoint: ``pipellm.resume``).
+4. Loop: one ``engine.train_batch`` per optimizer step; log; evaluate; checkpoint every ``save_steps``, at
+   improving evals and at the end; stop early on SIGTERM or when the eval loss stops improving.
 
 A checkpoint ``save_path/global_step<N>/`` holds DeepSpeed's per-layer files (``layer_XX-model_states.pt``, the
 same format as ``convert_model.py hg_to_pp`` writes), optimizer state, and the model's config and tokenizer, so
@@ -22,13 +23,19 @@ import torch
 from pipellm.batches import Schedule, TrainingData, load_training_data, micro_batches
 from pipellm.config import (TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment,
                             validate_partition)
-from pipellm.distributed import StallWatchdog, config_hash, data_fingerprint, verify_same_run
+from pipellm.distributed import StallWatchdog, all_reduce, config_hash, data_fingerprint, verify_same_run
 from pipellm.errors import PipellmError
-from pipellm.metrics import MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
+from pipellm.gpu_profile import start_gpu_profile
+from pipellm.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
+                             perplexity)
+from pipellm.run_info import write_run_info
+from pipellm.sinks import open_sinks
 from pipellm.models import load_model_config
 from pipellm.models.base import ModelFamily
-from pipellm.optim import build_optimizer, record_grad_norm
-from pipellm.checkpoint import copy_model_files, layer_file_name, num_layer_files, resolve_checkpoint_dir
+from pipellm.optim import NonFiniteRun, check_pipeline_settings, pipeline_optimizer
+from pipellm.checkpoint import layer_file_name, num_layer_files, resolve_checkpoint_dir
+from pipellm.resume import (CheckpointWriter, EarlyStoppingState, ResumePoint, StopOnSigterm, agree_on_start,
+                            cut_metrics_log, layout_of, stopped_message, trainer_state)
 
 
 def read_model_config(cfg: TrainConfig):
@@ -55,20 +62,24 @@ def prepare(argv=None):
     validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config, family = read_model_config(cfg)
     validate_partition(cfg, family.num_decoder_layers(hf_config) + 2)
+    check_pipeline_settings(cfg.deepspeed)
     check_layer_files(cfg, family, hf_config)
     return cfg, hf_config, family
 
 
 def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     import deepspeed
-    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
     from deepspeed.runtime.pipe.topology import ProcessTopology
-    from transformers import AutoTokenizer
+    from pipellm.tokenizer import load_tokenizer
 
-    from pipellm.pipeline import build_pipeline, load_pipeline_weights  # imports deepspeed: after validation
+    # imports deepspeed: after validation
+    from pipellm.pipeline import build_pipeline, checkpoint_named_parameters, load_pipeline_weights
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    stop_signal = StopOnSigterm()  # from the start: a SIGTERM during start-up stops after the first step
+    resume = ResumePoint.find(cfg)
+    tokenizer = load_tokenizer(cfg.model_path)
     rank = int(os.environ.get("RANK", "0"))
+    gpu_profile = start_gpu_profile(cfg.save_path, cfg.gpu_profile_interval_s)
     data = load_training_data(cfg, tokenizer, show_progress=int(os.environ.get("LOCAL_RANK", "0")) == 0)
 
     on_gpu = torch.cuda.is_available()
@@ -78,7 +89,12 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     # the collectives outside them (start-up checks, checkpoint saves).
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s + 60))
-    verify_same_run(config_hash(dump_resolved(cfg)), data_fingerprint(cfg.data_paths))
+    config_digest, data_key = config_hash(dump_resolved(cfg)), data_fingerprint(cfg.data_paths)
+    verify_same_run(config_digest, data_key)
+    if cfg.model_topo.parts == "auto":  # needs the process group: rank 0 measures, every rank takes its split
+        from pipellm.plan import agreed_auto_parts
+        cfg.model_topo.parts = agreed_auto_parts(cfg, hf_config, family, resume)
+        config_digest = config_hash(dump_resolved(cfg))  # run_info's hash is of the config as run: with its split
     topo_cfg = cfg.model_topo.process_topology
     topology = ProcessTopology(axes=topo_cfg.axes, dims=topo_cfg.dims)
 
@@ -86,29 +102,31 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
                            use_flash_attn=cfg.use_flash_attn, seed=cfg.seed,
                            compile_layers=on_gpu if cfg.compile_layers is None else cfg.compile_layers,
                            device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu", packed=cfg.packing)
-    if not cfg.from_scratch:
-        load_pipeline_weights(model, family, hf_config, cfg.model_path)
-
-    ds_config = dict(cfg.deepspeed)
-    optimizer = build_optimizer(model, ds_config.pop("optimizer", None))
-    plain_fp32 = not any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")) \
-        and not ds_config.get("zero_optimization", {}).get("stage", 0)
-    if plain_fp32:
-        # pipellm clips (and measures the norm) itself here; DeepSpeed's default clip would apply otherwise.
-        max_norm = float(ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT))
-        ds_config["gradient_clipping"] = 0.0
-        record_grad_norm(optimizer, model, model._grid.get_pipe_parallel_group(), max_norm)
-    ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    watchdog = StallWatchdog(engine, model.stage_id, cfg.collective_timeout_s)
+    if resume is not None:
+        resume.check_layout(layout_of(model))
+    weights_dir = resume.weights_dir if resume is not None else None if cfg.from_scratch else cfg.model_path
+    if weights_dir is not None:
+        load_pipeline_weights(model, family, hf_config, weights_dir)
 
     schedule = Schedule(data.plan, cfg.n_epochs, cfg.max_steps)
     total_steps = schedule.total_steps
+    optimizer, lr_scheduler, ds_config = pipeline_optimizer(
+        model, checkpoint_named_parameters(model, family, hf_config), cfg.deepspeed, cfg.no_weight_decay,
+        cfg.lr_schedule, total_steps)
+    ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           config=ds_config)
+    watchdog = StallWatchdog(engine, model.stage_id, cfg.collective_timeout_s)
+    nonfinite = NonFiniteRun(cfg.max_nonfinite_steps, loss_scaling=engine.fp16_enabled())
+
     save_path = Path(cfg.save_path)
     is_logger = rank == 0
+    # The stage boundaries count DeepSpeed's layers, where the final norm and the head are two.
+    write_run_info(cfg, data, config_digest=config_digest, data_key=data_key,
+                   layout={"axes": topo_cfg.axes, "dims": topo_cfg.dims, "stage_layer_boundaries": model.parts},
+                   coordinates={"stage": model.stage_id, "replica": model._grid.data_parallel_id})
     if is_logger:
         save_path.mkdir(parents=True, exist_ok=True)
-        (save_path / "train_config.json").write_text(dump_resolved(cfg))
         template = data.files_meta[0]["template"]
         print(f"pipellm data: {data.summary()}; template {template}", file=sys.stderr)
         print(f"pipellm: {schedule.steps_per_epoch[0]} steps/epoch, {total_steps} steps, global batch "
@@ -117,35 +135,67 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     # Parameters of the whole model: each stage counts its own (a tied copy once), replica 0 only.
     data_rank = model._grid.data_parallel_id
     local_params = sum(p.numel() for p in model.parameters() if not getattr(p, "ds_pipe_replicated", False))
-    total_params = _all_reduce(torch.tensor([local_params if data_rank == 0 else 0], dtype=torch.float64))
+    total_params = all_reduce(torch.tensor([local_params if data_rank == 0 else 0], dtype=torch.float64))
     embedding = hf_config.vocab_size * hf_config.hidden_size
     figures = StepFigures(cfg.global_batch_size, cfg.max_seq_len, topology.world_size(),
                           flops_per_token(hf_config, int(total_params[0]), embedding, cfg.max_seq_len),
                           cfg.peak_flops_per_gpu or device_peak_flops())
 
-    log = MetricsLog(save_path, total_steps, 0, enabled=is_logger)
+    checkpoints = CheckpointWriter(engine, save_path, cfg.model_path, cfg.keep_last_n)
+    early_stopping = EarlyStoppingState.from_config(cfg.early_stopping)
+    start_step = agree_on_start(resume)
+    if resume is not None:
+        resume.restore(engine, early_stopping)  # last before the loop: it restores the RNG states
+        if is_logger:
+            cut_metrics_log(save_path, start_step)
+            print(resume.describe(), file=sys.stderr)
+
+    log = MetricsLog(save_path, total_steps, start_step, enabled=is_logger,
+                     sinks=open_sinks(cfg) if is_logger else [])
     timer = StepTimer()
-    for step in range(total_steps):
+    # Resumed from the checkpoint an early stop saved: the run is already over.
+    done, stop_reason = start_step, "early stopping" if early_stopping.should_stop else None
+    for step in range(start_step, total_steps):
+        if stop_reason:
+            break
         input_ids, labels, position_ids, lengths = data.rows_of(schedule.batch(step))
         batches = micro_batches(input_ids, labels, cfg.micro_batch_size, data_rank, cfg.data_degree, position_ids)
+        lr, skipped_before = engine.get_lr()[0], engine.skipped_steps  # the lr this step trains at
         with watchdog.watch_step(step + 1):
             loss = engine.train_batch(iter(batches))
+            sigterm = stop_signal.agreed()
         seconds = timer.lap()
         done = step + 1
+        warning = nonfinite.record(done, float(loss), skipped=engine.skipped_steps > skipped_before)
+        if warning and is_logger:
+            print(warning, file=sys.stderr)
         record = None
         eval_due = bool(data.eval_rows) and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total_steps)
         if done % cfg.log_steps == 0 or done == total_steps or eval_due:
-            record = figures.record(step=done, epoch=schedule.locate(step)[0], loss=loss, lr=engine.get_lr()[0],
+            record = figures.record(step=done, epoch=schedule.locate(step)[0], loss=loss, lr=lr,
                                     grad_norm=engine.get_global_grad_norm(), tokens=int(lengths.sum()),
                                     seconds=seconds, elapsed=timer.elapsed,
                                     peak_mem_gib_per_stage=_stage_peak_memory(model))
+        improved = False
         if eval_due:
-            record["eval_loss"] = evaluate(engine, data, cfg, data_rank)
+            eval_loss = evaluate(engine, data, cfg, data_rank)
+            record.update(eval_loss=eval_loss, eval_ppl=perplexity(eval_loss))
+            improved = early_stopping.update(eval_loss, done)
         log.step(record)
-        if (cfg.save_steps and done % cfg.save_steps == 0) or (cfg.save_final and done == total_steps):
-            save_checkpoint(engine, cfg, save_path, done, is_logger)
+        if nonfinite.exhausted:  # on every rank alike: the skip decision and the loss are the same everywhere
+            checkpoints.save(done, trainer_state(engine, model, early_stopping))
+            log.close()
+            raise PipellmError(nonfinite.stop_message(save_path / f"global_step{done}"))
+        stop_reason = "early stopping" if early_stopping.should_stop else "SIGTERM" if sigterm else None
+        if (improved or stop_reason or (cfg.save_steps and done % cfg.save_steps == 0)
+                or (cfg.save_final and done == total_steps)):
+            checkpoints.save(done, trainer_state(engine, model, early_stopping), best=improved)
     log.close()
-    if is_logger:
+    if gpu_profile:
+        gpu_profile.finish()
+    if is_logger and stop_reason:
+        print(stopped_message(stop_reason, done, save_path, early_stopping), file=sys.stderr)
+    elif is_logger:
         saved = (f"; checkpoint {save_path}/global_step{total_steps} (export: python convert_model.py pp_to_hg "
                  f"--input-path {save_path} --save-path HF_OUT)") if cfg.save_final else ""
         print(f"pipellm: done, {total_steps} steps in {timer.elapsed:.1f}s{saved}", file=sys.stderr)
@@ -163,32 +213,13 @@ def evaluate(engine, data: TrainingData, cfg: TrainConfig, data_rank: int) -> fl
     return total / max(count, 1)
 
 
-def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """All-reduce over the world (sum by default) on the backend's device; the result on the CPU."""
-    import deepspeed.comm as dist
-
-    reduced = tensor.to("cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(reduced, op=op or dist.ReduceOp.SUM)
-    return reduced.cpu()
-
-
 def _stage_peak_memory(model) -> list[float]:
     """Peak memory (GiB) per pipeline stage, the maximum over its data-parallel replicas."""
     import deepspeed.comm as dist
 
     per_stage = torch.zeros(model.num_stages, dtype=torch.float64)
     per_stage[model.stage_id] = peak_memory_gib()
-    return [round(x, 3) for x in _all_reduce(per_stage, dist.ReduceOp.MAX).tolist()]
-
-
-def save_checkpoint(engine, cfg: TrainConfig, save_path: Path, step: int, is_logger: bool) -> None:
-    import deepspeed.comm as dist
-
-    tag = f"global_step{step}"
-    engine.save_checkpoint(str(save_path), tag=tag)
-    if is_logger:
-        copy_model_files(Path(cfg.model_path), save_path / tag)
-    dist.barrier()
+    return [round(x, 3) for x in all_reduce(per_stage, dist.ReduceOp.MAX).tolist()]
 
 
 def main(argv=None) -> None:

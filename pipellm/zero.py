@@ -37,10 +37,14 @@ import torch
 
 from pipellm.batches import Schedule, load_training_data, micro_batches
 from pipellm.config import TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment
-from pipellm.distributed import config_hash, data_fingerprint, verify_same_run
+from pipellm.distributed import all_reduce, config_hash, data_fingerprint, verify_same_run
 from pipellm.errors import PipellmError
-from pipellm.metrics import MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib
-from pipellm.optim import build_optimizer
+from pipellm.gpu_profile import start_gpu_profile
+from pipellm.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
+                             perplexity)
+from pipellm.optim import build_lr_scheduler, build_optimizer, zero_settings
+from pipellm.run_info import write_run_info
+from pipellm.sinks import open_sinks
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -78,6 +82,9 @@ def prepare(argv=None) -> tuple[TrainConfig, object]:
     if cfg.pipe_degree != 1:
         raise PipellmError(f"`model_topo.process_topology.dims` is {cfg.model_topo.process_topology.dims}; "
                            f"train_ds_zero.py is data parallel only: use [1, N] for N GPUs")
+    if cfg.resume is not None or cfg.early_stopping.patience:
+        raise PipellmError("`resume` and `early_stopping` are pipeline training's (train_ds.py); train_ds_zero.py "
+                           "does not resume or stop early: remove them")
     if cfg.compile_layers:
         raise PipellmError("`compile_layers` is not supported by train_ds_zero.py; remove it or set it to null")
     stage = cfg.deepspeed.setdefault("zero_optimization", {}).setdefault("stage", 3)
@@ -140,12 +147,13 @@ def build_model(cfg: TrainConfig, hf_config, ds_config: dict):
 def train(cfg: TrainConfig, hf_config) -> None:
     import deepspeed
     import deepspeed.comm as dist
-    from transformers import AutoTokenizer
+    from pipellm.tokenizer import load_tokenizer
 
     from pipellm.pipeline import token_mean_loss  # the pipeline's loss function: the same objective
-    from pipellm.train import _all_reduce, save_checkpoint
+    from pipellm.resume import CheckpointWriter
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    tokenizer = load_tokenizer(cfg.model_path)
+    gpu_profile = start_gpu_profile(cfg.save_path, cfg.gpu_profile_interval_s)
     data = load_training_data(cfg, tokenizer, show_progress=int(os.environ.get("LOCAL_RANK", "0")) == 0)
 
     on_gpu = torch.cuda.is_available()
@@ -154,26 +162,30 @@ def train(cfg: TrainConfig, hf_config) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
-    verify_same_run(config_hash(dump_resolved(cfg)), data_fingerprint(cfg.data_paths))
+    config_digest, data_key = config_hash(dump_resolved(cfg)), data_fingerprint(cfg.data_paths)
+    verify_same_run(config_digest, data_key)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
 
     ds_config = dict(cfg.deepspeed)
     ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
-    # pipellm's optimizers are plain torch optimizers that ZeRO steps on its flat fp32 partitions; Lion is just
-    # not on DeepSpeed's list of ones it has tested with ZeRO.
-    ds_config.setdefault("zero_allow_untested_optimizer", True)
+    # pipellm's optimizers are plain torch optimizers that ZeRO steps on its flat fp32 partitions (CPU ones too).
+    ds_config.update(zero_settings(ds_config))
     model = build_model(cfg, hf_config, ds_config)
-    optimizer = build_optimizer(model, ds_config.pop("optimizer", None))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-
+    optimizer = build_optimizer(model.named_parameters(), ds_config.pop("optimizer", None), cfg.no_weight_decay)
     schedule = Schedule(data.plan, cfg.n_epochs, cfg.max_steps)
     total_steps = schedule.total_steps
+    lr_scheduler = None if "scheduler" in ds_config else build_lr_scheduler(optimizer, total_steps, cfg.lr_schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           config=ds_config)
+
     save_path = Path(cfg.save_path)
     is_logger = rank == 0
+    write_run_info(cfg, data, config_digest=config_digest, data_key=data_key,
+                   layout={"zero_stage": 3, "dims": cfg.model_topo.process_topology.dims},
+                   coordinates={"replica": rank})
     if is_logger:
         save_path.mkdir(parents=True, exist_ok=True)
-        (save_path / "train_config.json").write_text(dump_resolved(cfg))
         print(f"pipellm data: {data.summary()}", file=sys.stderr)
         print(f"pipellm zero3: {schedule.steps_per_epoch[0]} steps/epoch, {total_steps} steps, global batch "
               f"{cfg.global_batch_size} x {cfg.max_seq_len} tokens over {world_size} ranks", file=sys.stderr)
@@ -203,7 +215,7 @@ def train(cfg: TrainConfig, hf_config) -> None:
                 engine.backward(loss)
                 engine.step()
             total += loss.detach().float()
-        return float(_all_reduce(total.reshape(1))[0]) / (len(batches) * world_size)
+        return float(all_reduce(total.reshape(1))[0]) / (len(batches) * world_size)
 
     def evaluate() -> float:
         """Mean cross entropy over every labelled token of the eval rows, as ``pipellm.train.evaluate``."""
@@ -216,28 +228,33 @@ def train(cfg: TrainConfig, hf_config) -> None:
         engine.train()
         return total / max(count, 1)
 
-    log = MetricsLog(save_path, total_steps, 0, enabled=is_logger)
+    checkpoints = CheckpointWriter(engine, save_path, cfg.model_path, cfg.keep_last_n)
+    log = MetricsLog(save_path, total_steps, 0, enabled=is_logger, sinks=open_sinks(cfg) if is_logger else [])
     timer = StepTimer()
     for step in range(total_steps):
         input_ids, labels, position_ids, lengths = data.rows_of(schedule.batch(step))
+        lr = engine.get_lr()[0]  # the lr this step trains at (the scheduler moves on after it)
         loss = global_batch_loss(input_ids, labels, position_ids, train_step=True)
         seconds = timer.lap()
         done = step + 1
         record = None
         eval_due = bool(data.eval_rows) and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total_steps)
         if done % cfg.log_steps == 0 or done == total_steps or eval_due:
-            memory = float(_all_reduce(torch.tensor([peak_memory_gib()], dtype=torch.float64),
+            memory = float(all_reduce(torch.tensor([peak_memory_gib()], dtype=torch.float64),
                                        dist.ReduceOp.MAX)[0])
             # One "stage" (the whole model), the maximum over its data-parallel ranks, as for the pipeline.
-            record = figures.record(step=done, epoch=schedule.locate(step)[0], loss=loss, lr=engine.get_lr()[0],
+            record = figures.record(step=done, epoch=schedule.locate(step)[0], loss=loss, lr=lr,
                                     grad_norm=engine.get_global_grad_norm(), tokens=int(lengths.sum()),
                                     seconds=seconds, elapsed=timer.elapsed, peak_mem_gib_per_stage=[round(memory, 3)])
         if eval_due:
-            record["eval_loss"] = evaluate()
+            eval_loss = evaluate()
+            record.update(eval_loss=eval_loss, eval_ppl=perplexity(eval_loss))
         log.step(record)
         if (cfg.save_steps and done % cfg.save_steps == 0) or (cfg.save_final and done == total_steps):
-            save_checkpoint(engine, cfg, save_path, done, is_logger)
+            checkpoints.save(done, trainer_state=None)  # not resumable: the ZeRO baseline does not resume
     log.close()
+    if gpu_profile:
+        gpu_profile.finish()
     if is_logger:
         saved = (f"; checkpoint {save_path}/global_step{total_steps} (weights: python {save_path}/zero_to_fp32.py "
                  f"{save_path} OUT_DIR)") if cfg.save_final else ""

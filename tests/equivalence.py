@@ -122,7 +122,7 @@ def assert_matches_reference(results: list[dict], ref_loss: torch.Tensor, ref_gr
     assert seen == expected
 
 
-def train_through_launcher(tmp_path: Path, model_path: Path, parts: list[int], n_epochs: int = 2,
+def train_through_launcher(tmp_path: Path, model_path: Path, parts: list[int] | str, n_epochs: int = 2,
                            save_steps: int = 10) -> tuple[Path, list[dict]]:
     """``deepspeed --num_gpus 2 train_ds.py`` on two pipeline stages (CPU processes) over the sample data;
     returns the save directory and the metrics records."""

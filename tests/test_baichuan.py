@@ -16,14 +16,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
-from equivalence import (LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, copy_tiny_tokenizer, make_batch,
-                         run_pipelines, train_through_launcher)
+from equivalence import (LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, make_batch, run_pipelines,
+                         train_through_launcher)
 from pipellm.checkpoint import layer_file_name
 from pipellm.convert import hg_to_pp, main as convert_main, pp_to_hg
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
 from pipellm.models.baichuan import position_embedding
 from pipellm.quickstart import mean_token_loss
+from remote_tokenizers import write_baichuan2_tokenizer
 
 HIDDEN, HEADS, LAYERS, INTERMEDIATE = 40, 5, 3, 64
 # Stands in for the checkpoint's remote code: importing or running it would fail the test.
@@ -239,11 +240,15 @@ def test_two_stage_training_through_launcher(tmp_path):
     torch.manual_seed(0)
     state_dict = llama_to_baichuan({n: p.detach() for n, p in llama_reference(1024).named_parameters()})
     hf = write_checkpoint(tmp_path / "hf", baichuan_config(vocab_size=1024), state_dict)
-    copy_tiny_tokenizer(hf)
+    write_baichuan2_tokenizer(hf)  # as Baichuan2 ships it: remote code, built from tokenizer.model instead
     pp = hg_to_pp(hf, tmp_path / "pp")
     save, records = train_through_launcher(tmp_path, pp, parts=[3, 2], n_epochs=1)
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
     before = mean_token_loss(pp_to_hg(pp, tmp_path / "init_llama", export_as="llama"), [LAUNCHER_DATA], 64)
-    after = mean_token_loss(pp_to_hg(save, tmp_path / "trained_llama", export_as="llama"), [LAUNCHER_DATA], 64)
+    trained = pp_to_hg(save, tmp_path / "trained_llama", export_as="llama")
+    after = mean_token_loss(trained, [LAUNCHER_DATA], 64)
     assert after < before - 1.0, (before, after)
+    # The tokenizer files travel unchanged through conversion, training and export, its remote code included.
+    for name in ("tokenizer.model", "tokenizer_config.json", "tokenization_baichuan.py"):
+        assert (trained / name).read_bytes() == (hf / name).read_bytes(), name

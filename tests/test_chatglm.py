@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import GlmConfig, GlmForCausalLM
 
-from equivalence import MICRO_BATCH, assert_matches_reference, copy_tiny_tokenizer, make_batch, run_pipeline, \
-    train_through_launcher
+from equivalence import MICRO_BATCH, assert_matches_reference, make_batch, run_pipeline, train_through_launcher
 from pipellm.checkpoint import layer_file_name
 from pipellm.convert import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
+from remote_tokenizers import write_chatglm3_tokenizer
 
 ROPE_RATIO = 3
 
@@ -136,12 +136,17 @@ def test_two_stage_training_through_launcher(tmp_path):
     torch.manual_seed(0)
     hf = tmp_path / "hf"
     written = write_chatglm_checkpoint(GlmForCausalLM(tiny_glm(vocab_size=1024)), hf)
-    copy_tiny_tokenizer(hf)
+    write_chatglm3_tokenizer(hf)  # as chatglm3 ships it: remote code; the data is rendered in chatglm3's format
     save, records = train_through_launcher(tmp_path, hg_to_pp(hf, tmp_path / "pp"), parts=[2, 3], n_epochs=1)
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
-    exported = load_file(pp_to_hg(save, tmp_path / "hf_out") / "model.safetensors")
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "data_cache").glob("*/meta.json")]
+    assert [m["template"] for m in metas] == ["chatglm3"]
+    out = pp_to_hg(save, tmp_path / "hf_out")
+    exported = load_file(out / "model.safetensors")
     assert exported.keys() == written.keys() - {"transformer.rotary_pos_emb.inv_freq"}
+    for name in ("tokenizer.model", "tokenizer_config.json", "tokenization_chatglm.py"):  # unchanged, code included
+        assert (out / name).read_bytes() == (hf / name).read_bytes(), name
 
 
 def test_chatglm1_style_block_is_refused_at_config_load(tmp_path):

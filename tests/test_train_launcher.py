@@ -1,12 +1,16 @@
 """Through the real launcher: ``deepspeed --num_gpus 2 train_ds.py --config X`` starts two pipeline stages (two
 CPU processes here), the loss falls, checkpoints land where ``pp_to_hg`` finds them, and the exported model
-loads in transformers and scores a lower loss on the data than the starting model."""
+loads in transformers and scores a lower loss on the data than the starting model. The split is ``parts: auto``
+(rank 0 measures the layers and every rank trains its choice)."""
 from __future__ import annotations
+
+import json
 
 from equivalence import LAUNCHER_DATA as DATA
 from equivalence import train_through_launcher
 from pipellm.convert import pp_to_hg
 from pipellm.quickstart import mean_token_loss
+from test_observability import check_run_directory
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "tokens_per_sec_per_gpu",
                "samples_per_sec", "mfu", "peak_mem_gib_per_stage", "step_time_s", "elapsed_s"}
@@ -14,7 +18,7 @@ METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per
 
 def test_two_stage_training_through_launcher(tmp_path, tiny_pp_model):
     hf_init, pp_init = tiny_pp_model
-    save, records = train_through_launcher(tmp_path, pp_init, parts=[2, 4])
+    save, records = train_through_launcher(tmp_path, pp_init, parts="auto")
     # 300 samples / 16 = 19 steps per epoch (the last filled up with empty rows: every sample once per epoch) x 2
     assert [r["step"] for r in records] == list(range(1, 39))
     assert all(METRIC_KEYS <= set(r) for r in records)
@@ -22,6 +26,13 @@ def test_two_stage_training_through_launcher(tmp_path, tiny_pp_model):
     assert all(r["grad_norm"] > 0 and r["tokens"] > 0 and len(r["peak_mem_gib_per_stage"]) == 2 for r in records)
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
+    info = check_run_directory(save, records, [DATA], tmp_path / "data_cache")
+    # The run records the split `auto` chose; in DeepSpeed's layers the final norm and the head are two
+    parts = json.loads((save / "train_config.json").read_text())["model_topo"]["parts"]
+    assert len(parts) == 2 and min(parts) >= 1 and sum(parts) == 6, parts
+    assert info["topology"] == {"axes": ["pipe", "data"], "dims": [2, 1],
+                                "stage_layer_boundaries": [0, parts[0], 7]}
+    assert [(r["stage"], r["replica"]) for r in info["ranks"]] == [(0, 0), (1, 0)]
 
     assert (save / "latest").read_text().strip() == "global_step38"
     assert {p.name for p in save.glob("global_step*")} == {"global_step10", "global_step20", "global_step30",

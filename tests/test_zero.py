@@ -14,6 +14,7 @@ import yaml
 from conftest import REPO
 from distributed import free_port
 from pipellm.errors import PipellmError
+from test_observability import check_run_directory
 from test_train_launcher import DATA, METRIC_KEYS
 
 BASE = {"data_path": DATA, "max_seq_len": 64, "log_steps": 1, "seed": 1, "train_batch_size": 16,
@@ -47,6 +48,9 @@ def test_zero3_trains_and_matches_the_pipeline_objective(tmp_path, tiny_pp_model
     assert sum(r["loss"] for r in zero[-2:]) / 2 < zero[0]["loss"] - 0.5, [r["loss"] for r in zero]
     assert (zero_save / "latest").read_text().strip() == "global_step8"
     assert (zero_save / "global_step8" / "config.json").is_file()
+    info = check_run_directory(zero_save, zero, [DATA], tmp_path / "data_cache")
+    assert info["topology"] == {"zero_stage": 3, "dims": [1, 2]}
+    assert [r["replica"] for r in info["ranks"]] == [0, 1]
 
     pipe = launch("train_ds.py", {**BASE, "model_path": str(pp_dir), "save_path": str(pipe_save), "max_steps": 1,
                                   "save_final": False,
