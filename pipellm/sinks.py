@@ -34,10 +34,12 @@ def scalars(record: dict) -> dict[str, float]:
 class TensorBoardSink:
     """Event files under ``log_dir`` (``tensorboard --logdir save_path/tensorboard``)."""
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, first_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # A resumed run (first_step = the checkpoint's step) re-logs the steps after its checkpoint: purge_step
+        # hides the earlier run's events from there on, as metrics.jsonl is cut back.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=first_step + 1 if first_step else None)
 
     def write(self, record: dict) -> None:
         for name, value in scalars(record).items():
@@ -63,11 +65,12 @@ class WandbSink:
         self.run.finish()
 
 
-def open_sinks(cfg) -> list:
-    """The sinks ``cfg`` (a ``TrainConfig``) asks for; call on the logging rank only."""
+def open_sinks(cfg, first_step: int = 0) -> list:
+    """The sinks ``cfg`` (a ``TrainConfig``) asks for, for a run whose first step is ``first_step + 1``; call on the
+    logging rank only."""
     sinks = []
     if cfg.use_tensorboard:
-        sinks.append(TensorBoardSink(Path(cfg.save_path) / "tensorboard"))
+        sinks.append(TensorBoardSink(Path(cfg.save_path) / "tensorboard", first_step))
     if cfg.wandb_project:
         sinks.append(WandbSink(cfg.wandb_project, cfg.wandb_run_name, dataclasses.asdict(cfg), cfg.save_path))
     return sinks

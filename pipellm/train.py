@@ -13,7 +13,6 @@ same format as ``convert_model.py hg_to_pp`` writes), optimizer state, and the m
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,8 @@ import torch
 from pipellm.batches import Schedule, TrainingData, load_training_data, micro_batches
 from pipellm.config import (TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment,
                             validate_partition)
-from pipellm.distributed import StallWatchdog, all_reduce, config_hash, data_fingerprint, verify_same_run
+from pipellm.distributed import (StallWatchdog, all_reduce, config_hash, data_fingerprint, init_process_group,
+                                 verify_same_run)
 from pipellm.errors import PipellmError
 from pipellm.gpu_profile import start_gpu_profile
 from pipellm.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
@@ -82,13 +82,10 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     gpu_profile = start_gpu_profile(cfg.save_path, cfg.gpu_profile_interval_s)
     data = load_training_data(cfg, tokenizer, show_progress=int(os.environ.get("LOCAL_RANK", "0")) == 0)
 
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:  # before any NCCL collective, or every rank would use GPU 0
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # The watchdog below reports stalls inside steps first; the process group's timeout (a minute later) covers
     # the collectives outside them (start-up checks, checkpoint saves).
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                               timeout=datetime.timedelta(seconds=cfg.collective_timeout_s + 60))
+    init_process_group(cfg.collective_timeout_s + 60)
+    on_gpu = torch.cuda.is_available()
     config_digest, data_key = config_hash(dump_resolved(cfg)), data_fingerprint(cfg.data_paths)
     verify_same_run(config_digest, data_key)
     if cfg.model_topo.parts == "auto":  # needs the process group: rank 0 measures, every rank takes its split
@@ -151,7 +148,7 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
             print(resume.describe(), file=sys.stderr)
 
     log = MetricsLog(save_path, total_steps, start_step, enabled=is_logger,
-                     sinks=open_sinks(cfg) if is_logger else [])
+                     sinks=open_sinks(cfg, start_step) if is_logger else [])
     timer = StepTimer()
     # Resumed from the checkpoint an early stop saved: the run is already over.
     done, stop_reason = start_step, "early stopping" if early_stopping.should_stop else None

@@ -28,7 +28,6 @@ Checkpoints are DeepSpeed's ZeRO format (``save_path/global_step<N>/`` plus the 
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 
 from pipellm.batches import Schedule, load_training_data, micro_batches
 from pipellm.config import TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment
-from pipellm.distributed import all_reduce, config_hash, data_fingerprint, verify_same_run
+from pipellm.distributed import all_reduce, config_hash, data_fingerprint, init_process_group, verify_same_run
 from pipellm.errors import PipellmError
 from pipellm.gpu_profile import start_gpu_profile
 from pipellm.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
@@ -156,12 +155,8 @@ def train(cfg: TrainConfig, hf_config) -> None:
     gpu_profile = start_gpu_profile(cfg.save_path, cfg.gpu_profile_interval_s)
     data = load_training_data(cfg, tokenizer, show_progress=int(os.environ.get("LOCAL_RANK", "0")) == 0)
 
+    init_process_group(cfg.collective_timeout_s)
     on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        # Before the first collective: NCCL puts each rank's communicator on its current device.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                               timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
     config_digest, data_key = config_hash(dump_resolved(cfg)), data_fingerprint(cfg.data_paths)
     verify_same_run(config_digest, data_key)
     rank, world_size = dist.get_rank(), dist.get_world_size()

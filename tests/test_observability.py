@@ -332,3 +332,23 @@ def check_run_directory(save: Path, records: list[dict], data_files: list[str], 
             [(r["step"], float(np.float32(r[key][int(index)] if index else r[key]))) for r in records], tag
     assert not list(save.glob("gpu_profile*"))  # no NVML on this machine
     return info
+
+
+def test_a_resumed_run_replaces_the_tensorboard_points_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipellm.sinks import TensorBoardSink
+
+    first = TensorBoardSink(tmp_path)
+    for step in range(1, 6):  # the first run logs steps 1-5, then dies; its checkpoint is at step 3
+        first.write({"step": step, "loss": float(step)})
+    first.close()
+    resumed = TensorBoardSink(tmp_path, first_step=3)
+    for step in (4, 5):
+        resumed.write({"step": step, "loss": 10.0 * step})
+    resumed.close()
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0),
+                                                                  (5, 50.0)]
