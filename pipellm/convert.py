@@ -274,6 +274,7 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
                            f"the model was trained with")
     with _atomic_output_dir(Path(save_path), ckpt_dir, overwrite) as tmp:
         writer = _ShardWriter(tmp, max_bytes)
+        float_dtypes = set()
         for idx in tqdm(range(n_layers), desc="pp_to_hg", unit="layer"):
             kind, decoder_index = family.layer_kind(idx, config)
             layer_path = ckpt_dir / layer_file_name(idx)
@@ -284,13 +285,33 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
                 state = export.convert_layer(kind, state, config)
             for key, tensor in state.items():
                 writer.add(key_map.hf_key(kind, decoder_index, key), _owned_copy(tensor))
+                if tensor.is_floating_point():
+                    float_dtypes.add(tensor.dtype)
             del state
         writer.finish()
         copy_model_files(ckpt_dir, tmp)
+        config_json = json.loads((ckpt_dir / "config.json").read_text())
         if export:
-            config_json = export.convert_config(json.loads((ckpt_dir / "config.json").read_text()))
+            config_json = export.convert_config(config_json)
+        if export or _record_weights_dtype(config_json, float_dtypes):
             (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     return Path(save_path)
+
+
+def _record_weights_dtype(config_json: dict, float_dtypes: set[torch.dtype]) -> bool:
+    """Make config.json's ``dtype`` name the precision the weights are stored in; True when it changed.
+
+    A run trained in bf16 from an fp32 model saves bf16 layers under a config that still says float32, and
+    ``from_pretrained(dtype="auto")`` (vLLM, TGI) would load it as that. A config without a dtype means float32.
+    """
+    if len(float_dtypes) != 1:
+        return False
+    stored = str(next(iter(float_dtypes))).removeprefix("torch.")
+    keys = [key for key in ("dtype", "torch_dtype") if key in config_json] or ["dtype"]
+    if all(config_json.get(key, "float32") == stored for key in keys):
+        return False
+    config_json.update(dict.fromkeys(keys, stored))
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

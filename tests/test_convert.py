@@ -82,6 +82,23 @@ def test_round_trip_is_bit_exact(tmp_path, tied, dtype):
     assert_same_logits(hf_dir, out, dtype)
 
 
+def test_export_config_names_the_precision_the_weights_were_saved_in(tmp_path):
+    """A bf16 training run saves bf16 layer files under the fp32 model's config.json: the export says bfloat16,
+    so loaders with dtype="auto" get the weights as stored."""
+    _, hf_dir = make_model(tmp_path, tied=False)
+    pp = hg_to_pp(hf_dir, tmp_path / "pp")
+    for path in pp.glob("layer_*"):
+        state = torch.load(path, weights_only=True)
+        torch.save({key: tensor.to(torch.bfloat16) for key, tensor in state.items()}, path)
+    out = pp_to_hg(pp, tmp_path / "out")
+    assert json.loads((hf_dir / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    # Stored as the config says: the config is copied unchanged.
+    same = pp_to_hg(hg_to_pp(out, tmp_path / "pp2"), tmp_path / "out2")
+    assert (same / "config.json").read_bytes() == (out / "config.json").read_bytes()
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_layer_files(tmp_path, tied):
     model, hf_dir = make_model(tmp_path, tied)

@@ -1,7 +1,8 @@
 """Resuming through the real launcher: a run SIGKILLed after a checkpoint (with a half-written save left behind)
 and one stopped by SIGTERM both resume into exactly the uninterrupted run's metrics (fp32 CPU: ==); evals log
 perplexity, early stopping stops and keeps the best checkpoint, ``keep_last_n`` prunes, and a changed stage
-layout resumes only weights-only. The pure rules (early stopping, which checkpoint resumes, RNG states, config
+layout resumes only weights-only. bf16 and ZeRO-1 + CPU offload resume exactly too (two ranks spawned in-process),
+and a bf16 checkpoint exports. The pure rules (early stopping, which checkpoint resumes, RNG states, config
 keys) are tested in-process."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -22,11 +24,12 @@ import torch
 import yaml
 
 from conftest import REPO
-from distributed import free_port
+from distributed import free_port, run_distributed
 from pipellm.config import load_config
-from pipellm.convert import pp_to_hg
+from pipellm.convert import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
 from pipellm.resume import (STATE_FILE, EarlyStoppingState, ResumePoint, capture_rng, restore_rng, rng_file)
+from test_optim import train_main
 
 SAMPLES = REPO / "pipellm" / "assets" / "data" / "sample.jsonl"
 # Compared between runs: everything but the timings.
@@ -190,6 +193,54 @@ def test_a_changed_layout_resumes_weights_only(reference, tiny_pp_model):
     assert [r["step"] for r in records] == [4, 5]
     # Step 4's loss comes from step 3's weights, so it is the reference's, and it trains at the reference's lr.
     assert (records[0]["loss"], records[0]["lr"]) == (reference_records[3]["loss"], reference_records[3]["lr"])
+
+
+# Per precision: its DeepSpeed keys, and the optimizer state files its checkpoints hold (proof it ran that way).
+PRECISIONS = {"bf16": ({"bf16": {"enabled": True}}, "bf16_zero_pp_rank_*_optim_states.pt"),
+              "zero1-offload": ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
+                                "zero_pp_rank_*_optim_states.pt")}
+
+
+def train_in_turn(rank: int, config_paths: list[str], out_dir: str) -> None:
+    """``train_ds.py --config`` for each config on this rank, one after the other (one spawn for all runs)."""
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps([train_main(path) for path in config_paths]))
+
+
+def test_bf16_and_zero1_offload_resume_exactly(tmp_path, tiny_pp_model):
+    """Per precision, one epoch (5 steps; evals at 3 and 5; saves at 3 (best), 4 and 5), then a run resumed
+    from its global_step3 into another save directory: steps 4 and 5 log exactly the uninterrupted run's
+    figures. bf16 restores DeepSpeed's bf16 optimizer from its bf16_zero_* files, ZeRO-1 its partitioned fp32
+    weights and moments; without them step 5 differs."""
+    runs = []
+    for name, (keys, _) in PRECISIONS.items():
+        full, resumed = tmp_path / f"{name}-full", tmp_path / f"{name}-resumed"
+        for save, resume in ((full, {}), (resumed, {"resume": str(full / "global_step3")})):
+            path = tmp_path / f"{save.name}.yml"
+            path.write_text(yaml.safe_dump(run_config(tmp_path, tiny_pp_model[1], save, n_epochs=1, **keys,
+                                                      **resume)))
+            runs.append(str(path))
+    run_distributed(2, train_in_turn, runs, str(tmp_path))
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for run, *on_ranks in zip(runs, *results):
+        assert [r["exit_code"] for r in on_ranks] == [0, 0], (run, on_ranks[0]["stderr"][-3000:])
+
+    for index, (name, (_, optimizer_files)) in enumerate(PRECISIONS.items()):
+        full, resumed = tmp_path / f"{name}-full", tmp_path / f"{name}-resumed"
+        assert len(list((full / "global_step3").glob(optimizer_files))) == 2, name  # one per stage
+        printed = results[0][2 * index + 1]["stderr"]
+        assert f"pipellm: resumed from {full}/global_step3 at step 3 (weights, optimizer, LR scheduler, RNG " \
+               f"states)" in printed, printed[-3000:]
+        reference = metrics(full)
+        assert [r["step"] for r in reference] == [1, 2, 3, 4, 5] and "eval_loss" in reference[4], name
+        assert exact(metrics(resumed)) == exact(reference[3:]), name
+
+    # pp_to_hg exports the bf16 layer files as they are: converted back, every tensor is the same bf16 tensor.
+    checkpoint = tmp_path / "bf16-full" / "global_step5"
+    back = hg_to_pp(pp_to_hg(checkpoint, tmp_path / "bf16_hf"), tmp_path / "bf16_pp")
+    for layer in sorted(checkpoint.glob("layer_*-model_states.pt")):
+        saved, exported = (torch.load(d / layer.name, weights_only=True) for d in (checkpoint, back))
+        assert saved.keys() == exported.keys() and all(
+            t.dtype == torch.bfloat16 and torch.equal(t, exported[k]) for k, t in saved.items()), layer.name
 
 
 def test_early_stopping_rule():

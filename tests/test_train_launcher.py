@@ -5,6 +5,7 @@ loads in transformers and scores a lower loss on the data than the starting mode
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from equivalence import LAUNCHER_DATA as DATA
 from equivalence import train_through_launcher
@@ -18,7 +19,10 @@ METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per
 
 def test_two_stage_training_through_launcher(tmp_path, tiny_pp_model):
     hf_init, pp_init = tiny_pp_model
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     save, records = train_through_launcher(tmp_path, pp_init, parts="auto")
+    # DeepSpeed's CPU all-reduce buffers (66 MiB per rank) are unlinked once every rank has opened them.
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) == shm_before
     # 300 samples / 16 = 19 steps per epoch (the last filled up with empty rows: every sample once per epoch) x 2
     assert [r["step"] for r in records] == list(range(1, 39))
     assert all(METRIC_KEYS <= set(r) for r in records)
