@@ -53,3 +53,49 @@ def test_out_of_memory_is_told_apart_from_other_failures():
         ("failed", "error: `max_seq_len` must be >= 1, got 0")
     assert harness.classify_failure("x\n[rank0]: ValueError: bad shape\nlauncher: exits with return code = 1") == \
         ("failed", "[rank0]: ValueError: bad shape")
+
+
+def test_guard_flags_regressions_and_reports_the_goals(tmp_path, capsys):
+    import guard
+
+    fields = ["method", "seq", "role", "status", "samples_per_sec", "mfu", "peak_mem_gib_per_gpu", "reason"]
+
+    def write(name, rows):
+        path = tmp_path / name
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            for method, seq, status, samples, mfu, memory in rows:
+                writer.writerow({"method": method, "seq": seq, "role": "point", "status": status,
+                                 "samples_per_sec": samples, "mfu": mfu, "peak_mem_gib_per_gpu": memory,
+                                 "reason": "CUDA out of memory" if status == "OOM" else ""})
+        return path
+
+    baseline = write("baseline.csv", [("pipeline", 2048, "ok", 11.1, 0.494, 73.0),
+                                      ("zero3-best", 2048, "ok", 9.6, 0.424, 101.4),
+                                      ("pipeline", 8192, "ok", 2.48, 0.539, 89.1)])
+    same = write("same.csv", [("pipeline", 2048, "ok", 11.0, 0.480, 76.0), ("zero3-best", 2048, "ok", 9.6, 0.424,
+                                                                            101.4)])
+    assert guard.main(["--results", str(same), "--baseline", str(baseline)]) == 0  # within 2 points and 5%
+    assert "2 points compared" in capsys.readouterr().out
+
+    worse = write("worse.csv", [("pipeline", 2048, "ok", 10.0, 0.46, 73.0), ("zero3-best", 2048, "ok", 9.6, 0.424,
+                                                                             107.0),
+                                ("pipeline", 8192, "OOM", "", "", "")])
+    assert guard.main(["--results", str(worse), "--baseline", str(baseline)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION pipeline @ 2048: MFU 46.0% < baseline 49.4%" in out
+    assert "REGRESSION zero3-best @ 2048: peak memory 107.0 GiB > baseline 101.4 GiB" in out
+    assert "REGRESSION pipeline @ 8192: ran in the baseline, now OOM" in out
+
+    goals = write("goals.csv", [("pipeline", 2048, "ok", 13.0, 0.56, 70.0), ("zero3-best", 2048, "ok", 9.6, 0.424,
+                                                                             101.4),
+                                ("pipeline", 4096, "ok", 6.0, 0.54, 80.0), ("pipeline-ckpt", 32768, "ok", 0.5,
+                                                                             0.5, 120.0)])
+    assert dict((name, verdict) for name, verdict, _ in guard.goals(guard.read_points(goals))) == {
+        "pipeline MFU >= 55% at 2048": "PASS", "pipeline MFU >= 55% at 4096": "FAIL",
+        "pipeline >= 1.3x best ZeRO-3 samples/s at 512, memory <= ZeRO-3's": "NOT MEASURED",
+        "pipeline >= 1.3x best ZeRO-3 samples/s at 2048, memory <= ZeRO-3's": "PASS",  # 13.0 / 9.6 = 1.35
+        "pipeline >= 1.3x best ZeRO-3 samples/s at 4096, memory <= ZeRO-3's": "NOT MEASURED",
+        "a pipeline method trains at max_seq_len >= 32768": "PASS"}
+    assert guard.main(["--results", str(goals), "--baseline", str(baseline), "--require-goals"]) == 1

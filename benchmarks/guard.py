@@ -1,0 +1,121 @@
+"""Guard the measured figures: compare a fresh sweep with a committed one, and check the performance goals.
+
+    python benchmarks/guard.py --results /tmp/sweep/results.csv \
+        --baseline benchmarks/results/sweep_h200x2/results.csv [--goals]
+
+Run it after ``benchmarks/sweep.py`` on the same kind of machine as the baseline (it is not a CI test: CPU
+numbers mean nothing). Every (method, max_seq_len) point measured in both files is compared:
+
+* **regression** when the new MFU is more than ``--mfu-tolerance`` (absolute, default 0.02) below the baseline's,
+  or the new peak memory per GPU more than ``--memory-tolerance`` (relative, default 5%) above it, or a point
+  that ran in the baseline now fails or runs out of memory.
+
+With ``--goals`` it also reports the goals of the performance work (issue #8), each PASS, FAIL or NOT MEASURED:
+pipeline MFU >= 55% at 2048 and 4096; pipeline samples/s >= 1.3x the best ZeRO-3 at 512, 2048 and 4096 with no
+more peak memory per GPU; a pipeline method (plain or grad-checkpointed) trains at max_seq_len >= 32768.
+
+Exit code 1 on any regression (and, with ``--require-goals``, on any goal not PASS); 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+PIPELINE_METHODS = ("pipeline", "pipeline-flash", "pipeline-ckpt")
+
+
+def read_points(path: Path) -> dict[tuple[str, int], dict]:
+    """The sweep's measured points (``role == point``) by (method, max_seq_len)."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; pass the results.csv a sweep wrote")
+    points = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("role") == "point":
+                points[(row["method"], int(row["seq"]))] = row
+    return points
+
+
+def _ok(row: dict | None) -> bool:
+    return row is not None and row["status"] == "ok"
+
+
+def regressions(new: dict, baseline: dict, mfu_tolerance: float, memory_tolerance: float) -> list[str]:
+    """One line per point that got worse than the baseline."""
+    found = []
+    for key, old in sorted(baseline.items()):
+        method, seq = key
+        if not _ok(old) or key not in new:
+            continue
+        row = new[key]
+        if not _ok(row):
+            found.append(f"{method} @ {seq}: ran in the baseline, now {row['status']} ({row.get('reason', '')})")
+            continue
+        if float(row["mfu"]) < float(old["mfu"]) - mfu_tolerance:
+            found.append(f"{method} @ {seq}: MFU {float(row['mfu']):.1%} < baseline {float(old['mfu']):.1%} "
+                         f"- {mfu_tolerance:.0%}")
+        if float(row["peak_mem_gib_per_gpu"]) > float(old["peak_mem_gib_per_gpu"]) * (1 + memory_tolerance):
+            found.append(f"{method} @ {seq}: peak memory {float(row['peak_mem_gib_per_gpu']):.1f} GiB > baseline "
+                         f"{float(old['peak_mem_gib_per_gpu']):.1f} GiB + {memory_tolerance:.0%}")
+    return found
+
+
+def goals(points: dict) -> list[tuple[str, str, str]]:
+    """(goal, PASS | FAIL | NOT MEASURED, the figures) for each performance goal."""
+    results = []
+    for seq in (2048, 4096):
+        row = points.get(("pipeline", seq))
+        name = f"pipeline MFU >= 55% at {seq}"
+        if not _ok(row):
+            results.append((name, "NOT MEASURED", ""))
+        else:
+            mfu = float(row["mfu"])
+            results.append((name, "PASS" if mfu >= 0.55 else "FAIL", f"{mfu:.1%}"))
+    for seq in (512, 2048, 4096):
+        pipe, zero = points.get(("pipeline", seq)), points.get(("zero3-best", seq))
+        name = f"pipeline >= 1.3x best ZeRO-3 samples/s at {seq}, memory <= ZeRO-3's"
+        if not _ok(pipe) or not _ok(zero):
+            results.append((name, "NOT MEASURED", ""))
+            continue
+        speedup = float(pipe["samples_per_sec"]) / float(zero["samples_per_sec"])
+        memory = (float(pipe["peak_mem_gib_per_gpu"]), float(zero["peak_mem_gib_per_gpu"]))
+        passed = speedup >= 1.3 and memory[0] <= memory[1]
+        results.append((name, "PASS" if passed else "FAIL",
+                        f"{speedup:.2f}x, {memory[0]:.1f} vs {memory[1]:.1f} GiB"))
+    trained = [seq for (method, seq), row in points.items() if method in PIPELINE_METHODS and _ok(row)]
+    name = "a pipeline method trains at max_seq_len >= 32768"
+    if not trained:
+        results.append((name, "NOT MEASURED", ""))
+    else:
+        results.append((name, "PASS" if max(trained) >= 32768 else "FAIL", f"longest {max(trained)}"))
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, required=True, help="results.csv of the fresh sweep")
+    parser.add_argument("--baseline", type=Path, required=True, help="results.csv of the committed sweep")
+    parser.add_argument("--mfu-tolerance", type=float, default=0.02, help="allowed absolute MFU drop")
+    parser.add_argument("--memory-tolerance", type=float, default=0.05, help="allowed relative memory rise")
+    parser.add_argument("--goals", action="store_true", help="also report the performance goals")
+    parser.add_argument("--require-goals", action="store_true", help="exit 1 unless every goal passes")
+    args = parser.parse_args(argv)
+
+    new, baseline = read_points(args.results), read_points(args.baseline)
+    compared = sorted(key for key in new.keys() & baseline.keys() if _ok(baseline[key]))
+    found = regressions(new, baseline, args.mfu_tolerance, args.memory_tolerance)
+    print(f"{len(compared)} points compared with {args.baseline}: {len(found)} regression(s)")
+    for line in found:
+        print(f"  REGRESSION {line}")
+    failed_goals = False
+    if args.goals or args.require_goals:
+        for name, verdict, figures in goals(new):
+            print(f"  {verdict:<12} {name}" + (f" ({figures})" if figures else ""))
+            failed_goals |= verdict != "PASS"
+    return 1 if found or (args.require_goals and failed_goals) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
