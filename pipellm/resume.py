@@ -234,13 +234,14 @@ def stopped_message(reason: str, step: int, save_path: Path, early_stopping: Ear
 def load_checkpoints_weights_only(engine) -> None:
     """Make DeepSpeed's checkpoint reads refuse anything but tensors and plain data (it unpickles freely).
     Allowed besides, as the optimizer states hold them: the plain dataclass the bf16 and ZeRO optimizers map
-    parameters with, and ZeRO's stage enum and static loss scaler (a scale and a flag, kept even in fp32)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    parameters with, ZeRO's stage enum, and the loss scalers (static: a scale and a flag, kept even in fp32;
+    dynamic, fp16's: its scale, counters and settings)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     def load(path, map_location=None):
-        with torch.serialization.safe_globals([fragment_address, LossScaler, ZeroStageEnum]):
+        with torch.serialization.safe_globals([fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]):
             return torch.load(path, map_location=map_location, weights_only=True)
     engine.checkpoint_engine.load = load
 

@@ -311,3 +311,23 @@ def test_bad_checkpoint_keys_fail_with_one_line(tmp_path, keys, message):
     with pytest.raises(PipellmError, match=re.escape(message)) as error:
         load_config(write_yaml(tmp_path, **keys))
     assert "\n" not in str(error.value)
+
+
+def test_deepspeed_checkpoint_reads_accept_only_the_allowed_records(tmp_path):
+    """fp16 cannot run on CPU, so its optimizer file is not produced here: check that the dynamic loss scaler it
+    holds loads through pipellm's weights-only reader, and that any other object is still refused."""
+    import types
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from pipellm.resume import load_checkpoints_weights_only
+
+    engine = types.SimpleNamespace(checkpoint_engine=types.SimpleNamespace())
+    load_checkpoints_weights_only(engine)
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=500, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    torch.save({"loss_scaler": scaler, "step": torch.tensor(3)}, tmp_path / "fp16_optim.pt")
+    loaded = engine.checkpoint_engine.load(tmp_path / "fp16_optim.pt")
+    assert vars(loaded["loss_scaler"]) == vars(scaler) and loaded["step"] == 3
+    torch.save({"other": Path("x")}, tmp_path / "other.pt")
+    with pytest.raises(Exception, match="weights_only"):
+        engine.checkpoint_engine.load(tmp_path / "other.pt")
