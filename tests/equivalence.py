@@ -133,14 +133,18 @@ def train_through_launcher(tmp_path: Path, model_path: Path, parts: list[int] | 
               "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4,
               "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
               "gradient_clipping": 1.0, "data_cache_dir": str(tmp_path / "data_cache")}
-    config_path = tmp_path / "config.yml"
+    return save, launch_training(config, tmp_path / "config.yml")
+
+
+def launch_training(config: dict, config_path: Path) -> list[dict]:
+    """Write ``config`` to ``config_path``, train it with ``deepspeed --num_gpus 2 train_ds.py`` (must succeed)
+    and return its ``metrics.jsonl`` records."""
     config_path.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                              str(free_port()), "train_ds.py", "--config", str(config_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    return save, records
+    return [json.loads(line) for line in (Path(config["save_path"]) / "metrics.jsonl").read_text().splitlines()]
 
 
 def copy_tiny_tokenizer(dest: Path) -> None:

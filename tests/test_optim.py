@@ -9,17 +9,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO
-from distributed import free_port, run_distributed
-from equivalence import LAUNCHER_DATA, MICRO_BATCH, make_batch
+from distributed import run_distributed
+from equivalence import LAUNCHER_DATA, MICRO_BATCH, launch_training, make_batch
 from pipellm.config import LRSchedule, NO_WEIGHT_DECAY, load_config
 from pipellm.errors import PipellmError
 from pipellm.optim import (NonFiniteRun, build_lr_scheduler, build_optimizer, check_pipeline_settings, lr_factor,
@@ -491,18 +488,13 @@ def test_zero1_cpu_offload_trains_and_starts_like_the_reference(tmp_path, tiny_p
     """``deepspeed --num_gpus 2 train_ds.py`` with ZeRO-1 and the optimizer offloaded to the CPU: it follows
     the schedule, the loss falls, and its first step's loss and gradient norm are transformers' on that batch."""
     hf_dir, pp_dir = tiny_pp_model
-    save = tmp_path / "save"
-    config = {**LAUNCH_BASE, "model_path": str(pp_dir), "save_path": str(save), "max_steps": 3, "save_final": False,
+    config = {**LAUNCH_BASE, "model_path": str(pp_dir), "save_path": str(tmp_path / "save"), "max_steps": 3,
+              "save_final": False,
               "data_cache_dir": str(tmp_path / "cache"),
               "lr_schedule": {"warmup_steps": 1, "decay": "cosine", "min_lr_ratio": 0.1},
               "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
     config_path = tmp_path / "offload.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                             str(free_port()), "train_ds.py", "--config", str(config_path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    records = launch_training(config, config_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["lr"] for r in records] == pytest.approx([3e-3, 3e-3, 3e-4], rel=1e-12, abs=0)
     assert records[-1]["loss"] < records[0]["loss"] - 0.2, [r["loss"] for r in records]
