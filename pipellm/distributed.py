@@ -5,6 +5,8 @@
   host that differ, instead of training on a silently inconsistent state (or hanging in a mismatched collective).
 * ``init_process_group`` — the process group on this rank's device (NCCL on GPUs, gloo on CPU), without leaking
   DeepSpeed's CPU shared-memory buffers.
+* ``run_owns_process_group`` — the orderly end of a run: without it, gloo's worker threads can outlive interpreter
+  shutdown and abort a finished run ("terminate called without an active exception", exit code -6).
 * ``StallWatchdog`` — a pipeline operation that does not complete within ``collective_timeout_s`` ends the run
   with one line naming the stage, rank, host, step and operation, instead of a silent hang.
 """
@@ -18,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -48,6 +51,31 @@ def init_process_group(timeout_s: float) -> None:
                 f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/dev/shm/{name}")
+
+
+def close_process_group() -> None:
+    """Destroy the process group, if any, while the interpreter is fully alive."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def run_owns_process_group():
+    """Around a run that starts the process group: destroy it when the run returns or raises ``PipellmError``.
+
+    Both end a run the same way on every rank; after any other exception a peer may still be inside a
+    collective, where an NCCL destroy could wait for it, so the process exits without. A group that existed
+    before the run (a notebook's, a test harness's) belongs to its creator and is left alone.
+    """
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        yield
+    except PipellmError:
+        if not had_group:
+            close_process_group()
+        raise
+    if not had_group:
+        close_process_group()
 
 
 def config_hash(resolved_config: str) -> str:
@@ -102,8 +130,11 @@ class StallWatchdog:
     long); the process group's own timeout covers it.
     """
 
-    def __init__(self, engine, stage: int, timeout_s: float):
-        self.stage, self.timeout_s = stage, timeout_s
+    def __init__(self, engine, stage: int, timeout_s: float, before_exit: Callable[[], None] | None = None):
+        """``before_exit`` runs after a stall is reported, before the exit (which skips ``atexit``): work that
+        must not be left half-written, such as the GPU profile's CSV."""
+        self.stage, self.timeout_s, self.before_exit = stage, timeout_s, before_exit
+        self.rank = int(os.environ.get("RANK", "0"))
         self.step, self.operation, self.since = 0, "", None
         # The engine looks instructions up in this map on the instance: wrap each to record what runs when.
         engine._INSTRUCTION_MAP = {kind: self._watched(kind.__name__, method)
@@ -112,18 +143,19 @@ class StallWatchdog:
 
     def _watched(self, name, method):
         def run(engine, **kwargs):
-            self._enter(name)
+            self.enter(name)
             method(engine, **kwargs)
-            self._enter(f"the step's bookkeeping after {name}")
+            self.enter(f"the step's bookkeeping after {name}")
         return run
 
-    def _enter(self, operation: str) -> None:
+    def enter(self, operation: str) -> None:
+        """From now on the step is in ``operation`` (named in a stall report)."""
         self.operation, self.since = operation, time.monotonic()
 
     @contextlib.contextmanager
     def watch_step(self, step: int):
         self.step = step
-        self._enter("the start of the step")
+        self.enter("the start of the step")
         try:
             yield
         finally:
@@ -134,10 +166,11 @@ class StallWatchdog:
             time.sleep(min(1.0, self.timeout_s / 10))
             since = self.since
             if since is not None and time.monotonic() - since > self.timeout_s:
-                import deepspeed.comm as dist
-
-                print(f"error: pipeline stage {self.stage} (rank {dist.get_rank()}, host {socket.gethostname()}) "
+                print(f"error: pipeline stage {self.stage} (rank {self.rank}, host {socket.gethostname()}) "
                       f"stalled for more than collective_timeout_s={self.timeout_s:g}s in {self.operation} of step "
                       f"{self.step}; another rank probably died or hung: check the other ranks' logs, the network "
                       f"(NCCL_SOCKET_IFNAME) and that every node runs the same config", file=sys.stderr, flush=True)
+                if self.before_exit is not None:
+                    with contextlib.suppress(Exception):  # the stall report and the exit code come first
+                        self.before_exit()
                 os._exit(2)

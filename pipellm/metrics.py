@@ -34,8 +34,18 @@ def device_peak_flops() -> float | None:
 
 
 def flops_per_token(hf_config, num_params: int, embedding_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N_active + 12·L·d·S, N_active = N − N_embedding − N_unrouted.
+
+    N_unrouted is zero for dense models. In a mixture of experts (``num_local_experts`` E experts of
+    ``num_experts_per_tok`` k per token, as Mixtral) a token passes through k experts, so the E − k others of
+    every layer are left out: N_unrouted = L·(E − k)·3·d·d_ff (gate, up and down projections, no biases).
+    """
     layers, hidden = hf_config.num_hidden_layers, hf_config.hidden_size
-    return 6 * (num_params - embedding_params) + 12 * layers * hidden * seq_len
+    experts = getattr(hf_config, "num_local_experts", None)
+    unrouted = 0
+    if experts:
+        unrouted = layers * (experts - hf_config.num_experts_per_tok) * 3 * hidden * hf_config.intermediate_size
+    return 6 * (num_params - embedding_params - unrouted) + 12 * layers * hidden * seq_len
 
 
 def perplexity(loss: float) -> float:

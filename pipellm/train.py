@@ -22,8 +22,8 @@ import torch
 from pipellm.batches import Schedule, TrainingData, load_training_data, micro_batches
 from pipellm.config import (TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment,
                             validate_partition)
-from pipellm.distributed import (StallWatchdog, all_reduce, config_hash, data_fingerprint, init_process_group,
-                                 verify_same_run)
+from pipellm.distributed import (StallWatchdog, all_reduce, config_hash, data_fingerprint,
+                                 init_process_group, run_owns_process_group, verify_same_run)
 from pipellm.errors import PipellmError
 from pipellm.gpu_profile import start_gpu_profile
 from pipellm.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                            config=ds_config)
-    watchdog = StallWatchdog(engine, model.stage_id, cfg.collective_timeout_s)
+    watchdog = StallWatchdog(engine, model.stage_id, cfg.collective_timeout_s,
+                             before_exit=gpu_profile.finish if gpu_profile else None)
     nonfinite = NonFiniteRun(cfg.max_nonfinite_steps, loss_scaling=engine.fp16_enabled())
 
     save_path = Path(cfg.save_path)
@@ -158,26 +159,30 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
         input_ids, labels, position_ids, lengths = data.rows_of(schedule.batch(step))
         batches = micro_batches(input_ids, labels, cfg.micro_batch_size, data_rank, cfg.data_degree, position_ids)
         lr, skipped_before = engine.get_lr()[0], engine.skipped_steps  # the lr this step trains at
+        # Every collective of the step is watched; checkpoint saves below are not (they may take long).
         with watchdog.watch_step(step + 1):
             loss = engine.train_batch(iter(batches))
+            watchdog.enter("the all-reduce of the SIGTERM flag")
             sigterm = stop_signal.agreed()
-        seconds = timer.lap()
-        done = step + 1
-        warning = nonfinite.record(done, float(loss), skipped=engine.skipped_steps > skipped_before)
-        if warning and is_logger:
-            print(warning, file=sys.stderr)
-        record = None
-        eval_due = bool(data.eval_rows) and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total_steps)
-        if done % cfg.log_steps == 0 or done == total_steps or eval_due:
-            record = figures.record(step=done, epoch=schedule.locate(step)[0], loss=loss, lr=lr,
-                                    grad_norm=engine.get_global_grad_norm(), tokens=int(lengths.sum()),
-                                    seconds=seconds, elapsed=timer.elapsed,
-                                    peak_mem_gib_per_stage=_stage_peak_memory(model))
-        improved = False
-        if eval_due:
-            eval_loss = evaluate(engine, data, cfg, data_rank)
-            record.update(eval_loss=eval_loss, eval_ppl=perplexity(eval_loss))
-            improved = early_stopping.update(eval_loss, done)
+            seconds = timer.lap()
+            done = step + 1
+            warning = nonfinite.record(done, float(loss), skipped=engine.skipped_steps > skipped_before)
+            if warning and is_logger:
+                print(warning, file=sys.stderr)
+            record = None
+            eval_due = bool(data.eval_rows) and ((cfg.eval_steps and done % cfg.eval_steps == 0)
+                                                 or done == total_steps)
+            if done % cfg.log_steps == 0 or done == total_steps or eval_due:
+                watchdog.enter("the all-reduce of the stages' peak memory")
+                record = figures.record(step=done, epoch=schedule.locate(step)[0], loss=loss, lr=lr,
+                                        grad_norm=engine.get_global_grad_norm(), tokens=int(lengths.sum()),
+                                        seconds=seconds, elapsed=timer.elapsed,
+                                        peak_mem_gib_per_stage=_stage_peak_memory(model))
+            improved = False
+            if eval_due:
+                eval_loss = evaluate(engine, data, cfg, data_rank)
+                record.update(eval_loss=eval_loss, eval_ppl=perplexity(eval_loss))
+                improved = early_stopping.update(eval_loss, done)
         log.step(record)
         if nonfinite.exhausted:  # on every rank alike: the skip decision and the loss are the same everywhere
             checkpoints.save(done, trainer_state(engine, model, early_stopping))
@@ -221,8 +226,9 @@ def _stage_peak_memory(model) -> list[float]:
 
 def main(argv=None) -> None:
     try:
-        cfg, hf_config, family = prepare(argv)
-        train(cfg, hf_config, family)
+        with run_owns_process_group():
+            cfg, hf_config, family = prepare(argv)
+            train(cfg, hf_config, family)
     except PipellmError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -36,7 +36,8 @@ import torch
 
 from pipellm.batches import Schedule, load_training_data, micro_batches
 from pipellm.config import TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment
-from pipellm.distributed import all_reduce, config_hash, data_fingerprint, init_process_group, verify_same_run
+from pipellm.distributed import (all_reduce, config_hash, data_fingerprint, init_process_group,
+                                 run_owns_process_group, verify_same_run)
 from pipellm.errors import PipellmError
 from pipellm.gpu_profile import start_gpu_profile
 from pipellm.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
@@ -258,8 +259,9 @@ def train(cfg: TrainConfig, hf_config) -> None:
 
 def main(argv=None) -> None:
     try:
-        cfg, hf_config = prepare(argv)
-        train(cfg, hf_config)
+        with run_owns_process_group():
+            cfg, hf_config = prepare(argv)
+            train(cfg, hf_config)
     except PipellmError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)

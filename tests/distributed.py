@@ -1,4 +1,4 @@
-"""Run a function on N local processes with a real gloo process group (what the deepspeed launcher sets up)."""
+"""Run a function on N local processes with a real gloo process group, started and ended as training does."""
 from __future__ import annotations
 
 import multiprocessing
@@ -17,10 +17,11 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        import deepspeed
+        from pipellm.distributed import close_process_group, init_process_group
 
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        init_process_group(timeout_s=300)
         fn(rank, *args)
+        close_process_group()
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise

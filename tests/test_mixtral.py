@@ -14,6 +14,7 @@ from equivalence import (MICRO_BATCH, assert_matches_reference, copy_tiny_tokeni
 from pipellm.checkpoint import layer_file_name
 from pipellm.convert import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
+from pipellm.metrics import flops_per_token
 from pipellm.models import load_model_config
 
 EXPERTS = 8
@@ -138,3 +139,16 @@ def test_unsupported_config_is_refused_at_load(key, value, tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.raises(PipellmError, match=rf"config\.json: {key} "):
         load_model_config(tmp_path)
+
+
+def test_mfu_counts_the_experts_a_token_passes_through():
+    # 6 * active parameters: the non-expert ones (embedding excluded) and k of E experts' weights in every layer.
+    config = tiny_config()
+    model = MixtralForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.model.embed_tokens.weight.numel()
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    active = total - embedding - experts + experts * config.num_experts_per_tok // EXPERTS
+    seq = 64
+    expected = 6 * active + 12 * config.num_hidden_layers * config.hidden_size * seq
+    assert flops_per_token(config, total, embedding, seq) == expected
