@@ -102,6 +102,7 @@ class Point:
     grad_ckpt: bool = False
     eager: bool = False
     dtype: str = "bf16"
+    loss_chunk_tokens: int | None = None
 
     def config(self, model_dir: Path, data: Path, save: Path) -> dict:
         if self.trainer == "pipeline":
@@ -122,6 +123,7 @@ class Point:
         }
         if self.trainer == "pipeline":
             config["compile_layers"] = False if self.eager else None
+            config["loss_chunk_tokens"] = self.loss_chunk_tokens
         else:
             config["zero_optimization"] = zero3_settings(model_dir)
         if self.dtype == "bf16":

@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--grad-ckpt", action="store_true", help="use_grad_ckpt")
     parser.add_argument("--eager", action="store_true", help="compile_layers: false (default: compiled on GPUs)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=None, help="loss_chunk_tokens (default: off)")
     parser.add_argument("--csv", default=str(harness.REPO / "benchmarks" / "results" / "pipeline_runs.csv"))
     args = parser.parse_args()
 
@@ -47,7 +48,8 @@ def main() -> None:
     data = harness.write_data(work / "data.jsonl", args.global_batch * args.steps, args.seq)
     point = harness.Point("pipeline", args.seq, args.global_batch, args.micro, args.stages * args.replicas,
                           args.steps, replicas=args.replicas, parts=args.parts, flash=args.flash,
-                          grad_ckpt=args.grad_ckpt, eager=args.eager, dtype=args.dtype)
+                          grad_ckpt=args.grad_ckpt, eager=args.eager, dtype=args.dtype,
+                          loss_chunk_tokens=args.loss_chunk_tokens)
     outcome = harness.launch(point, model_dir, data, work / "run", args.warmup, echo=True)
     if outcome.status != "ok":
         print(f"FAILED ({outcome.status}: {outcome.reason}): {args}; log {outcome.log}")
@@ -59,7 +61,7 @@ def main() -> None:
         "preset": args.preset, "seq": args.seq, "micro": args.micro, "global_batch": args.global_batch,
         "stages": args.stages, "replicas": args.replicas, "parts": args.parts, "flash": args.flash,
         "grad_ckpt": args.grad_ckpt, "compile": not args.eager and gpu is not None,
-        "dtype": args.dtype, "timed_steps": figures["timed_steps"],
+        "dtype": args.dtype, "loss_chunk_tokens": args.loss_chunk_tokens, "timed_steps": figures["timed_steps"],
         **{key: figures[key] for key in ("samples_per_sec", "tokens_per_sec_per_gpu", "mfu",
                                           "peak_mem_gib_per_stage", "final_loss")},
         "device": gpu or "cpu", "host": platform.node(),

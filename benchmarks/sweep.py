@@ -8,6 +8,8 @@ Methods (each point is its own ``deepspeed`` launch, so one that fails cannot ta
 * ``pipeline``        ``train_ds.py``, one pipeline stage per GPU (layers compiled on GPUs, the default)
 * ``pipeline-flash``  the same with ``use_flash_attn``
 * ``pipeline-ckpt``   the same with ``use_grad_ckpt``
+* ``pipeline-long``   the longest-sequence setting: ``use_flash_attn``, ``use_grad_ckpt`` and ``loss_chunk_tokens``
+  4096 (the last stage never holds a whole micro batch's logits)
 * ``zero3-mbN``       ``train_ds_zero.py``, ZeRO-3 over all GPUs at micro batch N per GPU (``zero3-mb1``, ...)
 * ``zero3-best``      ZeRO-3 at the largest micro batch that fits: powers of two tried from the largest allowed
   (micro x seq <= ``--zero-max-tokens``, dividing the per-GPU rows) down; each failed try is kept in the CSV.
@@ -39,7 +41,8 @@ import harness
 FIELDS = ["method", "seq", "global_batch", "micro", "gpus", "role", "status", "samples_per_sec",
           "tokens_per_sec_per_gpu", "mfu", "peak_mem_gib_per_gpu", "step_time_s", "timed_steps", "final_loss",
           "reason", "log"]
-PIPELINE_METHODS = {"pipeline": {}, "pipeline-flash": {"flash": True}, "pipeline-ckpt": {"grad_ckpt": True}}
+PIPELINE_METHODS = {"pipeline": {}, "pipeline-flash": {"flash": True}, "pipeline-ckpt": {"grad_ckpt": True},
+                    "pipeline-long": {"flash": True, "grad_ckpt": True, "loss_chunk_tokens": 4096}}
 ZERO_MICRO = re.compile(r"zero3-mb(\d+)$")
 DEFAULT_SEQS = "256,512,1024,2048,4096,8192,16384,32768"
 DEFAULT_METHODS = "pipeline,pipeline-flash,pipeline-ckpt,zero3-mb1,zero3-best"

@@ -6,13 +6,16 @@ the family's own (and a pipeline layer file is the Hugging Face checkpoint minus
 
 Between stages only tensors travel: ``(hidden, position_ids)`` until the final norm, then the logits. A family
 with an auxiliary loss (``ModelFamily.aux_loss``) carries ``(hidden, position_ids, stats)`` from its first decoder
-on, and its head returns ``(logits, auxiliary loss term)``; other families carry nothing more.
+on, and its head returns ``(logits, auxiliary loss term)``; other families carry nothing more. With
+``loss_chunk_tokens`` the head hands the loss ``(hidden, projection weight)`` in place of the logits, and the loss
+projects a chunk of tokens at a time (``pipellm.chunked_loss``).
 The batch that the data iterator yields is ``((input_ids, position_ids), (targets, loss_scale))``; see
 ``token_mean_loss`` for why the loss scale travels with the targets.
 """
 from __future__ import annotations
 
 import functools
+import operator
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipellm.attention import AttentionOptions
 from pipellm.checkpoint import layer_file_name
+from pipellm.chunked_loss import chunked_linear_cross_entropy
 from pipellm.errors import PipellmError
 from pipellm.models.base import ModelFamily
 
@@ -68,16 +72,32 @@ class NormStage:
         return (hidden, *aux) if aux else hidden
 
 
-class AuxLossHeadStage:
-    """The head of a family with an auxiliary loss: ``(hidden, stats) -> (logits, auxiliary loss term)``."""
+def project(hidden: torch.Tensor, weight: torch.Tensor, defer: bool):
+    """The logits, or ``(hidden, weight)`` when the loss projects them itself, a chunk of tokens at a time."""
+    return (hidden, weight) if defer else F.linear(hidden, weight)
 
-    def __init__(self, config, *, aux_loss):
+
+class HeadStage:
+    """The output projection: ``hidden -> logits`` against ``head_weight(self.weight)`` (see ``project``). A
+    family with an auxiliary loss receives ``(hidden, stats)`` and appends the loss term to what it returns."""
+
+    def __init__(self, config, *, head_weight, defer_projection: bool, aux_loss=None):
         super().__init__(config)
-        self.aux_loss = functools.partial(aux_loss, config=config)
+        self.head_weight, self.defer_projection = head_weight, defer_projection
+        self.aux_loss = None if aux_loss is None else functools.partial(aux_loss, config=config)
 
     def forward(self, inputs):
+        if self.aux_loss is None:
+            return project(inputs, self.head_weight(self.weight), self.defer_projection)
         hidden, stats = inputs
-        return super().forward(hidden), self.aux_loss(stats)
+        out = project(hidden, self.head_weight(self.weight), self.defer_projection)
+        return (*out, self.aux_loss(stats)) if self.defer_projection else (out, self.aux_loss(stats))
+
+
+def tied_head_forward(embed: nn.Module, hidden: torch.Tensor, *, weight_path: str, head_weight,
+                      defer_projection: bool):
+    """The output projection against the embedding's weight (``ModelFamily.tied_weight``)."""
+    return project(hidden, head_weight(operator.attrgetter(weight_path)(embed)), defer_projection)
 
 
 @functools.cache
@@ -96,17 +116,20 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: AttentionOptions,
-                compile_layers: bool = False) -> list:
+                compile_layers: bool = False, loss_chunk_tokens: int | None = None) -> list:
     """DeepSpeed layer specs: embed, decoders, final norm, head (tied to the embedding when the config says so)."""
     embed_cls = stage_class(EmbedStage, family.embed)
+    defer = loss_chunk_tokens is not None
     if family.is_tied(hf_config):
         embed = TiedLayerSpec("embed", embed_cls, hf_config, tied_weight_attr=[family.tied_weight])
-        head = TiedLayerSpec("embed", embed_cls, hf_config, forward_fn=family.tied_head_forward,
+        head_forward = functools.partial(tied_head_forward, weight_path=family.tied_weight,
+                                         head_weight=family.head_weight, defer_projection=defer)
+        head = TiedLayerSpec("embed", embed_cls, hf_config, forward_fn=head_forward,
                              tied_weight_attr=[family.tied_weight])
     else:
         embed = LayerSpec(embed_cls, hf_config)
-        head = LayerSpec(family.head, hf_config) if family.aux_loss is None else \
-            LayerSpec(stage_class(AuxLossHeadStage, family.head), hf_config, aux_loss=family.aux_loss)
+        head = LayerSpec(stage_class(HeadStage, family.head), hf_config, head_weight=family.head_weight,
+                         defer_projection=defer, aux_loss=family.aux_loss)
     decoder_cls = stage_class(DecoderStage, family.decoder)
     decoders = [LayerSpec(decoder_cls, hf_config, attention, grad_ckpt=use_grad_ckpt, compile_block=compile_layers)
                 for _ in range(family.num_decoder_layers(hf_config))]
@@ -158,19 +181,23 @@ class PipelineModel(PipelineModule):
 
 def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_ckpt: bool = False,
                    use_flash_attn: bool = False, compile_layers: bool = False, seed: int = 42,
-                   device: str | torch.device = "cpu", packed: bool = False) -> PipelineModel:
+                   device: str | torch.device = "cpu", packed: bool = False,
+                   loss_chunk_tokens: int | None = None) -> PipelineModel:
     """Build this rank's stage, randomly initialised (``load_pipeline_weights`` then loads a checkpoint).
 
     ``packed``: rows may hold several samples (``packing: true``); attention keeps to each sample.
+    ``loss_chunk_tokens``: the loss projects and scores this many tokens at a time (``pipellm.chunked_loss``).
     Each layer's initialisation is seeded by its layer index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
     specs = layer_specs(family, hf_config, use_grad_ckpt,
-                        AttentionOptions(use_flash_attn=use_flash_attn, packed=packed), compile_layers)
+                        AttentionOptions(use_flash_attn=use_flash_attn, packed=packed), compile_layers,
+                        loss_chunk_tokens)
     boundaries = stage_boundaries(parts, family, hf_config, topology.get_dim("pipe"))
+    loss_fn = functools.partial(token_mean_loss, chunk_tokens=loss_chunk_tokens)
     # Allocating on the target device directly skips a host copy of the stage (and is much faster to init).
     with torch.device(device):
-        model = PipelineModel(specs, boundaries, topology=topology, loss_fn=token_mean_loss)
+        model = PipelineModel(specs, boundaries, topology=topology, loss_fn=loss_fn)
         std = getattr(hf_config, "initializer_range", 0.02)
         for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
             module = _layer_module(layer)
@@ -210,7 +237,8 @@ def load_pipeline_weights(model: PipelineModel, family: ModelFamily, hf_config, 
                                f"{' '.join(first_line)}") from None
 
 
-def token_mean_loss(outputs, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def token_mean_loss(outputs, labels: tuple[torch.Tensor, torch.Tensor], chunk_tokens: int | None = None
+                    ) -> torch.Tensor:
     """Cross entropy summed over a micro batch's labelled tokens, times ``loss_scale`` (plus an auxiliary term).
 
     The training loop sets ``loss_scale = gradient_accumulation_steps * D / (labelled tokens in the global
@@ -219,15 +247,23 @@ def token_mean_loss(outputs, labels: tuple[torch.Tensor, torch.Tensor]) -> torch
     of the global batch: a long sample weighs by its tokens, not by its micro batch.
 
     ``outputs`` is the logits, or ``(logits, aux)`` for a family with an auxiliary loss, ``aux`` being that loss
-    (coefficient included) on this micro batch alone. It is added unscaled, so the same division and averaging
+    (coefficient included) on this micro batch alone. ``aux`` is added unscaled, so the same division and averaging
     make the step's auxiliary term the mean of ``aux`` over the global batch's micro batches (all replicas).
     With one micro batch that is the term on the global batch; with several it is the reference's term only if
     the term is linear in the tokens, which mixtral's load-balancing loss is not (see ``pipellm.models.mixtral``).
+    With ``chunk_tokens``, ``outputs`` is ``(hidden, weight[, aux])``, projected and scored that many tokens at a
+    time (``pipellm.chunked_loss``).
     """
-    logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
     targets, loss_scale = labels
-    losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100,
-                             reduction="sum")
+    if chunk_tokens is None:
+        logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
+        losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100,
+                                 reduction="sum")
+    else:
+        hidden, weight, *extra = outputs
+        aux = extra[0] if extra else None
+        losses = chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.view(-1),
+                                              chunk_tokens)
     loss = losses * loss_scale.to(losses.dtype).reshape(())
     return loss if aux is None else loss + aux
 

@@ -63,13 +63,14 @@ class RunShape:
     flash_attn: bool
     packed: bool
     compile_layers: bool
+    loss_chunk_tokens: int | None = None
 
     @classmethod
     def of(cls, cfg: TrainConfig, on_gpu: bool) -> RunShape:
         ds = cfg.deepspeed
         dtype = torch.bfloat16 if _enabled(ds, "bf16") else torch.float16 if _enabled(ds, "fp16") else torch.float32
         return cls(cfg.micro_batch_size, cfg.max_seq_len, dtype, cfg.use_grad_ckpt, cfg.use_flash_attn,
-                   cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers)
+                   cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers, cfg.loss_chunk_tokens)
 
 
 def _enabled(ds_config: dict, key: str) -> bool:
@@ -134,7 +135,8 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
     from pipellm.pipeline import init_weights, layer_specs, token_mean_loss
 
     specs = layer_specs(family, hf_config, shape.grad_ckpt,
-                        AttentionOptions(use_flash_attn=shape.flash_attn, packed=shape.packed), shape.compile_layers)
+                        AttentionOptions(use_flash_attn=shape.flash_attn, packed=shape.packed), shape.compile_layers,
+                        shape.loss_chunk_tokens)
     embed_spec, decoder_spec, norm_spec, head_spec = specs[0], specs[1], specs[-2], specs[-1]
     tied = isinstance(head_spec, TiedLayerSpec)
     torch.manual_seed(0)
@@ -156,7 +158,7 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
         return sum(p.numel() for m in modules for p in m.parameters())
 
     def head_and_loss(inputs):
-        return token_mean_loss(head(norm(inputs)), (targets, loss_scale))
+        return token_mean_loss(head(norm(inputs)), (targets, loss_scale), shape.loss_chunk_tokens)
 
     embed_cost, hidden = _measure(embed, (input_ids, position_ids), list(embed.parameters()), device)
     decoder_cost, hidden = _measure(decoder, hidden, list(decoder.parameters()), device)
@@ -500,7 +502,8 @@ def format_plan(plan: Plan, profile: Profile, state: StateBytes, shape: RunShape
         f"{profile.num_decoders + 2} pipeline layers; {num_stages} stages x {cfg.data_degree} replica(s); "
         f"{micro_batches} micro batches of {shape.micro_batch} x {shape.seq_len} tokens per step",
         f"settings: {dtype}, grad ckpt {on[shape.grad_ckpt]}, flash attention {on[shape.flash_attn]}, "
-        f"packing {on[shape.packed]}, compiled layers {on[shape.compile_layers]}",
+        f"packing {on[shape.packed]}, compiled layers {on[shape.compile_layers]}, loss chunks "
+        f"{shape.loss_chunk_tokens or 'off'}",
         f"measured on {profile.device}, fwd+bwd of one micro batch (median of {TIMED_STEPS} after {WARMUP_STEPS} "
         f"warm-up): " + ", ".join(f"{k} {c.seconds * 1e3:.3f} ms" for k, c in kinds.items()),
         "activations held per micro batch: " + ", ".join(f"{k} {_size(c.held_bytes)}" for k, c in kinds.items())

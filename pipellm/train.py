@@ -98,7 +98,8 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     model = build_pipeline(family, hf_config, topology, cfg.model_topo.parts, use_grad_ckpt=cfg.use_grad_ckpt,
                            use_flash_attn=cfg.use_flash_attn, seed=cfg.seed,
                            compile_layers=on_gpu if cfg.compile_layers is None else cfg.compile_layers,
-                           device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu", packed=cfg.packing)
+                           device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu", packed=cfg.packing,
+                           loss_chunk_tokens=cfg.loss_chunk_tokens)
     if resume is not None:
         resume.check_layout(layout_of(model))
     weights_dir = resume.weights_dir if resume is not None else None if cfg.from_scratch else cfg.model_path

@@ -85,8 +85,9 @@ def prepare(argv=None) -> tuple[TrainConfig, object]:
     if cfg.resume is not None or cfg.early_stopping.patience:
         raise PipellmError("`resume` and `early_stopping` are pipeline training's (train_ds.py); train_ds_zero.py "
                            "does not resume or stop early: remove them")
-    if cfg.compile_layers:
-        raise PipellmError("`compile_layers` is not supported by train_ds_zero.py; remove it or set it to null")
+    for key in ("compile_layers", "loss_chunk_tokens"):
+        if getattr(cfg, key):
+            raise PipellmError(f"`{key}` is not supported by train_ds_zero.py; remove it or set it to null")
     stage = cfg.deepspeed.setdefault("zero_optimization", {}).setdefault("stage", 3)
     if stage != 3:
         raise PipellmError(f"`zero_optimization.stage` is {stage}; train_ds_zero.py is the ZeRO-3 baseline: "

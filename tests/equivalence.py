@@ -20,6 +20,8 @@ from distributed import free_port, run_distributed
 
 MICRO_BATCH = 2
 SEQ = 12
+CHUNK_TOKENS = 5
+"""``loss_chunk_tokens`` of the chunked-loss cases: 24 tokens per micro batch make chunks of 5, 5, 5, 5, 4."""
 LAUNCHER_DATA = str(REPO / "pipellm" / "assets" / "data" / "sample.jsonl")
 
 
@@ -50,12 +52,13 @@ class GradCapture(torch.optim.Optimizer):
 
 
 def pipeline_rank(rank, family_name, cases, dims, gas, out_dir):
-    """Run every ``(config, state_dict, batch)`` case in this process (one spawn amortised over the cases)."""
-    results = [_train_batch(family_name, config, state_dict, batch, dims, gas) for config, state_dict, batch in cases]
+    """Run every ``(config, state_dict, batch[, loss_chunk_tokens])`` case in this process (one spawn amortised
+    over the cases)."""
+    results = [_train_batch(family_name, *case[:3], dims, gas, *case[3:]) for case in cases]
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-def _train_batch(family_name, config, state_dict, batch, dims, gas) -> dict:
+def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_tokens=None) -> dict:
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
@@ -65,7 +68,7 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas) -> dict:
 
     family = get_family(family_name)
     topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
-    model = build_pipeline(family, config, topology, "uniform", seed=0)
+    model = build_pipeline(family, config, topology, "uniform", seed=0, loss_chunk_tokens=loss_chunk_tokens)
     # Load this rank's layers straight from the reference state dict through the family's key map.
     names = {}
     for index, layer in zip(model.local_layer_indices, model.forward_funcs):
@@ -96,8 +99,8 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas) -> dict:
 
 
 def run_pipelines(family_name: str, cases: list[tuple], dims, gas, out_dir: Path) -> list[list[dict]]:
-    """For each ``(config, state_dict, batch)`` case, each rank's ``{"loss", "grads"}`` after one
-    ``train_batch`` of the pipeline on ``dims = [pipe, data]``."""
+    """For each ``(config, state_dict, batch[, loss_chunk_tokens])`` case, each rank's ``{"loss", "grads"}``
+    after one ``train_batch`` of the pipeline on ``dims = [pipe, data]``."""
     world = dims[0] * dims[1]
     run_distributed(world, pipeline_rank, family_name, cases, dims, gas, str(out_dir))
     per_rank = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
@@ -107,6 +110,13 @@ def run_pipelines(family_name: str, cases: list[tuple], dims, gas, out_dir: Path
 def run_pipeline(family_name: str, config, state_dict, batch, dims, gas, out_dir: Path) -> list[dict]:
     """``run_pipelines`` for one case."""
     return run_pipelines(family_name, [(config, state_dict, batch)], dims, gas, out_dir)[0]
+
+
+def run_pipeline_both_losses(family_name: str, config, state_dict, batch, dims, gas, out_dir: Path
+                             ) -> list[list[dict]]:
+    """``run_pipeline`` with the whole-batch loss and with ``loss_chunk_tokens=CHUNK_TOKENS``, in one spawn."""
+    cases = [(config, state_dict, batch), (config, state_dict, batch, CHUNK_TOKENS)]
+    return run_pipelines(family_name, cases, dims, gas, out_dir)
 
 
 def assert_matches_reference(results: list[dict], ref_loss: torch.Tensor, ref_grads: dict[str, torch.Tensor],

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
-from equivalence import (LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, make_batch, run_pipelines,
-                         train_through_launcher)
+from equivalence import (CHUNK_TOKENS, LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, make_batch,
+                         run_pipelines, train_through_launcher)
 from pipellm.checkpoint import layer_file_name
 from pipellm.convert import hg_to_pp, main as convert_main, pp_to_hg
 from pipellm.errors import PipellmError
@@ -188,8 +188,10 @@ def reference_case(position: str, tmp_path, gas: int, replicas: int = 1):
 def test_loss_and_grads_match_reference(dims, gas, tmp_path):
     """Both variants in one distributed run per stage count (one spawn of the process group for both)."""
     cases = [reference_case(position, tmp_path, gas) for position in ("rope", "alibi")]
-    results = run_pipelines("baichuan", [case for case, _, _ in cases], dims, gas, tmp_path)
-    for case_results, (_, loss, grads) in zip(results, cases, strict=True):
+    # Each with the whole micro batch's logits at once, and with loss_chunk_tokens' chunks.
+    runs = [(case + extra, loss, grads) for case, loss, grads in cases for extra in ((), (CHUNK_TOKENS,))]
+    results = run_pipelines("baichuan", [case for case, _, _ in runs], dims, gas, tmp_path)
+    for case_results, (_, loss, grads) in zip(results, runs, strict=True):
         assert_matches_reference(case_results, loss, grads, set(grads))
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import BloomConfig, BloomForCausalLM
 
 from equivalence import (LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, copy_tiny_tokenizer, make_batch,
-                         run_pipeline, train_through_launcher)
+                         run_pipeline_both_losses, train_through_launcher)
 from pipellm.checkpoint import layer_file_name
 from pipellm.convert import hg_to_pp, pp_to_hg
 from pipellm.quickstart import mean_token_loss
@@ -37,8 +37,9 @@ def test_loss_and_grads_match_transformers(dims, gas, tmp_path):
     assert "lm_head.weight" not in ref_grads  # tied: the reference's one weight is the embedding's
     state_dict = {k: v.clone() for k, v in reference.state_dict().items()}
 
-    results = run_pipeline("bloom", config, state_dict, batch, dims, gas, tmp_path)
-    assert_matches_reference(results, ref_loss, ref_grads, set(ref_grads))
+    # The whole micro batch's logits at once, and loss_chunk_tokens' chunks.
+    for results in run_pipeline_both_losses("bloom", config, state_dict, batch, dims, gas, tmp_path):
+        assert_matches_reference(results, ref_loss, ref_grads, set(ref_grads))
 
 
 def test_both_layouts_round_trip_bit_exact(tmp_path):

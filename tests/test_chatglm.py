@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import GlmConfig, GlmForCausalLM
 
-from equivalence import MICRO_BATCH, assert_matches_reference, make_batch, run_pipeline, train_through_launcher
+from equivalence import (MICRO_BATCH, assert_matches_reference, make_batch, run_pipeline_both_losses,
+                         train_through_launcher)
 from pipellm.checkpoint import layer_file_name
 from pipellm.convert import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
@@ -111,8 +112,9 @@ def test_loss_and_grads_match_glm_reference(dims, gas, tmp_path):
     ref_grads = to_chatglm({name: p.grad for name, p in reference.named_parameters()})
     state_dict = to_chatglm({k: v.clone() for k, v in reference.state_dict().items()})
 
-    results = run_pipeline("chatglm", config, state_dict, batch, dims, gas, tmp_path)
-    assert_matches_reference(results, ref_loss, ref_grads, set(ref_grads))
+    # The whole micro batch's logits at once, and loss_chunk_tokens' chunks.
+    for results in run_pipeline_both_losses("chatglm", config, state_dict, batch, dims, gas, tmp_path):
+        assert_matches_reference(results, ref_loss, ref_grads, set(ref_grads))
 
 
 def test_checkpoint_layout_round_trips_bit_exact(tmp_path):

@@ -62,6 +62,7 @@ BAD = {
     "eval twice": (dict(eval_ratio=0.1, eval_data_path=DATA), ["`eval_data_path` or `eval_ratio`, not both"]),
     "missing eval data": (dict(eval_data_path="/nonexistent/eval.jsonl"),
                           ["`eval_data_path` file /nonexistent/eval.jsonl does not exist"]),
+    "loss chunk": (dict(loss_chunk_tokens=0), ["`loss_chunk_tokens` must be >= 1 (or null: no chunking), got 0"]),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from equivalence import MICRO_BATCH, assert_matches_reference, make_batch, run_pipeline
+from equivalence import MICRO_BATCH, assert_matches_reference, make_batch, run_pipeline_both_losses
 
 
 def tiny_config(tied: bool, kv_heads: int, rope_parameters=None) -> LlamaConfig:
@@ -42,9 +42,10 @@ def test_loss_and_grads_match_transformers(case, tmp_path):
     ref_grads = {name: p.grad for name, p in reference.named_parameters()}
     state_dict = {k: v.clone() for k, v in reference.state_dict().items()}
 
-    results = run_pipeline("llama", config, state_dict, batch, spec["dims"], spec["gas"], tmp_path)
-    assert_matches_reference(results, ref_loss, ref_grads,
-                             set(ref_grads) - ({"lm_head.weight"} if spec["tied"] else set()))
+    # The whole micro batch's logits at once, and loss_chunk_tokens' chunks.
+    for results in run_pipeline_both_losses("llama", config, state_dict, batch, spec["dims"], spec["gas"], tmp_path):
+        assert_matches_reference(results, ref_loss, ref_grads,
+                                 set(ref_grads) - ({"lm_head.weight"} if spec["tied"] else set()))
 
 
 def test_compiled_layers_match_eager():

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from equivalence import (MICRO_BATCH, assert_matches_reference, copy_tiny_tokenizer, make_batch,
-                         run_pipeline, train_through_launcher)
+                         run_pipeline_both_losses, train_through_launcher)
 from pipellm.checkpoint import layer_file_name
 from pipellm.convert import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
@@ -93,8 +93,9 @@ def test_loss_and_grads_match_transformers(case, tmp_path):
     ref_loss.backward()
     ref_grads = to_file_layout({name: p.grad for name, p in reference.named_parameters()})
 
-    results = run_pipeline("mixtral", config, state_dict, batch, dims, gas, tmp_path)
-    assert_matches_reference(results, ref_loss, ref_grads, set(ref_grads))
+    # The whole micro batch's logits at once, and loss_chunk_tokens' chunks.
+    for results in run_pipeline_both_losses("mixtral", config, state_dict, batch, dims, gas, tmp_path):
+        assert_matches_reference(results, ref_loss, ref_grads, set(ref_grads))
 
 
 def test_per_expert_layout_round_trips_bit_exact(tmp_path):

@@ -95,18 +95,9 @@ class BaichuanDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class NormHead(nn.Linear):
-    """Baichuan2's head: logits against the L2-normalised rows of the weight; the stored weight is the raw one."""
-
-    def __init__(self, config):
-        super().__init__(config.hidden_size, config.vocab_size, bias=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, F.normalize(self.weight, dim=-1))
-
-
-def tied_head_forward(embedding: llama.LlamaEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, F.normalize(embedding.weight, dim=-1))
+def normalized_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Baichuan2's NormHead: logits against the L2-normalised rows of the head; the stored weight is the raw one."""
+    return F.normalize(weight, dim=-1)
 
 
 def _llama_layer(kind: str, state: dict, config) -> dict:
@@ -149,10 +140,10 @@ FAMILY = ModelFamily(
     embed=llama.LlamaEmbedding,
     decoder=BaichuanDecoderLayer,
     norm=llama.LlamaFinalNorm,
-    head=NormHead,
+    head=llama.LlamaHead,
     key_map=KEY_MAP,
     tied_weight="weight",
-    tied_head_forward=tied_head_forward,
+    head_weight=normalized_rows,
     # baichuan2-7b (32 decoder layers, 125k vocabulary): the head costs about 2.5 decoder layers of FLOPs, the
     # embedding about as much memory, so both end stages take fewer decoder layers. For baichuan2-13b (40
     # layers, head about 2 layers) use 8: [6, 6, 6, 5, 5, 5, 5, 4], 4: [11, 11, 11, 9], 2: [22, 20].

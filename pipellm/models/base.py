@@ -10,8 +10,9 @@ Pipeline layers, in order (DeepSpeed layer index in brackets, N = number of deco
 * ``embed``   [0]        token embedding; ``forward(input_ids) -> hidden``
 * ``decoder`` [1 .. N]   one decoder block each; ``forward(hidden, position_ids) -> hidden``
 * ``norm``    [N + 1]    the final norm; ``forward(hidden) -> hidden``
-* ``head``    [N + 2]    the output projection; ``forward(hidden) -> logits``. With tied embeddings the
-  head reuses the ``embed`` module's weight (DeepSpeed ``TiedLayerSpec``) and has no file of its own.
+* ``head``    [N + 2]    the output projection, a bias-free ``weight`` (vocab x hidden); logits are
+  ``hidden @ head_weight(weight).T``. With tied embeddings the head reuses the ``embed`` module's weight
+  (DeepSpeed ``TiedLayerSpec``) and has no file of its own.
 
 Users count ``norm`` and ``head`` together as one "head" layer when they write ``parts`` (as the original
 design does: llama-7b on 8 stages is ``[5, 4, 4, 4, 4, 4, 4, 5]``), so ``sum(parts) == N + 2``.
@@ -25,6 +26,11 @@ from typing import Callable
 from torch import nn
 
 LAYER_KINDS = ("embed", "decoder", "norm", "head")
+
+
+def stored_weight(weight):
+    """The head's weight as stored: what most families compute logits against."""
+    return weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +101,8 @@ class ModelFamily:
     key_map: KeyMap
     tied_weight: str
     """Attribute path of the embedding weight inside ``embed`` that the head reuses when tied."""
-    tied_head_forward: Callable
-    """``f(embed_module, hidden) -> logits`` used as the head when the embeddings are tied."""
+    head_weight: Callable = stored_weight
+    """``f(stored weight) -> the weight the logits are computed against`` (baichuan2 normalises its rows)."""
     default_parts: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     """Recommended ``parts`` for a stage count, for the family's common sizes (keyed by stage count)."""
     ignored_hf_keys: tuple[str, ...] = ()

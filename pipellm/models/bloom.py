@@ -112,10 +112,6 @@ class BloomHead(nn.Linear):
         super().__init__(config.hidden_size, config.vocab_size, bias=False)
 
 
-def tied_head_forward(embedding: BloomEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, embedding.word_embeddings.weight)
-
-
 FAMILY = ModelFamily(
     name="bloom",
     embed=BloomEmbedding,
@@ -131,7 +127,6 @@ FAMILY = ModelFamily(
     # word_embeddings_layernorm, which the tied head does not use. It gets no gradient and is never saved (the
     # tied head has no layer file), so only stage 0's copy is the model's.
     tied_weight="word_embeddings.weight",
-    tied_head_forward=tied_head_forward,
     # bloom-7b1 (30 decoder layers, 250k vocabulary): the tied head's logits cost about 4.7 decoder layers of
     # FLOPs, so the last stage holds the head alone; the first stage holds the other copy of the 1B-parameter
     # embedding (with its optimizer state), so it takes fewer decoder layers than the middle stages.

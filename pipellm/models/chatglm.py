@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from pipellm.attention import AttentionOptions, causal_attention
 from pipellm.errors import PipellmError
 from pipellm.models.base import KeyMap, ModelFamily
-from pipellm.models.llama import RMSNorm, tied_head_forward
+from pipellm.models.llama import RMSNorm
 
 
 class ChatGLMConfig(PretrainedConfig):
@@ -171,7 +171,6 @@ FAMILY = ModelFamily(
                              "decoder": "transformer.encoder.layers.{i}.",
                              "norm": "transformer.encoder.final_layernorm.", "head": "transformer.output_layer."}),
     tied_weight="weight",
-    tied_head_forward=tied_head_forward,
     # chatglm3-6b (28 decoder layers + embedding + head = 30): every layout of 8 stages has a stage with 4 decoder
     # layers, so 4 bounds the step; the end stages take 2 each, the first because 1F1B keeps the most activations
     # in flight there, the last because its 65k-vocab head and loss cost about 1.5 decoder layers.

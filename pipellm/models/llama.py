@@ -132,10 +132,6 @@ class LlamaHead(nn.Linear):
         super().__init__(config.hidden_size, config.vocab_size, bias=False)
 
 
-def tied_head_forward(embedding: LlamaEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, embedding.weight)
-
-
 KEY_MAP = KeyMap(prefixes={"embed": "model.embed_tokens.", "decoder": "model.layers.{i}.", "norm": "model.norm.",
                           "head": "lm_head."})
 
@@ -147,7 +143,6 @@ FAMILY = ModelFamily(
     head=LlamaHead,
     key_map=KEY_MAP,
     tied_weight="weight",
-    tied_head_forward=tied_head_forward,
     # llama-7b (32 decoder layers + embedding + head = 34): the embedding and the head each cost about one
     # decoder layer of time at 32k vocab, so the end stages take one block more than the middle ones.
     default_parts={8: [5, 4, 4, 4, 4, 4, 4, 5], 4: [9, 8, 8, 9], 2: [17, 17]},

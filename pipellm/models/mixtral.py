@@ -27,7 +27,7 @@ from pipellm.attention import AttentionOptions
 from pipellm.errors import PipellmError
 from pipellm.models.base import ModelFamily
 from pipellm.models.llama import (KEY_MAP, LlamaAttention, LlamaEmbedding, LlamaFinalNorm, LlamaHead, RMSNorm,
-                                  RotaryEmbedding, tied_head_forward)
+                                  RotaryEmbedding)
 
 
 def check_config(config, config_path) -> None:
@@ -115,7 +115,6 @@ FAMILY = ModelFamily(
     head=LlamaHead,
     key_map=KEY_MAP,  # Mixtral's files use llama's names outside the experts
     tied_weight="weight",
-    tied_head_forward=tied_head_forward,
     # mixtral-8x7b (32 decoder layers + embedding + head = 34): 4 decoder layers per stage; the 32k-vocab head
     # costs about a third of a (top-2) decoder layer, so the end stages carry the embedding and the head.
     default_parts={8: [5, 4, 4, 4, 4, 4, 4, 5], 4: [9, 8, 8, 9], 2: [17, 17]},
