@@ -63,3 +63,12 @@ def test_all_tokens_ignored_gives_zero_loss_and_gradients():
     loss = chunked_linear_cross_entropy(h, w, torch.full_like(targets, -100), 6)
     loss.backward()
     assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
+
+
+def test_evaluation_without_autograd_gives_the_same_loss():
+    # engine.eval_batch runs the loss under no_grad.
+    hidden, raw, targets = inputs(3)
+    whole = F.cross_entropy(F.linear(hidden, raw), targets, ignore_index=-100, reduction="sum")
+    with torch.no_grad():
+        chunked = chunked_linear_cross_entropy(hidden, raw, targets, 7)
+    torch.testing.assert_close(chunked, whole)
