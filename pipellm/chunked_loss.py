@@ -2,8 +2,8 @@
 
 Computed whole, a micro batch's logits take tokens x vocab x (2 bytes in bf16 + 4 for the fp32 copy the loss
 reads + 4 for its gradient + 2 for the gradient in bf16): 12.6 GB for llama-7B's 32k vocabulary at 32k tokens.
-Here only one chunk's logits exist at a time, in the forward and again
-in the backward, which recomputes them (one more forward matmul of the head, the price of the memory).
+Here only one chunk's logits exist at a time, in the forward and again in the backward, which recomputes them
+(one more forward matmul of the head: the price of the memory).
 
 Each chunk's loss and gradients are computed exactly as the whole-batch loss computes them for those rows (the
 same operations, through autograd); only the weight gradient is a sum over chunks, accumulated in fp32.
