@@ -23,7 +23,7 @@ import csv
 import sys
 from pathlib import Path
 
-PIPELINE_METHODS = ("pipeline", "pipeline-flash", "pipeline-ckpt")
+from sweep import PIPELINE_METHODS
 
 
 def read_points(path: Path) -> dict[tuple[str, int], dict]:
