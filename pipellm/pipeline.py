@@ -87,11 +87,12 @@ class HeadStage:
         self.aux_loss = None if aux_loss is None else functools.partial(aux_loss, config=config)
 
     def forward(self, inputs):
-        if self.aux_loss is None:
-            return project(inputs, self.head_weight(self.weight), self.defer_projection)
-        hidden, stats = inputs
+        hidden, stats = (inputs, None) if self.aux_loss is None else inputs
         out = project(hidden, self.head_weight(self.weight), self.defer_projection)
-        return (*out, self.aux_loss(stats)) if self.defer_projection else (out, self.aux_loss(stats))
+        if self.aux_loss is None:
+            return out
+        aux = self.aux_loss(stats)
+        return (*out, aux) if self.defer_projection else (out, aux)
 
 
 def tied_head_forward(embed: nn.Module, hidden: torch.Tensor, *, weight_path: str, head_weight,
