@@ -4,9 +4,9 @@
     python convert_model.py hg_to_pp --input-path HF_DIR --save-path PP_DIR
     python convert_model.py pp_to_hg --input-path CKPT --save-path HF_OUT [--max-shard-size 5GB]
 
-See ``pipellm.convert`` for the formats and the guarantees.
+See ``pipellm.convert.converters`` for the formats and the guarantees.
 """
-from pipellm.convert import main
+from pipellm.convert.converters import main
 
 if __name__ == "__main__":
     main()

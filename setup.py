@@ -36,6 +36,6 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "test": ["pytest>=8", "pyflakes", "matplotlib"],  # the benchmark smoke test draws its plot
         "plot": ["matplotlib"],
-        "nvml": ["nvidia-ml-py"],  # the GPU profile's sampler (pipellm.gpu_profile)
+        "nvml": ["nvidia-ml-py"],  # the GPU profile's sampler (pipellm.observe.gpu_profile)
     },
 )

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Pipeline-parallel training: ``deepspeed [--num_gpus N | --hostfile H] train_ds.py --config configs/ds_config_pp.yml``.
 
-The logic lives in ``pipellm.train``.
+The logic lives in ``pipellm.training.train``.
 """
-from pipellm.train import main
+from pipellm.training.train import main
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """ZeRO-3 baseline: ``deepspeed [--num_gpus N | --hostfile H] train_ds_zero.py --config configs/ds_config_zero.yml``.
 
-The logic lives in ``pipellm.zero``.
+The logic lives in ``pipellm.training.zero``.
 """
-from pipellm.zero import main
+from pipellm.training.zero import main
 
 if __name__ == "__main__":
     main()

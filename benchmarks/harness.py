@@ -63,7 +63,7 @@ def write_model(work: Path, preset: str) -> Path:
     from transformers import LlamaConfig
 
     from pipellm.quickstart import TINY_LLAMA
-    from pipellm.tokenizer import load_tokenizer
+    from pipellm.data.tokenizer import load_tokenizer
 
     hidden, intermediate, layers, heads, kv_heads, vocab = PRESETS[preset]
     model_dir = work / "model"

@@ -8,7 +8,7 @@ every row (no padding), and a training YAML with ``from_scratch: true``; runs ``
 Appends one CSV row to ``--csv`` (default ``benchmarks/results/pipeline_runs.csv``). ``benchmarks/sweep.py``
 runs many such points, ZeRO-3 ones included.
 
-MFU = tokens/s/GPU x (6 x (N - N_embedding) + 12 x L x d x S) / peak FLOP/s (see ``pipellm.metrics``).
+MFU = tokens/s/GPU x (6 x (N - N_embedding) + 12 x L x d x S) / peak FLOP/s (see ``pipellm.observe.metrics``).
 """
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: the cores, <= 8)")
     args = parser.parse_args()
 
-    from pipellm.data import DataOptions, tokenize_file
-    from pipellm.tokenizer import load_tokenizer
+    from pipellm.data.cache import DataOptions, tokenize_file
+    from pipellm.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:

@@ -107,7 +107,7 @@ class TrainConfig:
     save_path: str
     """Directory for checkpoints (``global_step<N>/``, ``latest``) and ``metrics.jsonl``."""
     data_path: str | list[str]
-    """JSON list or JSONL file(s) of training records, of the five formats (README, ``pipellm/records.py``)."""
+    """JSON list or JSONL file(s) of training records, of the five formats (README, ``pipellm/data/records.py``)."""
     data_weights: list[float] | None = None
     """Mixing weight of each ``data_path`` file: per epoch, ``floor(w)`` copies of each sample of the file plus
     a fresh random ``frac(w)`` share of them (2: every sample twice; 0.3: a different 30% each epoch)."""

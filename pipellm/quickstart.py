@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from pipellm.config import load_config
-from pipellm.data import build_dataset
-from pipellm.templates import Encoder
-from pipellm.tokenizer import load_tokenizer
+from pipellm.data.cache import build_dataset
+from pipellm.data.templates import Encoder
+from pipellm.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "ds_config_pp.yml"))
     args = parser.parse_args(argv)
-    from pipellm.convert import hg_to_pp, pp_to_hg
+    from pipellm.convert.converters import hg_to_pp, pp_to_hg
 
     cfg = load_config(args.config)
     work = Path(cfg.model_path).parent

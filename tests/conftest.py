@@ -10,7 +10,7 @@ sys.path.insert(0, str(REPO))
 @pytest.fixture(scope="session")
 def tiny_pp_model(tmp_path_factory):
     """The embedded tiny llama, randomly initialised, as a Hugging Face dir and as pipeline layer files."""
-    from pipellm.convert import hg_to_pp
+    from pipellm.convert.converters import hg_to_pp
     from pipellm.quickstart import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")

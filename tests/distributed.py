@@ -17,7 +17,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        from pipellm.distributed import close_process_group, init_process_group
+        from pipellm.training.distributed import close_process_group, init_process_group
 
         init_process_group(timeout_s=300)
         fn(rank, *args)

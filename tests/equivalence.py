@@ -62,9 +62,9 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
-    from pipellm.batches import micro_batches
+    from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
-    from pipellm.pipeline import _layer_module, build_pipeline
+    from pipellm.pipeline.stages import _layer_module, build_pipeline
 
     family = get_family(family_name)
     topology = ProcessTopology(axes=["pipe", "data"], dims=dims)

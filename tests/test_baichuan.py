@@ -18,8 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from equivalence import (CHUNK_TOKENS, LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, make_batch,
                          run_pipelines, train_through_launcher)
-from pipellm.checkpoint import layer_file_name
-from pipellm.convert import hg_to_pp, main as convert_main, pp_to_hg
+from pipellm.pipeline.layer_files import layer_file_name
+from pipellm.convert.converters import hg_to_pp, main as convert_main, pp_to_hg
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
 from pipellm.models.baichuan import position_embedding

@@ -10,8 +10,8 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from equivalence import (LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, copy_tiny_tokenizer, make_batch,
                          run_pipeline_both_losses, train_through_launcher)
-from pipellm.checkpoint import layer_file_name
-from pipellm.convert import hg_to_pp, pp_to_hg
+from pipellm.pipeline.layer_files import layer_file_name
+from pipellm.convert.converters import hg_to_pp, pp_to_hg
 from pipellm.quickstart import mean_token_loss
 
 

@@ -18,8 +18,8 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from equivalence import (MICRO_BATCH, assert_matches_reference, make_batch, run_pipeline_both_losses,
                          train_through_launcher)
-from pipellm.checkpoint import layer_file_name
-from pipellm.convert import hg_to_pp, pp_to_hg
+from pipellm.pipeline.layer_files import layer_file_name
+from pipellm.convert.converters import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
 from remote_tokenizers import write_chatglm3_tokenizer

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipellm.chunked_loss import chunked_linear_cross_entropy
+from pipellm.pipeline.chunked_loss import chunked_linear_cross_entropy
 
 TOKENS, HIDDEN, VOCAB = 23, 16, 50
 

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 from pipellm.config import load_config
 from pipellm.errors import PipellmError
-from pipellm.train import main
+from pipellm.training.train import main
 
 DATA = str(REPO / "pipellm" / "assets" / "data" / "sample.jsonl")
 

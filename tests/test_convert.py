@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pipellm.convert import hg_to_pp, layer_file_name, pp_to_hg, resolve_checkpoint_dir
+from pipellm.convert.converters import hg_to_pp, layer_file_name, pp_to_hg, resolve_checkpoint_dir
 from pipellm.errors import PipellmError
 from pipellm.models import FAMILIES
 

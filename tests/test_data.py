@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from pipellm.data import build_dataset, pad_token_id
+from pipellm.data.cache import build_dataset, pad_token_id
 from pipellm.errors import PipellmError
-from pipellm.records import FORMATS, load_records, normalize
-from pipellm.templates import (ACTION_TEMPLATE, INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_NO_INPUT, Encoder,
+from pipellm.data.records import FORMATS, load_records, normalize
+from pipellm.data.templates import (ACTION_TEMPLATE, INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_NO_INPUT, Encoder,
                                builtin_segments)
 
 ASSETS = Path(__file__).resolve().parents[1] / "pipellm" / "assets"
@@ -211,7 +211,7 @@ def test_chat_template_masks_are_the_answers(record):
     expected = [r.replace("\n<|im_end|>", "<|im_end|>") for r in expected_runs(record, "<|im_end|>")]
     assert runs == expected
     # Tokens are those of the template's own rendering, tokenized as a whole.
-    from pipellm.templates import chat_messages
+    from pipellm.data.templates import chat_messages
 
     messages = chat_messages(normalize(record), encoder._chat)
     plain = [{k: v for k, v in m.items() if k in ("role", "content", "name")} for m in messages]

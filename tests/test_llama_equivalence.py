@@ -50,10 +50,10 @@ def test_loss_and_grads_match_transformers(case, tmp_path):
 
 def test_compiled_layers_match_eager():
     """``compile_layers`` changes kernels, not maths: same loss and gradients as eager (with checkpointing)."""
-    from pipellm.attention import AttentionOptions
-    from pipellm.batches import micro_batches
+    from pipellm.models.attention import AttentionOptions
+    from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
-    from pipellm.pipeline import layer_specs, token_mean_loss
+    from pipellm.pipeline.stages import layer_specs, token_mean_loss
 
     config = tiny_config(tied=False, kv_heads=2)
     batch = make_batch(4, torch.Generator().manual_seed(1))

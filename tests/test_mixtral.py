@@ -11,10 +11,10 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from equivalence import (MICRO_BATCH, assert_matches_reference, copy_tiny_tokenizer, make_batch,
                          run_pipeline_both_losses, train_through_launcher)
-from pipellm.checkpoint import layer_file_name
-from pipellm.convert import hg_to_pp, pp_to_hg
+from pipellm.pipeline.layer_files import layer_file_name
+from pipellm.convert.converters import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
-from pipellm.metrics import flops_per_token
+from pipellm.observe.metrics import flops_per_token
 from pipellm.models import load_model_config
 
 EXPERTS = 8

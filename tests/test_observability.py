@@ -25,13 +25,13 @@ import yaml
 import pipellm
 from conftest import REPO
 from pipellm.config import TrainConfig, load_config, validate_environment
-from pipellm.distributed import config_hash, data_fingerprint
+from pipellm.training.distributed import config_hash, data_fingerprint
 from pipellm.errors import PipellmError
-from pipellm.gpu_profile import COLUMNS, start_gpu_profile
-from pipellm.metrics import MetricsLog, StepFigures, flops_per_token
+from pipellm.observe.gpu_profile import COLUMNS, start_gpu_profile
+from pipellm.observe.metrics import MetricsLog, StepFigures, flops_per_token
 from pipellm.report import curves, main as report_main
-from pipellm.run_info import git_state
-from pipellm.sinks import open_sinks, scalars
+from pipellm.observe.run_info import git_state
+from pipellm.observe.sinks import open_sinks, scalars
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -337,7 +337,7 @@ def check_run_directory(save: Path, records: list[dict], data_files: list[str], 
 def test_a_resumed_run_replaces_the_tensorboard_points_after_its_checkpoint(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pipellm.sinks import TensorBoardSink
+    from pipellm.observe.sinks import TensorBoardSink
 
     first = TensorBoardSink(tmp_path)
     for step in range(1, 6):  # the first run logs steps 1-5, then dies; its checkpoint is at step 3

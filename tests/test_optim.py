@@ -19,7 +19,7 @@ from distributed import run_distributed
 from equivalence import LAUNCHER_DATA, MICRO_BATCH, launch_training, make_batch
 from pipellm.config import LRSchedule, NO_WEIGHT_DECAY, load_config
 from pipellm.errors import PipellmError
-from pipellm.optim import (NonFiniteRun, build_lr_scheduler, build_optimizer, check_pipeline_settings, lr_factor,
+from pipellm.training.optim import (NonFiniteRun, build_lr_scheduler, build_optimizer, check_pipeline_settings, lr_factor,
                            parameter_groups)
 
 
@@ -266,7 +266,7 @@ def family_groups(model_dir: str) -> dict:
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
     from pipellm.models import load_model_config
-    from pipellm.pipeline import build_pipeline, checkpoint_named_parameters
+    from pipellm.pipeline.stages import build_pipeline, checkpoint_named_parameters
 
     hf_config, family = load_model_config(model_dir)
     model = build_pipeline(family, hf_config, ProcessTopology(axes=["pipe", "data"], dims=[2, 1]), "uniform")
@@ -283,10 +283,10 @@ def engine_steps(mode: str, optimizer_name: str) -> dict:
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
-    from pipellm.batches import micro_batches
+    from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
-    from pipellm.optim import pipeline_optimizer
-    from pipellm.pipeline import build_pipeline, checkpoint_named_parameters
+    from pipellm.training.optim import pipeline_optimizer
+    from pipellm.pipeline.stages import build_pipeline, checkpoint_named_parameters
     from test_llama_equivalence import tiny_config
 
     config, family = tiny_config(tied=False, kv_heads=2), get_family("llama")
@@ -323,7 +323,7 @@ def train_main(config_path: str) -> dict:
     import contextlib
     import io
 
-    from pipellm.train import main
+    from pipellm.training.train import main
 
     printed = io.StringIO()
     with contextlib.redirect_stderr(printed):
@@ -369,7 +369,7 @@ def write_family_configs(root: Path) -> dict[str, str]:
 def write_nan_run(tmp_path: Path, pp_dir: Path) -> tuple[Path, Path]:
     """The tiny llama with a NaN in its final norm's weight (every step's loss and gradients are NaN), and a
     config that allows 2 such steps in a row. Returns the model and the config path."""
-    from pipellm.checkpoint import layer_file_name
+    from pipellm.pipeline.layer_files import layer_file_name
 
     broken = tmp_path / "broken"
     shutil.copytree(pp_dir, broken)
@@ -390,7 +390,7 @@ def test_two_stages(tmp_path, tiny_pp_model):
     NaN, which stops after a checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipellm.checkpoint import layer_file_name
+    from pipellm.pipeline.layer_files import layer_file_name
 
     model_dirs = write_family_configs(tmp_path / "families")
     broken, nan_config = write_nan_run(tmp_path, tiny_pp_model[1])
@@ -469,8 +469,8 @@ def first_step_reference(config_path: Path, hf_dir: Path) -> tuple[float, float]
     mean cross entropy over every labelled token, norm over all parameters' gradients."""
     from transformers import AutoModelForCausalLM
 
-    from pipellm.batches import Schedule, load_training_data
-    from pipellm.tokenizer import load_tokenizer
+    from pipellm.data.batches import Schedule, load_training_data
+    from pipellm.data.tokenizer import load_tokenizer
 
     cfg = load_config(config_path)
     data = load_training_data(cfg, load_tokenizer(hf_dir), show_progress=False)

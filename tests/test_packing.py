@@ -18,11 +18,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig
 
-import pipellm.data as data_module
-from pipellm.attention import AttentionOptions, sample_mask
-from pipellm.batches import (EpochPlan, SampleStore, Schedule, load_training_data, materialize, micro_batches, pack,
+import pipellm.data.cache as data_module
+from pipellm.models.attention import AttentionOptions, sample_mask
+from pipellm.data.batches import (EpochPlan, SampleStore, Schedule, load_training_data, materialize, micro_batches, pack,
                              split_eval)
-from pipellm.data import DataOptions, tokenize_file
+from pipellm.data.cache import DataOptions, tokenize_file
 from pipellm.errors import PipellmError
 
 ASSETS = Path(__file__).resolve().parents[1] / "pipellm" / "assets"
@@ -79,7 +79,7 @@ def test_packed_row_losses_equal_samples_alone(use_flash_attn, dtype, compile_la
     """Three samples packed in one row (plus padding) give each token the loss it has when its sample is
     alone in a padded row, with positions from 0; labels never reach across samples."""
     from pipellm.models import get_family
-    from pipellm.pipeline import layer_specs
+    from pipellm.pipeline.stages import layer_specs
 
     device = "cuda" if GPU else "cpu"
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""``parts: auto`` and ``python -m pipellm.plan`` (``pipellm/plan.py``): the partitioner is optimal (checked
+"""``parts: auto`` and ``python -m pipellm.plan`` (``pipellm/plan/``): the partitioner is optimal (checked
 against every contiguous split), the memory model adds up to a hand calculation on the tiny llama, a split that
 cannot fit fails with what to change, the command prints a plan for the tiny model, and under a real process
 group every rank trains the split rank 0 chose. (Training with ``parts: auto`` through the launcher:
@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from distributed import run_distributed
-from pipellm import plan
+from pipellm.plan import planner as plan
 from pipellm.config import load_config
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config

@@ -26,9 +26,9 @@ import yaml
 from conftest import REPO
 from distributed import free_port, run_distributed
 from pipellm.config import load_config
-from pipellm.convert import hg_to_pp, pp_to_hg
+from pipellm.convert.converters import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
-from pipellm.resume import (STATE_FILE, EarlyStoppingState, ResumePoint, capture_rng, restore_rng, rng_file)
+from pipellm.training.resume import (STATE_FILE, EarlyStoppingState, ResumePoint, capture_rng, restore_rng, rng_file)
 from test_optim import train_main
 
 SAMPLES = REPO / "pipellm" / "assets" / "data" / "sample.jsonl"
@@ -319,7 +319,7 @@ def test_deepspeed_checkpoint_reads_accept_only_the_allowed_records(tmp_path):
     import types
 
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
-    from pipellm.resume import load_checkpoints_weights_only
+    from pipellm.training.resume import load_checkpoints_weights_only
 
     engine = types.SimpleNamespace(checkpoint_engine=types.SimpleNamespace())
     load_checkpoints_weights_only(engine)

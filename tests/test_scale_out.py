@@ -19,7 +19,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from conftest import REPO
 from distributed import free_port
-from pipellm.distributed import run_owns_process_group
+from pipellm.training.distributed import run_owns_process_group
 from pipellm.errors import PipellmError
 
 DATA = str(REPO / "pipellm" / "assets" / "data" / "sample.jsonl")
@@ -143,7 +143,7 @@ def test_a_stall_finishes_the_gpu_profile_before_the_exit(tmp_path):
     script = f"""
 import time
 from pathlib import Path
-from pipellm.distributed import StallWatchdog
+from pipellm.training.distributed import StallWatchdog
 class Engine:
     _INSTRUCTION_MAP = {{}}
 watchdog = StallWatchdog(Engine(), 1, 0.5, before_exit=lambda: Path({str(tmp_path / "finished")!r}).touch())

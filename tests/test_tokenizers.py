@@ -10,9 +10,9 @@ import pytest
 import sentencepiece as spm
 
 from pipellm.errors import PipellmError
-from pipellm.records import normalize
-from pipellm.templates import Encoder
-from pipellm.tokenizer import ChatGLM3Tokenizer, SentencePieceTokenizer, load_tokenizer
+from pipellm.data.records import normalize
+from pipellm.data.templates import Encoder
+from pipellm.data.tokenizer import ChatGLM3Tokenizer, SentencePieceTokenizer, load_tokenizer
 from remote_tokenizers import write_baichuan2_tokenizer, write_chatglm3_tokenizer
 
 TEXTS = ["What is 5 minus 1?", " leading and  double  spaces ", "line one\nline two\n\n", "你好，世界。流水线并行",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from equivalence import LAUNCHER_DATA as DATA
 from equivalence import train_through_launcher
-from pipellm.convert import pp_to_hg
+from pipellm.convert.converters import pp_to_hg
 from pipellm.quickstart import mean_token_loss
 from test_observability import check_run_directory
 

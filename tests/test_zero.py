@@ -69,7 +69,7 @@ def test_zero3_trains_and_matches_the_pipeline_objective(tmp_path, tiny_pp_model
     ({"compile_layers": True}, "`compile_layers` is not supported"),
 ])
 def test_user_errors_name_the_key(tmp_path, tiny_pp_model, monkeypatch, change, message):
-    from pipellm.zero import prepare
+    from pipellm.training.zero import prepare
 
     hf_dir, pp_dir = tiny_pp_model
     config = {**BASE, "model_path": str(hf_dir), "save_path": str(tmp_path / "save"),

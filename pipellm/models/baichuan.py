@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 
-from pipellm.attention import AttentionOptions, causal_attention
+from pipellm.models.attention import AttentionOptions, causal_attention
 from pipellm.errors import PipellmError
 from pipellm.models import llama
 from pipellm.models.base import Export, KeyMap, ModelFamily

@@ -1,8 +1,8 @@
 """What a model family declares: its pipeline layers, its checkpoint key map and its default partition.
 
 A family is data plus four plain ``nn.Module`` classes. It knows nothing about pipelines, stages or
-DeepSpeed: ``pipellm.pipeline`` turns the declaration into ``PipelineModule`` layers, and
-``pipellm.convert`` uses the key map to move tensors between a Hugging Face checkpoint and one file per
+DeepSpeed: ``pipellm.pipeline.stages`` turns the declaration into ``PipelineModule`` layers, and
+``pipellm.convert.converters`` uses the key map to move tensors between a Hugging Face checkpoint and one file per
 pipeline layer.
 
 Pipeline layers, in order (DeepSpeed layer index in brackets, N = number of decoder layers):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipellm.attention import AttentionOptions, causal_attention
+from pipellm.models.attention import AttentionOptions, causal_attention
 from pipellm.models.base import KeyMap, ModelFamily
 
 

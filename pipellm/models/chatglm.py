@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from pipellm.attention import AttentionOptions, causal_attention
+from pipellm.models.attention import AttentionOptions, causal_attention
 from pipellm.errors import PipellmError
 from pipellm.models.base import KeyMap, ModelFamily
 from pipellm.models.llama import RMSNorm

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from pipellm.attention import AttentionOptions, causal_attention
+from pipellm.models.attention import AttentionOptions, causal_attention
 from pipellm.models.base import KeyMap, ModelFamily
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipellm.attention import AttentionOptions
+from pipellm.models.attention import AttentionOptions
 from pipellm.errors import PipellmError
 from pipellm.models.base import ModelFamily
 from pipellm.models.llama import (KEY_MAP, LlamaAttention, LlamaEmbedding, LlamaFinalNorm, LlamaHead, RMSNorm,

@@ -4,7 +4,7 @@ A pipeline checkpoint directory holds one ``layer_XX-model_states.pt`` per pipel
 exactly as DeepSpeed's ``PipelineModule`` saves and loads them (each is ``torch.save`` of one layer module's
 ``state_dict``), next to ``config.json`` and the tokenizer files. A training save directory holds one such
 directory per checkpoint tag (``global_step<N>``), a ``latest`` file naming the newest and, with eval data, a
-``best`` file naming the one with the best eval loss (saving and resuming: ``pipellm.resume``).
+``best`` file naming the one with the best eval loss (saving and resuming: ``pipellm.training.resume``).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 1. Read and validate the config (before any process group, so a bad file fails fast on every rank).
 2. Tokenize the data once into the on-disk cache (memory-mapped by every rank; each step's global batch is known
    to all ranks).
-3. Build this rank's pipeline stage and load only its layers (or resume a checkpoint: ``pipellm.resume``).
+3. Build this rank's pipeline stage and load only its layers (or resume a checkpoint: ``pipellm.training.resume``).
 4. Loop: one ``engine.train_batch`` per optimizer step; log; evaluate; checkpoint every ``save_steps``, at
    improving evals and at the end; stop early on SIGTERM or when the eval loss stops improving.
 
@@ -19,22 +19,22 @@ from pathlib import Path
 
 import torch
 
-from pipellm.batches import Schedule, TrainingData, load_training_data, micro_batches
+from pipellm.data.batches import Schedule, TrainingData, load_training_data, micro_batches
 from pipellm.config import (TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment,
                             validate_partition)
-from pipellm.distributed import (StallWatchdog, all_reduce, config_hash, data_fingerprint,
+from pipellm.training.distributed import (StallWatchdog, all_reduce, config_hash, data_fingerprint,
                                  init_process_group, run_owns_process_group, verify_same_run)
 from pipellm.errors import PipellmError
-from pipellm.gpu_profile import start_gpu_profile
-from pipellm.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
+from pipellm.observe.gpu_profile import start_gpu_profile
+from pipellm.observe.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
                              perplexity)
-from pipellm.run_info import write_run_info
-from pipellm.sinks import open_sinks
+from pipellm.observe.run_info import write_run_info
+from pipellm.observe.sinks import open_sinks
 from pipellm.models import load_model_config
 from pipellm.models.base import ModelFamily
-from pipellm.optim import NonFiniteRun, check_pipeline_settings, pipeline_optimizer
-from pipellm.checkpoint import layer_file_name, num_layer_files, resolve_checkpoint_dir
-from pipellm.resume import (CheckpointWriter, EarlyStoppingState, ResumePoint, StopOnSigterm, agree_on_start,
+from pipellm.training.optim import NonFiniteRun, check_pipeline_settings, pipeline_optimizer
+from pipellm.pipeline.layer_files import layer_file_name, num_layer_files, resolve_checkpoint_dir
+from pipellm.training.resume import (CheckpointWriter, EarlyStoppingState, ResumePoint, StopOnSigterm, agree_on_start,
                             cut_metrics_log, layout_of, stopped_message, trainer_state)
 
 
@@ -70,10 +70,10 @@ def prepare(argv=None):
 def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
-    from pipellm.tokenizer import load_tokenizer
+    from pipellm.data.tokenizer import load_tokenizer
 
     # imports deepspeed: after validation
-    from pipellm.pipeline import build_pipeline, checkpoint_named_parameters, load_pipeline_weights
+    from pipellm.pipeline.stages import build_pipeline, checkpoint_named_parameters, load_pipeline_weights
 
     stop_signal = StopOnSigterm()  # from the start: a SIGTERM during start-up stops after the first step
     resume = ResumePoint.find(cfg)
@@ -89,7 +89,7 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     config_digest, data_key = config_hash(dump_resolved(cfg)), data_fingerprint(cfg.data_paths)
     verify_same_run(config_digest, data_key)
     if cfg.model_topo.parts == "auto":  # needs the process group: rank 0 measures, every rank takes its split
-        from pipellm.plan import agreed_auto_parts
+        from pipellm.plan.planner import agreed_auto_parts
         cfg.model_topo.parts = agreed_auto_parts(cfg, hf_config, family, resume)
         config_digest = config_hash(dump_resolved(cfg))  # run_info's hash is of the config as run: with its split
     topo_cfg = cfg.model_topo.process_topology

@@ -1,7 +1,7 @@
 """``parts: auto`` and ``python -m pipellm.plan``: measure the layers, model the memory, choose the partition.
 
 1. **Profile** (``profile_layers``): build the embedding, ONE decoder layer and the head (final norm + output
-   projection + loss) of the configured family with pipellm's real stage wrappers (``pipellm.pipeline``), on the
+   projection + loss) of the configured family with pipellm's real stage wrappers (``pipellm.pipeline.stages``), on the
    local device, in the run's dtype, micro batch, sequence length, grad checkpointing, attention and compile
    settings; time a few forward+backward passes after warm-up ones, and measure the activation memory each
    keeps from its forward to its backward (its output included), and on GPUs the extra peak its backward needs.
@@ -131,8 +131,8 @@ def profile_layers(family: ModelFamily, hf_config, shape: RunShape, device: torc
 def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: torch.device) -> Profile:
     from deepspeed.pipe import TiedLayerSpec
 
-    from pipellm.attention import AttentionOptions
-    from pipellm.pipeline import init_weights, layer_specs, token_mean_loss
+    from pipellm.models.attention import AttentionOptions
+    from pipellm.pipeline.stages import init_weights, layer_specs, token_mean_loss
 
     specs = layer_specs(family, hf_config, shape.grad_ckpt,
                         AttentionOptions(use_flash_attn=shape.flash_attn, packed=shape.packed), shape.compile_layers,
@@ -455,7 +455,7 @@ def make_plan(profile: Profile, state: StateBytes, num_stages: int, micro_batche
 
 def user_counts(parts: list[int] | str, family: ModelFamily, hf_config, num_stages: int) -> list[int]:
     """``parts`` (a list, ``uniform`` or ``parameters``) as user-counted layers per stage, as training splits."""
-    from pipellm.pipeline import stage_boundaries
+    from pipellm.pipeline.stages import stage_boundaries
 
     return counts_of_boundaries(stage_boundaries(parts, family, hf_config, num_stages))
 
@@ -614,7 +614,7 @@ def main(argv=None) -> None:
                         help="auto, uniform, parameters or counts like 17,17 (default: the config's `parts`)")
     args = parser.parse_args(argv)
     try:
-        from pipellm.checkpoint import resolve_checkpoint_dir
+        from pipellm.pipeline.layer_files import resolve_checkpoint_dir
         from pipellm.config import validate_partition
 
         cfg = load_config(args.config)
@@ -646,5 +646,3 @@ def main(argv=None) -> None:
     print(text)
 
 
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Where a metrics record goes besides ``metrics.jsonl``, the log line and the bar: TensorBoard and W&B.
 
-``MetricsLog`` (``pipellm.metrics``) hands every record to each sink. A sink logs the record's ``scalars``: each
+``MetricsLog`` (``pipellm.observe.metrics``) hands every record to each sink. A sink logs the record's ``scalars``: each
 number under its ``metrics.jsonl`` name, a list's items as ``name/<index>`` (stage i's peak memory is
 ``peak_mem_gib_per_stage/i``), values that were not measured (``null``) left out, all at the record's ``step``.
 Sinks live on the logging rank (rank 0) only.

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipellm.checkpoint import (LAYER_FILE_RE, copy_model_files, layer_file_name, num_layer_files,
+from pipellm.pipeline.layer_files import (LAYER_FILE_RE, copy_model_files, layer_file_name, num_layer_files,
                                 resolve_checkpoint_dir)
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config

@@ -1,6 +1,6 @@
 """Training data on disk: tokenize each data file once into a cache of flat token arrays, then read rows from it.
 
-**Cache.** Each data file is tokenized (``pipellm.templates``) into ``<data_cache_dir>/<key>/``: ``tokens.bin``
+**Cache.** Each data file is tokenized (``pipellm.data.templates``) into ``<data_cache_dir>/<key>/``: ``tokens.bin``
 (int32 token ids of all samples, back to back), ``trained.bin`` (uint8, 1 where the token is a label),
 ``offsets.npy`` (sample boundaries) and ``meta.json`` (counts). The key hashes the file's content, the
 tokenizer (its full serialisation), the template, ``max_seq_len``, ``overlong`` and ``skip_bad_records``, so any
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from pipellm.errors import PipellmError
-from pipellm.records import BadRecord, PathArg, as_path_list, check_record, iter_raw, load_records
-from pipellm.templates import INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_NO_INPUT, IGNORE_INDEX, Encoder, TemplateError
+from pipellm.data.records import BadRecord, PathArg, as_path_list, check_record, iter_raw, load_records
+from pipellm.data.templates import INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_NO_INPUT, IGNORE_INDEX, Encoder, TemplateError
 
 __all__ = ["DataOptions", "TokenizedFile", "TokenizedDataset", "build_dataset", "tokenize_file", "pad_token_id",
            "load_records", "INSTRUCT_TEMPLATE", "INSTRUCT_TEMPLATE_NO_INPUT", "IGNORE_INDEX"]

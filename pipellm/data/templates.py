@@ -9,7 +9,7 @@ was trained.
 * ``chat``: the tokenizer's chat template (an error if it has none).
 
 With ChatGLM3's tokenizer (``pipellm.tokenizer.ChatGLM3Tokenizer``), ``auto`` and ``chat`` use ChatGLM3's own
-format instead of a chat template (``pipellm.chatglm3_format``: ``[gMASK]sop``, role tokens); ``builtin`` puts
+format instead of a chat template (``pipellm.data.chatglm3_format``: ``[gMASK]sop``, role tokens); ``builtin`` puts
 the built-in templates after ``[gMASK]sop``.
 
 ``pretrain`` records never go through a chat template: ``[BOS] text [EOS]``, every token trained.
@@ -50,7 +50,7 @@ import functools
 
 import numpy as np
 
-from pipellm.chatglm3_format import ChatGLM3Format
+from pipellm.data.chatglm3_format import ChatGLM3Format
 from pipellm.errors import PipellmError
 
 TEMPLATES = ("auto", "builtin", "chat")

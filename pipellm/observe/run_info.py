@@ -67,7 +67,7 @@ def data_files(paths: list[str], tokenized_files: list) -> list[dict]:
 def build_run_info(cfg: TrainConfig, data, ranks: list[dict], layout: dict, config_digest: str,
                    data_key: str) -> dict:
     """``data`` is the run's ``TrainingData``; ``ranks`` every rank's ``rank_identity``, in rank order."""
-    from pipellm.data import default_cache_dir
+    from pipellm.data.cache import default_cache_dir
 
     eval_files = data_files(cfg.eval_data_paths, data.eval_store.files) if cfg.eval_data_paths else []
     return {

@@ -1,6 +1,6 @@
 """``deepspeed train_ds_zero.py --config X.yml``: the DeepSpeed ZeRO-3 baseline that pipellm is measured against.
 
-The same YAML format, data layer (``pipellm.batches``: mixing, packing, eval split, global batch order) and loss
+The same YAML format, data layer (``pipellm.data.batches``: mixing, packing, eval split, global batch order) and loss
 as ``train_ds.py``, so the two runs compute the same objective (cross entropy averaged over every labelled token
 of the global batch) and differ only in how the model is spread over the GPUs:
 
@@ -17,7 +17,7 @@ of the global batch) and differ only in how the model is spread over the GPUs:
   makes the YAML's batch sizes mean what they mean for the pipeline (train = micro x accumulation x N).
 * ``zero_optimization`` defaults to ``{stage: 3}``; its keys, ZeRO++ ones included
   (``zero_quantized_weights``, ``zero_hpz_partition_size``, ``zero_quantized_gradients``), pass through.
-* The optimizer is pipellm's (``pipellm.optim``: torch's fused AdamW, or Lion), stepped by ZeRO on each rank's
+* The optimizer is pipellm's (``pipellm.training.optim``: torch's fused AdamW, or Lion), stepped by ZeRO on each rank's
   flat fp32 partition: the same update rule as the pipeline and no JIT-compiled DeepSpeed op at start-up.
 * ``use_grad_ckpt`` and ``use_flash_attn`` map to transformers' gradient checkpointing and attention
   implementation; ``compile_layers`` is not supported. Packed rows need no mask: transformers turns position
@@ -34,17 +34,17 @@ from pathlib import Path
 
 import torch
 
-from pipellm.batches import Schedule, load_training_data, micro_batches
+from pipellm.data.batches import Schedule, load_training_data, micro_batches
 from pipellm.config import TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment
-from pipellm.distributed import (all_reduce, config_hash, data_fingerprint, init_process_group,
+from pipellm.training.distributed import (all_reduce, config_hash, data_fingerprint, init_process_group,
                                  run_owns_process_group, verify_same_run)
 from pipellm.errors import PipellmError
-from pipellm.gpu_profile import start_gpu_profile
-from pipellm.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
+from pipellm.observe.gpu_profile import start_gpu_profile
+from pipellm.observe.metrics import (MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token, peak_memory_gib,
                              perplexity)
-from pipellm.optim import build_lr_scheduler, build_optimizer, zero_settings
-from pipellm.run_info import write_run_info
-from pipellm.sinks import open_sinks
+from pipellm.training.optim import build_lr_scheduler, build_optimizer, zero_settings
+from pipellm.observe.run_info import write_run_info
+from pipellm.observe.sinks import open_sinks
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -100,7 +100,7 @@ def attention_implementation(use_flash_attn: bool) -> str:
     """The flash-attn package's kernel where asked for and usable, else torch SDPA (which on GPUs picks its fused
     flash / cuDNN kernels for causal attention without a mask, as the pipeline's ``use_flash_attn`` does)."""
     if use_flash_attn and torch.cuda.is_available():
-        from pipellm.attention import flash_attn_func
+        from pipellm.models.attention import flash_attn_func
 
         if flash_attn_func() is not None:
             return "flash_attention_2"
@@ -148,10 +148,10 @@ def build_model(cfg: TrainConfig, hf_config, ds_config: dict):
 def train(cfg: TrainConfig, hf_config) -> None:
     import deepspeed
     import deepspeed.comm as dist
-    from pipellm.tokenizer import load_tokenizer
+    from pipellm.data.tokenizer import load_tokenizer
 
-    from pipellm.pipeline import token_mean_loss  # the pipeline's loss function: the same objective
-    from pipellm.resume import CheckpointWriter
+    from pipellm.pipeline.stages import token_mean_loss  # the pipeline's loss function: the same objective
+    from pipellm.training.resume import CheckpointWriter
 
     tokenizer = load_tokenizer(cfg.model_path)
     gpu_profile = start_gpu_profile(cfg.save_path, cfg.gpu_profile_interval_s)

@@ -13,7 +13,7 @@ gradient, since the loss is the mean over labelled tokens), so every sample is t
 (times its weight) and the micro batch shapes never change.
 
 **Packed rows** carry position ids that restart at 0 for each sample; attention uses them to keep each token
-within its own sample (``pipellm.attention``), so a packed sample's per-token losses are those it has alone.
+within its own sample (``pipellm.models.attention``), so a packed sample's per-token losses are those it has alone.
 
 Every rank can compute every global batch, which also gives each replica the number of labelled tokens of the
 whole global batch without a collective: the loss is normalised by it (``pipellm.pipeline.token_mean_loss``).
@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from pipellm.data import IGNORE_INDEX, TokenizedFile
+from pipellm.data.cache import IGNORE_INDEX, TokenizedFile
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -300,7 +300,7 @@ class TrainingData:
 
 def load_training_data(cfg, tokenizer, show_progress: bool = True) -> TrainingData:
     """Tokenize (or reuse the cache of) the config's data files and plan the epochs (``cfg``: a TrainConfig)."""
-    from pipellm.data import DataOptions, pad_token_id, tokenize_file, tokenizer_fingerprint
+    from pipellm.data.cache import DataOptions, pad_token_id, tokenize_file, tokenizer_fingerprint
     from pipellm.errors import PipellmError
 
     options = DataOptions(cfg.max_seq_len, cfg.template, cfg.overlong, cfg.skip_bad_records)

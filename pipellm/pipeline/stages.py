@@ -8,7 +8,7 @@ Between stages only tensors travel: ``(hidden, position_ids)`` until the final n
 with an auxiliary loss (``ModelFamily.aux_loss``) carries ``(hidden, position_ids, stats)`` from its first decoder
 on, and its head returns ``(logits, auxiliary loss term)``; other families carry nothing more. With
 ``loss_chunk_tokens`` the head hands the loss ``(hidden, projection weight)`` in place of the logits, and the loss
-projects a chunk of tokens at a time (``pipellm.chunked_loss``).
+projects a chunk of tokens at a time (``pipellm.pipeline.chunked_loss``).
 The batch that the data iterator yields is ``((input_ids, position_ids), (targets, loss_scale))``; see
 ``token_mean_loss`` for why the loss scale travels with the targets.
 """
@@ -25,9 +25,9 @@ from deepspeed.runtime import utils as ds_utils
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipellm.attention import AttentionOptions
-from pipellm.checkpoint import layer_file_name
-from pipellm.chunked_loss import chunked_linear_cross_entropy
+from pipellm.models.attention import AttentionOptions
+from pipellm.pipeline.layer_files import layer_file_name
+from pipellm.pipeline.chunked_loss import chunked_linear_cross_entropy
 from pipellm.errors import PipellmError
 from pipellm.models.base import ModelFamily
 
@@ -187,7 +187,7 @@ def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_
     """Build this rank's stage, randomly initialised (``load_pipeline_weights`` then loads a checkpoint).
 
     ``packed``: rows may hold several samples (``packing: true``); attention keeps to each sample.
-    ``loss_chunk_tokens``: the loss projects and scores this many tokens at a time (``pipellm.chunked_loss``).
+    ``loss_chunk_tokens``: the loss projects and scores this many tokens at a time (``pipellm.pipeline.chunked_loss``).
     Each layer's initialisation is seeded by its layer index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
@@ -253,7 +253,7 @@ def token_mean_loss(outputs, labels: tuple[torch.Tensor, torch.Tensor], chunk_to
     With one micro batch that is the term on the global batch; with several it is the reference's term only if
     the term is linear in the tokens, which mixtral's load-balancing loss is not (see ``pipellm.models.mixtral``).
     With ``chunk_tokens``, ``outputs`` is ``(hidden, weight[, aux])``, projected and scored that many tokens at a
-    time (``pipellm.chunked_loss``).
+    time (``pipellm.pipeline.chunked_loss``).
     """
     targets, loss_scale = labels
     if chunk_tokens is None:

@@ -87,7 +87,7 @@ class StepFigures:
 
 class MetricsLog:
     """Writes one JSON object per logged step to ``metrics.jsonl``, prints a readable line, drives a bar, and hands
-    the record to each of ``sinks`` (``pipellm.sinks``: TensorBoard, W&B): the one place a record fans out."""
+    the record to each of ``sinks`` (``pipellm.observe.sinks``: TensorBoard, W&B): the one place a record fans out."""
 
     def __init__(self, save_path: str | Path, total_steps: int, first_step: int, enabled: bool, sinks=()):
         self.enabled = enabled

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipellm.checkpoint import copy_model_files
+from pipellm.pipeline.layer_files import copy_model_files
 from pipellm.config import EarlyStopping, TrainConfig
-from pipellm.distributed import all_reduce
+from pipellm.training.distributed import all_reduce
 from pipellm.errors import PipellmError
 from pipellm.files import atomic_path, write_text_atomically
 

@@ -13,7 +13,7 @@ ship theirs as remote code: ``tokenizer_config.json`` names ``BaichuanTokenizer`
 * ``ChatGLMTokenizer`` -> ``ChatGLM3Tokenizer``: sentencepiece's pieces, then ``CHATGLM3_SPECIAL_TOKENS``
   appended after the last piece in that order (chatglm3-6b: ids 64789 ... 64797). A text encoded with special
   tokens is ``[gMASK] sop`` + its ids; EOS is ``</s>``, padding ``<unk>``; no BOS. Its data format (role tokens)
-  is ``pipellm.chatglm3_format``.
+  is ``pipellm.data.chatglm3_format``.
 
 Decoding writes the sentencepiece decoding of each run of ordinary ids and the name of each special token
 (left out with ``skip_special_tokens``). The tokenizer files are never rewritten: converters and training copy
@@ -79,7 +79,7 @@ class ChatGLM3Tokenizer(SentencePieceTokenizer):
     The special tokens are not added tokens: a text that contains ``<|user|>`` is encoded as the characters
     (as chatglm3's tokenizer does by default); the data layer inserts their ids (``command_id``)."""
 
-    #: The family's own prompt format, which the data layer uses (``pipellm.chatglm3_format``).
+    #: The family's own prompt format, which the data layer uses (``pipellm.data.chatglm3_format``).
     chat_format = "chatglm3"
 
     def __init__(self, vocab_file: str, **kwargs):
@@ -90,7 +90,7 @@ class ChatGLM3Tokenizer(SentencePieceTokenizer):
         self._command_tokens = {i: token for token, i in self.command_ids.items()}
         kwargs.update(add_bos_token=False, add_eos_token=False, bos_token=None)
         # chatglm3's jinja chat_template does not give build_single_message's ids (each piece of a message is
-        # encoded on its own there); pipellm.chatglm3_format does, so the template is not used.
+        # encoded on its own there); pipellm.data.chatglm3_format does, so the template is not used.
         kwargs.pop("chat_template", None)
         kwargs.setdefault("eos_token", "</s>")
         kwargs.setdefault("unk_token", "<unk>")

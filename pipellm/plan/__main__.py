@@ -1,0 +1,3 @@
+from pipellm.plan.planner import main
+
+main()
