@@ -3,7 +3,7 @@
     python benchmarks/loss_memory.py --tokens 2048,8192,16384 --vocab 32000 --hidden 512 --chunk 1024
 
 Each point runs in a fresh process: the head's weight and the hidden states are made, then one
-``token_mean_loss`` forward + backward as the pipeline runs it (``pipellm.pipeline.stages``, with and without
+``token_mean_loss`` forward + backward as the pipeline runs it (``pipellm.pipeline.loss``, with and without
 ``loss_chunk_tokens``). Peak memory above what was allocated before the pass: the CUDA allocator's peak on a
 GPU, the process's peak resident set (Linux) on CPU. The logits' share does not depend on ``--hidden`` (a small
 hidden size keeps the CPU run short); the weight gradient's does. Writes ``--csv`` and prints a table.
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _peak_bytes(queue, tokens: int, vocab: int, hidden_size: int, chunk: int | None, dtype: str) -> None:
     sys.path.insert(0, str(REPO))
-    from pipellm.pipeline.stages import token_mean_loss
+    from pipellm.pipeline.loss import token_mean_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

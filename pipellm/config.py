@@ -34,6 +34,53 @@ hybrid_engine eigenvalue progressive_layer_drop quantize_training sparse_attenti
 load_universal_checkpoint gradient_allreduce_op disable_python_gc graph_harvesting use_data_before_expert_parallelism
 """.split())
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepSpeedSettings:
+    """What pipellm reads of the DeepSpeed keys: the precision, the ZeRO stage and where ZeRO keeps the optimizer
+    and the weights. Read here only (``of``), so every module agrees on what a config asks for."""
+
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` (``bf16.enabled``) or ``fp16`` (``fp16.enabled``)."""
+    zero_stage: int = 0
+    """``zero_optimization.stage`` (0: no ZeRO)."""
+    offload_optimizer: str = "none"
+    """``zero_optimization.offload_optimizer.device``: ``none``, ``cpu`` or ``nvme``."""
+    offload_param: str = "none"
+    """``zero_optimization.offload_param.device`` (ZeRO-3 only)."""
+    fp32_grad_accumulation: bool = False
+    """``data_types.grad_accum_dtype`` is fp32 (bf16 runs accumulate gradients in bf16 otherwise)."""
+
+    @classmethod
+    def of(cls, ds_config: dict) -> "DeepSpeedSettings":
+        def enabled(key: str) -> bool:
+            return bool((ds_config.get(key) or {}).get("enabled"))
+
+        def device(key: str) -> str:
+            return str((zero.get(key) or {}).get("device", "none")).lower()
+
+        zero = ds_config.get("zero_optimization") or {}
+        accumulation = str((ds_config.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+        return cls(precision="bf16" if enabled("bf16") else "fp16" if enabled("fp16") else "fp32",
+                   zero_stage=int(zero.get("stage", 0)), offload_optimizer=device("offload_optimizer"),
+                   offload_param=device("offload_param"),
+                   fp32_grad_accumulation=accumulation in ("fp32", "float32", "float"))
+
+    @property
+    def dtype(self):
+        """The torch dtype of the weights the model computes with."""
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    @property
+    def low_precision(self) -> bool:
+        return self.precision != "fp32"
+
+
 # Spellings of the original project that keep working.
 ALIASES = {"n_epoches": "n_epochs"}
 
@@ -233,6 +280,10 @@ class TrainConfig:
     @property
     def global_batch_size(self) -> int:
         return self.deepspeed["train_batch_size"]
+
+    @property
+    def deepspeed_settings(self) -> DeepSpeedSettings:
+        return DeepSpeedSettings.of(self.deepspeed)
 
 
 def _type_ok(value, annotation) -> bool:

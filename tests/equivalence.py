@@ -64,7 +64,8 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
 
     from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
-    from pipellm.pipeline.stages import _layer_module, build_pipeline
+    from pipellm.pipeline.stages import build_pipeline
+    from pipellm.pipeline.weights import layer_module
 
     family = get_family(family_name)
     topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
@@ -72,7 +73,7 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     # Load this rank's layers straight from the reference state dict through the family's key map.
     names = {}
     for index, layer in zip(model.local_layer_indices, model.forward_funcs):
-        module = _layer_module(layer)
+        module = layer_module(layer)
         kind, decoder_index = family.layer_kind(index, config)
         if kind == "head" and family.is_tied(config):
             kind = "embed"

@@ -53,7 +53,8 @@ def test_compiled_layers_match_eager():
     from pipellm.models.attention import AttentionOptions
     from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
-    from pipellm.pipeline.stages import layer_specs, token_mean_loss
+    from pipellm.pipeline.loss import token_mean_loss
+    from pipellm.pipeline.stages import layer_specs
 
     config = tiny_config(tied=False, kv_heads=2)
     batch = make_batch(4, torch.Generator().manual_seed(1))

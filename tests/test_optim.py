@@ -266,7 +266,8 @@ def family_groups(model_dir: str) -> dict:
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
     from pipellm.models import load_model_config
-    from pipellm.pipeline.stages import build_pipeline, checkpoint_named_parameters
+    from pipellm.pipeline.stages import build_pipeline
+    from pipellm.pipeline.weights import checkpoint_named_parameters
 
     hf_config, family = load_model_config(model_dir)
     model = build_pipeline(family, hf_config, ProcessTopology(axes=["pipe", "data"], dims=[2, 1]), "uniform")
@@ -286,7 +287,8 @@ def engine_steps(mode: str, optimizer_name: str) -> dict:
     from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
     from pipellm.training.optim import pipeline_optimizer
-    from pipellm.pipeline.stages import build_pipeline, checkpoint_named_parameters
+    from pipellm.pipeline.stages import build_pipeline
+    from pipellm.pipeline.weights import checkpoint_named_parameters
     from test_llama_equivalence import tiny_config
 
     config, family = tiny_config(tied=False, kv_heads=2), get_family("llama")

@@ -1,4 +1,4 @@
-"""Turn a model family into a DeepSpeed ``PipelineModule``: stage wrappers, partition, weight loading, loss.
+"""Turn a model family into a DeepSpeed ``PipelineModule``: the stage wrappers and ``build_pipeline``.
 
 The family's modules have plain signatures (``decoder(hidden, position_ids) -> hidden``). The wrappers here
 are mixins that adapt them to DeepSpeed's one-argument layer convention, so a layer's ``state_dict`` keys stay
@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import functools
 import operator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from deepspeed.runtime import utils as ds_utils
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipellm.models.attention import AttentionOptions
-from pipellm.pipeline.layer_files import layer_file_name
-from pipellm.pipeline.chunked_loss import chunked_linear_cross_entropy
-from pipellm.errors import PipellmError
 from pipellm.models.base import ModelFamily
+from pipellm.pipeline.loss import token_mean_loss
+from pipellm.pipeline.partition import PipelineModel, stage_boundaries
+from pipellm.pipeline.weights import layer_module
 
 class EmbedStage:
     def forward(self, inputs):
@@ -137,49 +135,6 @@ def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: 
     return [embed, *decoders, LayerSpec(stage_class(NormStage, family.norm), hf_config), head]
 
 
-def parameter_costs(family: ModelFamily, hf_config) -> list[float]:
-    """Parameter count of each user-counted layer (embed, decoders, head), for ``parts: parameters``."""
-    with torch.device("meta"):
-        embed = sum(p.numel() for p in family.embed(hf_config).parameters())  # bloom's has a norm too
-        decoder = sum(p.numel() for p in family.decoder(hf_config).parameters())
-    return [float(embed)] + [float(decoder)] * family.num_decoder_layers(hf_config) + [float(embed)]
-
-
-def stage_boundaries(parts: list[int] | str, family: ModelFamily, hf_config, num_stages: int) -> list[int]:
-    """DeepSpeed layer boundaries (len num_stages + 1) from the user's ``parts``.
-
-    Users count the final norm and the head as one layer; DeepSpeed sees two, always on the last stage.
-    """
-    if parts == "uniform":
-        bounds = ds_utils.partition_uniform(num_items=family.num_decoder_layers(hf_config) + 2,
-                                            num_parts=num_stages)
-    elif parts == "parameters":
-        bounds = ds_utils.partition_balanced(weights=parameter_costs(family, hf_config), num_parts=num_stages)
-    else:
-        bounds = [0]
-        for count in parts:
-            bounds.append(bounds[-1] + count)
-    # plain ints: DeepSpeed's balanced partition returns numpy integers, which the run record cannot hold
-    return [int(b) for b in bounds[:-1]] + [int(bounds[-1]) + 1]
-
-
-class PipelineModel(PipelineModule):
-    """A ``PipelineModule`` whose stages hold exactly the layers given by ``boundaries``."""
-
-    def __init__(self, layers: list, boundaries: list[int], **kwargs):
-        self._boundaries = list(boundaries)
-        super().__init__(layers=layers, **kwargs)
-
-    def _partition_layers(self, method="uniform"):
-        self.parts = self._boundaries
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    @property
-    def local_layer_indices(self) -> range:
-        return range(self._local_start, self._local_stop)
-
-
 def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_ckpt: bool = False,
                    use_flash_attn: bool = False, compile_layers: bool = False, seed: int = 42,
                    device: str | torch.device = "cpu", packed: bool = False,
@@ -201,86 +156,7 @@ def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_
         model = PipelineModel(specs, boundaries, topology=topology, loss_fn=loss_fn)
         std = getattr(hf_config, "initializer_range", 0.02)
         for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
-            module = _layer_module(layer)
+            module = layer_module(layer)
             torch.manual_seed(seed + (0 if isinstance(layer, functools.partial) else layer_index))
             init_weights(module, std)
     return model
-
-
-def _layer_module(layer) -> nn.Module | None:
-    """The module that owns a pipeline layer's weights (a tied head's is the tied embedding)."""
-    if isinstance(layer, nn.Module):
-        return layer
-    if isinstance(layer, functools.partial):
-        return layer.args[0]
-    return None
-
-
-def load_pipeline_weights(model: PipelineModel, family: ModelFamily, hf_config, model_dir: str | Path) -> None:
-    """Load only this rank's layers from ``layer_XX-model_states.pt`` files (strict: every key must match)."""
-    model_dir = Path(model_dir)
-    for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
-        module = _layer_module(layer)
-        if module is None:
-            continue
-        kind, _ = family.layer_kind(layer_index, hf_config)
-        file_index = 0 if kind == "head" and family.is_tied(hf_config) else layer_index
-        path = model_dir / layer_file_name(file_index)
-        if not path.is_file():
-            raise PipellmError(f"missing pipeline layer file {path}; is `model_path` a `convert_model.py "
-                               f"hg_to_pp` output or a training checkpoint of this model?")
-        state = torch.load(path, map_location=next(module.parameters()).device, weights_only=True)
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first_line = str(e).strip().splitlines()[0:2]
-            raise PipellmError(f"{path} does not match layer {layer_index} ({kind}) of this model: "
-                               f"{' '.join(first_line)}") from None
-
-
-def token_mean_loss(outputs, labels: tuple[torch.Tensor, torch.Tensor], chunk_tokens: int | None = None
-                    ) -> torch.Tensor:
-    """Cross entropy summed over a micro batch's labelled tokens, times ``loss_scale`` (plus an auxiliary term).
-
-    The training loop sets ``loss_scale = gradient_accumulation_steps * D / (labelled tokens in the global
-    batch)``. DeepSpeed divides each micro batch's loss by the accumulation steps and averages gradients and
-    losses over the D replicas, so the step's loss and gradient are those of the mean over every labelled token
-    of the global batch: a long sample weighs by its tokens, not by its micro batch.
-
-    ``outputs`` is the logits, or ``(logits, aux)`` for a family with an auxiliary loss, ``aux`` being that loss
-    (coefficient included) on this micro batch alone. ``aux`` is added unscaled, so the same division and averaging
-    make the step's auxiliary term the mean of ``aux`` over the global batch's micro batches (all replicas).
-    With one micro batch that is the term on the global batch; with several it is the reference's term only if
-    the term is linear in the tokens, which mixtral's load-balancing loss is not (see ``pipellm.models.mixtral``).
-    With ``chunk_tokens``, ``outputs`` is ``(hidden, weight[, aux])``, projected and scored that many tokens at a
-    time (``pipellm.pipeline.chunked_loss``).
-    """
-    targets, loss_scale = labels
-    if chunk_tokens is None:
-        logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
-        losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100,
-                                 reduction="sum")
-    else:
-        hidden, weight, *extra = outputs
-        aux = extra[0] if extra else None
-        losses = chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.view(-1),
-                                              chunk_tokens)
-    loss = losses * loss_scale.to(losses.dtype).reshape(())
-    return loss if aux is None else loss + aux
-
-
-def checkpoint_named_parameters(model: PipelineModel, family: ModelFamily, hf_config) -> list[tuple[str, nn.Parameter]]:
-    """This stage's parameters, each named by its Hugging Face checkpoint key (``model.layers.3.mlp.up_proj.weight``,
-    ``model.norm.weight``), so name-based rules read the same on every stage and in ``train_ds_zero.py``. The
-    ``PipelineModule``'s own names do not say what a layer is (the final norm's weight is ``4.weight``)."""
-    named = {}
-    for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
-        module = _layer_module(layer)
-        if module is None:
-            continue
-        kind, decoder_index = family.layer_kind(layer_index, hf_config)
-        if kind == "head" and family.is_tied(hf_config):
-            kind = "embed"  # the tied head computes with the embedding module (the same parameters)
-        for key, param in module.named_parameters():
-            named.setdefault(id(param), (family.key_map.hf_key(kind, decoder_index, key), param))
-    return list(named.values())

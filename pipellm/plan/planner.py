@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from pipellm.config import TrainConfig, load_config
+from pipellm.config import DeepSpeedSettings, TrainConfig, load_config
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
 from pipellm.models.base import ModelFamily
@@ -67,14 +67,8 @@ class RunShape:
 
     @classmethod
     def of(cls, cfg: TrainConfig, on_gpu: bool) -> RunShape:
-        ds = cfg.deepspeed
-        dtype = torch.bfloat16 if _enabled(ds, "bf16") else torch.float16 if _enabled(ds, "fp16") else torch.float32
-        return cls(cfg.micro_batch_size, cfg.max_seq_len, dtype, cfg.use_grad_ckpt, cfg.use_flash_attn,
+        return cls(cfg.micro_batch_size, cfg.max_seq_len, cfg.deepspeed_settings.dtype, cfg.use_grad_ckpt, cfg.use_flash_attn,
                    cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers, cfg.loss_chunk_tokens)
-
-
-def _enabled(ds_config: dict, key: str) -> bool:
-    return bool((ds_config.get(key) or {}).get("enabled"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +126,8 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
     from deepspeed.pipe import TiedLayerSpec
 
     from pipellm.models.attention import AttentionOptions
-    from pipellm.pipeline.stages import init_weights, layer_specs, token_mean_loss
+    from pipellm.pipeline.loss import token_mean_loss
+    from pipellm.pipeline.stages import init_weights, layer_specs
 
     specs = layer_specs(family, hf_config, shape.grad_ckpt,
                         AttentionOptions(use_flash_attn=shape.flash_attn, packed=shape.packed), shape.compile_layers,
@@ -276,12 +271,10 @@ def state_bytes(ds_config: dict, data_degree: int) -> StateBytes:
                            f"of them")
     states = OPTIMIZER_STATES[name]
     optimizer_label = f"{states} {'AdamW' if states == 2 else 'Lion'} state{'s' if states > 1 else ''}"
-    zero = ds_config.get("zero_optimization") or {}
-    zero_stage = int(zero.get("stage", 0))
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
-    low = "bf16" if _enabled(ds_config, "bf16") else "fp16" if _enabled(ds_config, "fp16") else None
-    fp32_accumulation = str((ds_config.get("data_types") or {}).get("grad_accum_dtype", "")).lower() in \
-        ("fp32", "float32", "float")
+    settings = DeepSpeedSettings.of(ds_config)
+    zero_stage, offload = settings.zero_stage, settings.offload_optimizer != "none"
+    low = settings.precision if settings.low_precision else None
+    fp32_accumulation = settings.fp32_grad_accumulation
     weight = 2 if low else 4
     sharded = (4 + 4 * states) / data_degree
     shard_label = f"fp32 master + {optimizer_label}, sharded over {data_degree} replica(s)"
@@ -455,7 +448,7 @@ def make_plan(profile: Profile, state: StateBytes, num_stages: int, micro_batche
 
 def user_counts(parts: list[int] | str, family: ModelFamily, hf_config, num_stages: int) -> list[int]:
     """``parts`` (a list, ``uniform`` or ``parameters``) as user-counted layers per stage, as training splits."""
-    from pipellm.pipeline.stages import stage_boundaries
+    from pipellm.pipeline.partition import stage_boundaries
 
     return counts_of_boundaries(stage_boundaries(parts, family, hf_config, num_stages))
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipellm.config import LRSchedule
+from pipellm.config import DeepSpeedSettings, LRSchedule
 from pipellm.errors import PipellmError
 
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": 2e-5, "weight_decay": 0.0}}
@@ -116,8 +116,8 @@ def guarded(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
 def uses_deepspeed_step_wrapper(ds_config: dict) -> bool:
     """bf16, fp16 or ZeRO: DeepSpeed wraps the optimizer, and its wrapper computes the global gradient norm,
     clips by ``gradient_clipping`` and skips non-finite steps. Otherwise pipellm's ``FiniteStepGuard`` does."""
-    return any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")) \
-        or bool(ds_config.get("zero_optimization", {}).get("stage", 0))
+    settings = DeepSpeedSettings.of(ds_config)
+    return settings.low_precision or settings.zero_stage > 0
 
 
 def zero_settings(ds_config: dict) -> dict:
@@ -128,10 +128,10 @@ def zero_settings(ds_config: dict) -> dict:
     optimizer unless ``zero_force_ds_cpu_optimizer`` is false: it wants its ``DeepSpeedCPUAdam``, a C++ op
     JIT-compiled on first use. torch's fused CPU AdamW makes the same single pass over the partition's weights,
     gradients and moments with nothing to build."""
-    zero = ds_config.get("zero_optimization", {})
-    if not zero.get("stage", 0):
+    settings = DeepSpeedSettings.of(ds_config)
+    if not settings.zero_stage:
         return {}
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
+    offload = settings.offload_optimizer != "none"
     return {"zero_allow_untested_optimizer": True, **({"zero_force_ds_cpu_optimizer": False} if offload else {})}
 
 
@@ -220,23 +220,23 @@ def check_pipeline_settings(ds_config: dict) -> None:
     itself fails later, on every rank, with an assertion or a ValueError)."""
     from deepspeed.accelerator import get_accelerator
 
-    zero = ds_config.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
+    settings = DeepSpeedSettings.of(ds_config)
+    stage = settings.zero_stage
     if stage not in (0, 1):
         raise PipellmError(f"`zero_optimization.stage` {stage!r}: pipeline parallelism works with ZeRO stage 0 or 1 "
                            f"(DeepSpeed's pipeline engine cannot shard gradients or weights); use 1, optionally "
                            f"with `offload_optimizer: {{device: cpu}}`")
-    if (zero.get("offload_param") or {}).get("device", "none") != "none":
+    if settings.offload_param != "none":
         raise PipellmError("`zero_optimization.offload_param` needs ZeRO-3, which pipeline parallelism cannot use; "
                            "remove it (`offload_optimizer: {device: cpu}` works with stage 1)")
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    offload = settings.offload_optimizer
     if offload not in ("none", "cpu") or (offload == "cpu" and stage != 1):
         raise PipellmError(f"`zero_optimization.offload_optimizer.device` {offload!r} with stage {stage}: the "
                            f"pipeline offloads the optimizer to the CPU with ZeRO stage 1 only; set `stage: 1` and "
                            f"`device: cpu`, or remove `offload_optimizer`")
     accelerator = get_accelerator()
     for key, supported in (("fp16", accelerator.is_fp16_supported), ("bf16", accelerator.is_bf16_supported)):
-        if ds_config.get(key, {}).get("enabled") and not supported():
+        if settings.precision == key and not supported():
             raise PipellmError(f"`{key}.enabled`: DeepSpeed's {accelerator.device_name()} accelerator has no {key} "
                                f"support on this machine; train in {'bf16' if key == 'fp16' else 'fp32'} here, or "
                                f"on GPUs")

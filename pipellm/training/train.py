@@ -73,7 +73,8 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     from pipellm.data.tokenizer import load_tokenizer
 
     # imports deepspeed: after validation
-    from pipellm.pipeline.stages import build_pipeline, checkpoint_named_parameters, load_pipeline_weights
+    from pipellm.pipeline.stages import build_pipeline
+    from pipellm.pipeline.weights import checkpoint_named_parameters, load_pipeline_weights
 
     stop_signal = StopOnSigterm()  # from the start: a SIGTERM during start-up stops after the first step
     resume = ResumePoint.find(cfg)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from pipellm.data.batches import Schedule, load_training_data, micro_batches
-from pipellm.config import TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment
+from pipellm.config import DeepSpeedSettings, TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment
 from pipellm.training.distributed import (all_reduce, config_hash, data_fingerprint, init_process_group,
                                  run_owns_process_group, verify_same_run)
 from pipellm.errors import PipellmError
@@ -125,8 +125,7 @@ def build_model(cfg: TrainConfig, hf_config, ds_config: dict):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else \
-        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
+    dtype = DeepSpeedSettings.of(ds_config).dtype
     attn = attention_implementation(cfg.use_flash_attn)
     zero_init = ZeroInitConfig(ds_config)
     set_hf_deepspeed_config(zero_init)
@@ -150,7 +149,7 @@ def train(cfg: TrainConfig, hf_config) -> None:
     import deepspeed.comm as dist
     from pipellm.data.tokenizer import load_tokenizer
 
-    from pipellm.pipeline.stages import token_mean_loss  # the pipeline's loss function: the same objective
+    from pipellm.pipeline.loss import token_mean_loss  # the pipeline's loss function: the same objective
     from pipellm.training.resume import CheckpointWriter
 
     tokenizer = load_tokenizer(cfg.model_path)
