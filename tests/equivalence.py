@@ -91,7 +91,7 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
         "train_batch_size": MICRO_BATCH * gas * dims[1], "steps_per_print": 10**9,
         "gradient_clipping": 0.0})  # DeepSpeed clips at 1.0 unless told otherwise
     input_ids, _, labels = batch
-    data_rank = model._grid.data_parallel_id
+    data_rank = model.data_parallel_rank
     loss = engine.train_batch(iter(micro_batches(input_ids, labels, MICRO_BATCH, data_rank, dims[1])))
     grads = {names[key]: grad for key, grad in optimizer.grads.items() if key in names}
     unused = [grad for key, grad in optimizer.grads.items() if key not in names]

@@ -319,10 +319,10 @@ def test_deepspeed_checkpoint_reads_accept_only_the_allowed_records(tmp_path):
     import types
 
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
-    from pipellm.training.resume import load_checkpoints_weights_only
+    from pipellm.pipeline.deepspeed_compat import read_checkpoints_weights_only
 
     engine = types.SimpleNamespace(checkpoint_engine=types.SimpleNamespace())
-    load_checkpoints_weights_only(engine)
+    read_checkpoints_weights_only(engine)
     scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=500, min_scale=1, delayed_shift=2,
                                consecutive_hysteresis=False)
     torch.save({"loss_scaler": scaler, "step": torch.tensor(3)}, tmp_path / "fp16_optim.pt")

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch.distributed
 import yaml
-from deepspeed.runtime.pipe.engine import PipelineEngine
+from pipellm.pipeline.deepspeed_compat import instruction_names
 
 from conftest import REPO
 from distributed import free_port
@@ -105,7 +105,7 @@ def test_hung_rank_ends_with_error_naming_the_stage(tmp_path, tiny_pp_model):
     # all-reduces of the SIGTERM flag and the peak memory. The error names one of these operations, and the step.
     stalled_in = re.search(r"stalled for more than collective_timeout_s=10s in (.+?) of step \d+", output)
     assert stalled_in, output[-3000:]
-    instructions = {kind.__name__ for kind in PipelineEngine._INSTRUCTION_MAP}
+    instructions = instruction_names()
     operations = (instructions | {f"the step's bookkeeping after {name}" for name in instructions}
                   | {"the start of the step", "the all-reduce of the SIGTERM flag",
                      "the all-reduce of the stages' peak memory"})

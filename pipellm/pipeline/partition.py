@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from deepspeed.pipe import PipelineModule
 from deepspeed.runtime import utils as ds_utils
 
 from pipellm.models.base import ModelFamily
@@ -32,20 +31,3 @@ def stage_boundaries(parts: list[int] | str, family: ModelFamily, hf_config, num
             bounds.append(bounds[-1] + count)
     # plain ints: DeepSpeed's balanced partition returns numpy integers, which the run record cannot hold
     return [int(b) for b in bounds[:-1]] + [int(bounds[-1]) + 1]
-
-
-class PipelineModel(PipelineModule):
-    """A ``PipelineModule`` whose stages hold exactly the layers given by ``boundaries``."""
-
-    def __init__(self, layers: list, boundaries: list[int], **kwargs):
-        self._boundaries = list(boundaries)
-        super().__init__(layers=layers, **kwargs)
-
-    def _partition_layers(self, method="uniform"):
-        self.parts = self._boundaries
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    @property
-    def local_layer_indices(self) -> range:
-        return range(self._local_start, self._local_stop)

@@ -26,7 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from pipellm.models.attention import AttentionOptions
 from pipellm.models.base import ModelFamily
 from pipellm.pipeline.loss import token_mean_loss
-from pipellm.pipeline.partition import PipelineModel, stage_boundaries
+from pipellm.pipeline.deepspeed_compat import BoundedPipelineModule
+from pipellm.pipeline.partition import stage_boundaries
 from pipellm.pipeline.weights import layer_module
 
 class EmbedStage:
@@ -138,7 +139,7 @@ def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: 
 def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_ckpt: bool = False,
                    use_flash_attn: bool = False, compile_layers: bool = False, seed: int = 42,
                    device: str | torch.device = "cpu", packed: bool = False,
-                   loss_chunk_tokens: int | None = None) -> PipelineModel:
+                   loss_chunk_tokens: int | None = None) -> BoundedPipelineModule:
     """Build this rank's stage, randomly initialised (``load_pipeline_weights`` then loads a checkpoint).
 
     ``packed``: rows may hold several samples (``packing: true``); attention keeps to each sample.
@@ -153,7 +154,7 @@ def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_
     loss_fn = functools.partial(token_mean_loss, chunk_tokens=loss_chunk_tokens)
     # Allocating on the target device directly skips a host copy of the stage (and is much faster to init).
     with torch.device(device):
-        model = PipelineModel(specs, boundaries, topology=topology, loss_fn=loss_fn)
+        model = BoundedPipelineModule(specs, boundaries, topology=topology, loss_fn=loss_fn)
         std = getattr(hf_config, "initializer_range", 0.02)
         for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
             module = layer_module(layer)

@@ -10,7 +10,7 @@ from torch import nn
 from pipellm.errors import PipellmError
 from pipellm.models.base import ModelFamily
 from pipellm.pipeline.layer_files import layer_file_name
-from pipellm.pipeline.partition import PipelineModel
+from pipellm.pipeline.deepspeed_compat import BoundedPipelineModule
 
 
 def layer_module(layer) -> nn.Module | None:
@@ -22,7 +22,7 @@ def layer_module(layer) -> nn.Module | None:
     return None
 
 
-def load_pipeline_weights(model: PipelineModel, family: ModelFamily, hf_config, model_dir: str | Path) -> None:
+def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_config, model_dir: str | Path) -> None:
     """Load only this rank's layers from ``layer_XX-model_states.pt`` files (strict: every key must match)."""
     model_dir = Path(model_dir)
     for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
@@ -44,7 +44,7 @@ def load_pipeline_weights(model: PipelineModel, family: ModelFamily, hf_config, 
                                f"{' '.join(first_line)}") from None
 
 
-def checkpoint_named_parameters(model: PipelineModel, family: ModelFamily, hf_config) -> list[tuple[str, nn.Parameter]]:
+def checkpoint_named_parameters(model: BoundedPipelineModule, family: ModelFamily, hf_config) -> list[tuple[str, nn.Parameter]]:
     """This stage's parameters, each named by its Hugging Face checkpoint key (``model.layers.3.mlp.up_proj.weight``,
     ``model.norm.weight``), so name-based rules read the same on every stage and in ``train_ds_zero.py``. The
     ``PipelineModule``'s own names do not say what a layer is (the final norm's weight is ``4.weight``)."""

@@ -136,9 +136,10 @@ class StallWatchdog:
         self.stage, self.timeout_s, self.before_exit = stage, timeout_s, before_exit
         self.rank = int(os.environ.get("RANK", "0"))
         self.step, self.operation, self.since = 0, "", None
-        # The engine looks instructions up in this map on the instance: wrap each to record what runs when.
-        engine._INSTRUCTION_MAP = {kind: self._watched(kind.__name__, method)
-                                   for kind, method in type(engine)._INSTRUCTION_MAP.items()}
+        from pipellm.pipeline.deepspeed_compat import wrap_pipeline_instructions
+
+        # Wrap each instruction to record what runs when.
+        wrap_pipeline_instructions(engine, self._watched)
         threading.Thread(target=self._watch, name="pipellm-stall-watchdog", daemon=True).start()
 
     def _watched(self, name, method):

@@ -81,8 +81,10 @@ class FiniteStepGuard:
     """
 
     def attach(self, model: nn.Module, group, max_norm: float) -> None:
+        from pipellm.pipeline.deepspeed_compat import is_pipeline_replicated
+
         self.guard_norm_params = [p for p in model.parameters()
-                                  if p.requires_grad and not getattr(p, "ds_pipe_replicated", False)]
+                                  if p.requires_grad and not is_pipeline_replicated(p)]
         self.guard_clip_params = [p for p in model.parameters() if p.requires_grad]
         self.guard_group = group
         self.guard_max_norm = max_norm
@@ -149,7 +151,7 @@ def pipeline_optimizer(model: nn.Module, named_parameters, ds_config: dict, no_w
         optimizer = build_optimizer(named_parameters, spec, no_weight_decay)
     else:
         optimizer = build_optimizer(named_parameters, spec, no_weight_decay, guarded(optimizer_class(spec)))
-        optimizer.attach(model, model._grid.get_pipe_parallel_group(),
+        optimizer.attach(model, model.pipe_parallel_group,
                          float(ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT)))
         ds_config["gradient_clipping"] = 0.0  # clipped by the guard; DeepSpeed would clip (again) otherwise
     lr_scheduler = None if "scheduler" in ds_config else build_lr_scheduler(optimizer, total_steps, schedule)

@@ -35,6 +35,7 @@ import torch
 
 from pipellm.pipeline.layer_files import copy_model_files
 from pipellm.config import EarlyStopping, TrainConfig
+from pipellm.pipeline.deepspeed_compat import load_bf16_optimizer_state, read_checkpoints_weights_only
 from pipellm.training.distributed import all_reduce
 from pipellm.errors import PipellmError
 from pipellm.files import atomic_path, write_text_atomically
@@ -108,9 +109,7 @@ class EarlyStoppingState:
 
 def layout_of(model) -> dict:
     """What a stage's optimizer state depends on: which layers each stage holds, and the process grid."""
-    topology = model._grid._topo
-    return {"stage_boundaries": list(model.parts), "axes": list(topology.get_axis_names()),
-            "dims": [topology.get_dim(axis) for axis in topology.get_axis_names()]}
+    return {"stage_boundaries": list(model.parts), **model.grid_layout}
 
 
 def _remove_tree(path: Path) -> None:
@@ -194,9 +193,8 @@ class ResumePoint:
             engine.global_steps = self.step
             engine.global_samples = self.step * engine.train_batch_size()
         else:
-            load_checkpoints_weights_only(engine)
-            # DeepSpeed 0.19's bf16 optimizer without ZeRO saves its state to bf16_zero_* files but its
-            # load_checkpoint hands it the per-stage file's copy, which it cannot read: load those files instead.
+            read_checkpoints_weights_only(engine)
+            # DeepSpeed's bf16 optimizer without ZeRO cannot read its state from the per-stage file (deepspeed_compat).
             bf16_without_zero = engine.bfloat16_enabled() and not engine.zero_optimization()
             path, _ = engine.load_checkpoint(str(self.path.parent), tag=self.path.name,
                                              load_optimizer_states=not bf16_without_zero)
@@ -204,7 +202,7 @@ class ResumePoint:
                 raise PipellmError(f"`resume` {self.path}: DeepSpeed found no model states to load; the "
                                    f"checkpoint is incomplete, resume from an earlier one")
             if bf16_without_zero:
-                engine._load_zero_checkpoint(str(self.path.parent), self.path.name, load_optimizer_states=True)
+                load_bf16_optimizer_state(engine, str(self.path.parent), self.path.name)
             restore_rng(torch.load(self.path / rng_file(engine.global_rank), weights_only=True))
         early_stopping.load_state_dict(self.state["early_stopping"])
 
@@ -230,20 +228,6 @@ def stopped_message(reason: str, step: int, save_path: Path, early_stopping: Ear
             f"{early_stopping.min_delta:g} for {early_stopping.evals_without_improvement} evals; checkpoint "
             f"{checkpoint}; best eval_loss {early_stopping.best_loss:.4f} at step {early_stopping.best_step}{export}")
 
-
-def load_checkpoints_weights_only(engine) -> None:
-    """Make DeepSpeed's checkpoint reads refuse anything but tensors and plain data (it unpickles freely).
-    Allowed besides, as the optimizer states hold them: the plain dataclass the bf16 and ZeRO optimizers map
-    parameters with, ZeRO's stage enum, and the loss scalers (static: a scale and a flag, kept even in fp32;
-    dynamic, fp16's: its scale, counters and settings)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    def load(path, map_location=None):
-        with torch.serialization.safe_globals([fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    engine.checkpoint_engine.load = load
 
 
 def agree_on_start(resume: ResumePoint | None) -> int:

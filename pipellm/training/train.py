@@ -73,6 +73,7 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     from pipellm.data.tokenizer import load_tokenizer
 
     # imports deepspeed: after validation
+    from pipellm.pipeline.deepspeed_compat import is_pipeline_replicated
     from pipellm.pipeline.stages import build_pipeline
     from pipellm.pipeline.weights import checkpoint_named_parameters, load_pipeline_weights
 
@@ -124,7 +125,7 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     # The stage boundaries count DeepSpeed's layers, where the final norm and the head are two.
     write_run_info(cfg, data, config_digest=config_digest, data_key=data_key,
                    layout={"axes": topo_cfg.axes, "dims": topo_cfg.dims, "stage_layer_boundaries": model.parts},
-                   coordinates={"stage": model.stage_id, "replica": model._grid.data_parallel_id})
+                   coordinates={"stage": model.stage_id, "replica": model.data_parallel_rank})
     if is_logger:
         save_path.mkdir(parents=True, exist_ok=True)
         template = data.files_meta[0]["template"]
@@ -133,8 +134,8 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
               f"{cfg.global_batch_size} x {cfg.max_seq_len} tokens", file=sys.stderr)
 
     # Parameters of the whole model: each stage counts its own (a tied copy once), replica 0 only.
-    data_rank = model._grid.data_parallel_id
-    local_params = sum(p.numel() for p in model.parameters() if not getattr(p, "ds_pipe_replicated", False))
+    data_rank = model.data_parallel_rank
+    local_params = sum(p.numel() for p in model.parameters() if not is_pipeline_replicated(p))
     total_params = all_reduce(torch.tensor([local_params if data_rank == 0 else 0], dtype=torch.float64))
     embedding = hf_config.vocab_size * hf_config.hidden_size
     figures = StepFigures(cfg.global_batch_size, cfg.max_seq_len, topology.world_size(),
