@@ -205,7 +205,8 @@ def test_position_embedding_detection_and_override(tmp_path):
     assert decide(hidden_size=4096, pipellm_position_embedding="alibi") == "alibi"
     assert decide(hidden_size=5120, pipellm_position_embedding="rope") == "rope"
     (tmp_path / "config.json").write_text(json.dumps(baichuan_config("rotary")))
-    with pytest.raises(PipellmError, match='config.json: "pipellm_position_embedding" is \'rotary\'; set it to'):
+    with pytest.raises(PipellmError, match='config.json: pipellm_position_embedding "rotary" is not supported by '
+                                           'pipellm\'s baichuan; supported: "rope" or "alibi" or null'):
         load_model_config(tmp_path)
 
 

@@ -63,6 +63,8 @@ BAD = {
     "missing eval data": (dict(eval_data_path="/nonexistent/eval.jsonl"),
                           ["`eval_data_path` file /nonexistent/eval.jsonl does not exist"]),
     "loss chunk": (dict(loss_chunk_tokens=0), ["`loss_chunk_tokens` must be >= 1 (or null: no chunking), got 0"]),
+    "zero stage": (dict(zero_optimization={"stage": "one"}), ["`zero_optimization.stage` must be one of 0, 1, 2, 3"]),
+    "parts choice": (dict(model_topo={"parts": "even"}), ["`model_topo.parts` must be a list of layer counts, `uniform`"]),
 }
 
 
@@ -124,3 +126,20 @@ def test_shipped_configs_are_valid(name):
     cfg = load_config(REPO / "configs" / name)
     assert isinstance(cfg.model_topo.parts, list) and len(cfg.model_topo.parts) == cfg.pipe_degree
     assert cfg.global_batch_size == cfg.micro_batch_size * cfg.gradient_accumulation_steps * cfg.data_degree
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("hidden_act", "gelu", 'hidden_act "gelu" is not supported by pipellm\'s llama; supported: "silu"'),
+    ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+     'rope_parameters.rope_type "dynamic" is not supported by pipellm\'s llama; supported: "default" or "linear"'),
+])
+def test_unsupported_model_config_fails_before_the_process_group(key, value, expected, tmp_path, tiny_pp_model,
+                                                                  capsys, monkeypatch):
+    import json
+    import shutil
+
+    pp = tmp_path / "pp"
+    shutil.copytree(tiny_pp_model[1], pp)
+    config = json.loads((pp / "config.json").read_text())
+    (pp / "config.json").write_text(json.dumps({**config, key: value}))
+    assert_fails(capsys, monkeypatch, tmp_path, write_config(tmp_path, (None, pp)), f"{pp / 'config.json'}: {expected}")

@@ -50,9 +50,8 @@ def load_model_config(model_dir: str | os.PathLike):
             hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         else:
             hf_config = (family.config_class or PretrainedConfig).from_dict(raw)
-    except (OSError, ValueError, TypeError) as err:
-        raise PipellmError(f"{config_path}: cannot read it ({str(err).splitlines()[0]}); restore the original "
-                           f"config.json") from None
-    if family.check_config is not None:
-        family.check_config(hf_config, config_path)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # KeyError: transformers' rope settings check
+        reason = str(err.args[0] if err.args else err).splitlines()[0]
+        raise PipellmError(f"{config_path}: cannot read it ({reason}); restore the original config.json") from None
+    family.check_config(hf_config, config_path)
     return hf_config, family

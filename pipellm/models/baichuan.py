@@ -12,8 +12,6 @@ config.json (``"rope"`` or ``"alibi"``) says so explicitly; without it, ALiBi is
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +20,7 @@ from transformers import LlamaConfig
 from pipellm.models.attention import AttentionOptions, causal_attention
 from pipellm.errors import PipellmError
 from pipellm.models import llama
-from pipellm.models.base import Export, KeyMap, ModelFamily
+from pipellm.models.base import Export, KeyMap, ModelFamily, Supported
 from pipellm.models.bloom import AlibiSlopes
 
 POSITION_KEY = "pipellm_position_embedding"
@@ -39,14 +37,12 @@ def position_embedding(config) -> str:
     return "alibi" if config.hidden_size == ALIBI_HIDDEN_SIZE and not has_rope_settings else "rope"
 
 
-def check_config(config, config_path: Path) -> None:
-    explicit = getattr(config, POSITION_KEY, None)
-    if explicit not in (None, "rope", "alibi"):
-        raise PipellmError(f'{config_path}: "{POSITION_KEY}" is {explicit!r}; set it to "rope" (baichuan2-7b) or '
-                           f'"alibi" (baichuan2-13b), or remove it to decide from hidden_size')
-    if getattr(config, "z_loss_weight", 0):
-        raise PipellmError(f'{config_path}: "z_loss_weight" is {config.z_loss_weight}; pipellm trains with plain '
-                           f'cross entropy, set it to 0 (as in the released Baichuan2 configs)')
+SUPPORTED_CONFIG = (
+    Supported(POSITION_KEY, ("rope", "alibi", None), '"rope" for baichuan2-7b, "alibi" for baichuan2-13b, or remove '
+                                                     'it to decide from hidden_size'),
+    Supported("z_loss_weight", (0, None), "pipellm trains with plain cross entropy (as the released Baichuan2 "
+                                          "configs: 0)"),
+    llama.SILU)
 
 
 def rope_config(config) -> LlamaConfig:
@@ -151,5 +147,5 @@ FAMILY = ModelFamily(
     ignored_hf_keys=(r"rotary_emb\.inv_freq$",),
     # Same layout with W_pack split: the layer prefixes are llama's own, the layer keys change.
     exports={"llama": Export(key_map=llama.FAMILY.key_map, convert_layer=_llama_layer, convert_config=_llama_config)},
-    check_config=check_config,
+    supported_config=SUPPORTED_CONFIG,
 )

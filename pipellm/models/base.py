@@ -5,25 +5,25 @@ DeepSpeed: ``pipellm.pipeline.stages`` turns the declaration into ``PipelineModu
 ``pipellm.convert.converters`` uses the key map to move tensors between a Hugging Face checkpoint and one file per
 pipeline layer.
 
-Pipeline layers, in order (DeepSpeed layer index in brackets, N = number of decoder layers):
+Pipeline layers, in order (how users, DeepSpeed and the layer files count them: ``pipellm.pipeline.partition``):
 
-* ``embed``   [0]        token embedding; ``forward(input_ids) -> hidden``
-* ``decoder`` [1 .. N]   one decoder block each; ``forward(hidden, position_ids) -> hidden``
-* ``norm``    [N + 1]    the final norm; ``forward(hidden) -> hidden``
-* ``head``    [N + 2]    the output projection, a bias-free ``weight`` (vocab x hidden); logits are
+* ``embed``     token embedding; ``forward(input_ids) -> hidden``
+* ``decoder``   one decoder block each; ``forward(hidden, position_ids) -> hidden``
+* ``norm``      the final norm; ``forward(hidden) -> hidden``
+* ``head``      the output projection, a bias-free ``weight`` (vocab x hidden); logits are
   ``hidden @ head_weight(weight).T``. With tied embeddings the head reuses the ``embed`` module's weight
   (DeepSpeed ``TiedLayerSpec``) and has no file of its own.
-
-Users count ``norm`` and ``head`` together as one "head" layer when they write ``parts`` (as the original
-design does: llama-7b on 8 stages is ``[5, 4, 4, 4, 4, 4, 4, 5]``), so ``sum(parts) == N + 2``.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Callable
 
 from torch import nn
+
+from pipellm.errors import PipellmError
 
 LAYER_KINDS = ("embed", "decoder", "norm", "head")
 
@@ -88,6 +88,38 @@ class Export:
     """``f(config.json contents) -> the target's config.json contents``."""
 
 
+ABSENT = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Supported:
+    """The values of one ``config.json`` key that a family's modules implement: any other value describes a model
+    they would compute differently, so the config is refused when it is read."""
+
+    key: str
+    """The key; ``a.b`` for key ``b`` of the mapping ``a`` (``rope_parameters.rope_type``). An absent key means the
+    module's default and passes."""
+    values: tuple
+    """The supported values."""
+    fix: str = ""
+    """What to do instead, when more can be said than "use a supported value"."""
+
+    def value_in(self, hf_config):
+        """The key's value in ``hf_config`` (attributes, then mapping keys), or ``ABSENT``."""
+        head, *rest = self.key.split(".")
+        value = getattr(hf_config, head, ABSENT)
+        for name in rest:
+            value = value.get(name, ABSENT) if isinstance(value, dict) else ABSENT
+        return value
+
+    def check(self, hf_config, config_path, family: str) -> None:
+        value = self.value_in(hf_config)
+        if value is not ABSENT and value not in self.values:
+            supported = " or ".join(json.dumps(v) for v in self.values)
+            raise PipellmError(f"{config_path}: {self.key} {json.dumps(value)} is not supported by pipellm's {family}; "
+                               f"supported: {supported}{'; ' + self.fix if self.fix else ''}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """A model family as pipellm sees it. One instance per family, registered in ``pipellm.models``."""
@@ -109,9 +141,11 @@ class ModelFamily:
     """Regexes of checkpoint keys that hold nothing to train (buffers derived from the config)."""
     exports: dict[str, Export] = dataclasses.field(default_factory=dict)
     """Other layouts ``pp_to_hg`` can write, by the name given to ``--export-as``."""
-    check_config: Callable | None = None
-    """``f(hf_config, config_path)``: raises ``PipellmError`` for a config.json the family cannot train, when
-    the config is loaded (before any conversion or process group)."""
+    supported_config: tuple[Supported, ...] = ()
+    """The config.json keys whose values the modules implement only some of, checked by ``check_config``."""
+    check_key_relations: Callable | None = None
+    """``f(hf_config, config_path)``: raises ``PipellmError`` where a value is supported only together with another
+    (mixtral's ``sliding_window`` against ``max_position_embeddings``); the table cannot say that."""
     config_class: type | None = None
     """A ``PretrainedConfig`` subclass (pipellm's own, no model code) that reads ``config.json`` for a
     ``model_type`` transformers does not know, when the file's names differ from the ones pipellm reads
@@ -121,27 +155,18 @@ class ModelFamily:
     ``(hidden, stats)``, the pipeline sums ``stats`` over the decoders of a micro batch and carries the sum to
     the head, and ``f(stats, hf_config) -> scalar`` (coefficient included) is added to that micro batch's loss
     (see ``pipellm.pipeline.token_mean_loss``). None: decoders return ``hidden`` and nothing more travels.
-    Such a family's ``check_config`` refuses tied embeddings (only an untied head carries the statistics)."""
+    Such a family's ``supported_config`` refuses tied embeddings (only an untied head carries the statistics)."""
+
+    def check_config(self, hf_config, config_path) -> None:
+        """Refuse, with one line naming ``config_path``, the key, its value and the supported ones, a config.json
+        the family cannot train; ``pipellm.models.load_model_config`` calls it, before any process group."""
+        for rule in self.supported_config:
+            rule.check(hf_config, config_path, self.name)
+        if self.check_key_relations is not None:
+            self.check_key_relations(hf_config, config_path)
 
     def is_tied(self, hf_config) -> bool:
         return bool(getattr(hf_config, "tie_word_embeddings", False))
 
     def num_decoder_layers(self, hf_config) -> int:
         return int(hf_config.num_hidden_layers)
-
-    def layer_kind(self, layer_index: int, hf_config) -> tuple[str, int | None]:
-        """Kind and decoder index of DeepSpeed pipeline layer ``layer_index``."""
-        n = self.num_decoder_layers(hf_config)
-        if layer_index == 0:
-            return "embed", None
-        if layer_index <= n:
-            return "decoder", layer_index - 1
-        if layer_index == n + 1:
-            return "norm", None
-        if layer_index == n + 2:
-            return "head", None
-        raise IndexError(f"layer {layer_index} is out of range for {n} decoder layers")
-
-    def layer_index(self, kind: str, decoder_index: int | None, hf_config) -> int:
-        n = self.num_decoder_layers(hf_config)
-        return {"embed": 0, "norm": n + 1, "head": n + 2}.get(kind, (decoder_index or 0) + 1)

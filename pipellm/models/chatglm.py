@@ -17,8 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pipellm.models.attention import AttentionOptions, causal_attention
-from pipellm.errors import PipellmError
-from pipellm.models.base import KeyMap, ModelFamily
+from pipellm.models.base import KeyMap, ModelFamily, Supported
 from pipellm.models.llama import RMSNorm
 
 
@@ -54,14 +53,10 @@ class ChatGLMConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-def check_config(config, config_path) -> None:
-    """The chatglm variants whose block differs from chatglm2/3's are refused with the key that says so."""
-    unsupported = {"rmsnorm": False, "apply_residual_connection_post_layernorm": True, "post_layer_norm": False}
-    for key, bad in unsupported.items():
-        if getattr(config, key) == bad:
-            raise PipellmError(f"{config_path}: chatglm with {key}={str(bad).lower()} (a chatglm1-style block) is "
-                               f"not supported; pipellm trains chatglm2/3 checkpoints ({key}="
-                               f"{str(not bad).lower()})")
+# The keys whose other value makes a chatglm1-style block, unlike chatglm2/3's.
+CHATGLM1_STYLE = "the other value is a chatglm1-style block; pipellm trains chatglm2/3 checkpoints"
+SUPPORTED_CONFIG = tuple(Supported(key, (value,), CHATGLM1_STYLE) for key, value in (
+    ("rmsnorm", True), ("apply_residual_connection_post_layernorm", False), ("post_layer_norm", True)))
 
 
 def head_dim(config) -> int:
@@ -176,6 +171,6 @@ FAMILY = ModelFamily(
     # in flight there, the last because its 65k-vocab head and loss cost about 1.5 decoder layers.
     default_parts={8: [3, 4, 4, 4, 4, 4, 4, 3], 4: [8, 7, 7, 8], 2: [16, 14]},
     ignored_hf_keys=(r"rotary_pos_emb\.inv_freq$",),
-    check_config=check_config,
+    supported_config=SUPPORTED_CONFIG,
     config_class=ChatGLMConfig,
 )

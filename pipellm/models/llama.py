@@ -14,7 +14,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from pipellm.models.attention import AttentionOptions, causal_attention
-from pipellm.models.base import KeyMap, ModelFamily
+from pipellm.models.base import KeyMap, ModelFamily, Supported
+
+# Rope types whose frequencies change with the sequence length (``dynamic``, ``longrope``) are inference-time
+# extensions, not trained with; the static ones mean exactly what they mean in transformers.
+STATIC_ROPE_TYPES = ("default",) + tuple(t for t in ROPE_INIT_FUNCTIONS if t not in ("dynamic", "longrope"))
+ROPE_TYPE = Supported("rope_parameters.rope_type", STATIC_ROPE_TYPES,
+                      "dynamic and longrope change with the sequence length: train with a static type")
+SILU = Supported("hidden_act", ("silu",), "the MLP is SwiGLU")
 
 
 class RMSNorm(nn.Module):
@@ -38,14 +45,8 @@ class RotaryEmbedding:
     ``inv_freq`` gives wrong angles beyond a few hundred positions.
     """
 
-    # Types whose frequencies change with the sequence length: an inference-time extension, not trained with.
-    LENGTH_DEPENDENT = ("dynamic", "longrope")
-
     def __init__(self, config):
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type in self.LENGTH_DEPENDENT:
-            raise ValueError(f"rope_type {rope_type!r} changes with the sequence length and is not supported for "
-                             f"training; use a static type (default, linear, yarn, llama3)")
+        rope_type = config.rope_parameters.get("rope_type", "default")  # one of STATIC_ROPE_TYPES (check_config)
         init = ROPE_INIT_FUNCTIONS.get(rope_type, LlamaRotaryEmbedding.compute_default_rope_parameters)
         self.inv_freq, self.scaling = init(config)
         self.inv_freq = self.inv_freq.float()
@@ -95,8 +96,6 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"llama: hidden_act {config.hidden_act!r} is not supported (only 'silu')")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -147,4 +146,5 @@ FAMILY = ModelFamily(
     # decoder layer of time at 32k vocab, so the end stages take one block more than the middle ones.
     default_parts={8: [5, 4, 4, 4, 4, 4, 4, 5], 4: [9, 8, 8, 9], 2: [17, 17]},
     ignored_hf_keys=(r"rotary_emb\.inv_freq$",),
+    supported_config=(SILU, ROPE_TYPE),
 )

@@ -25,25 +25,24 @@ from torch import nn
 
 from pipellm.models.attention import AttentionOptions
 from pipellm.errors import PipellmError
-from pipellm.models.base import ModelFamily
-from pipellm.models.llama import (KEY_MAP, LlamaAttention, LlamaEmbedding, LlamaFinalNorm, LlamaHead, RMSNorm,
-                                  RotaryEmbedding)
+from pipellm.models.base import ModelFamily, Supported
+from pipellm.models.llama import (KEY_MAP, ROPE_TYPE, SILU, LlamaAttention, LlamaEmbedding, LlamaFinalNorm, LlamaHead,
+                                  RMSNorm, RotaryEmbedding)
 
 
-def check_config(config, config_path) -> None:
+SUPPORTED_CONFIG = (
+    Supported("router_jitter_noise", (0,), "the released mixtral checkpoints use 0"),
+    Supported("tie_word_embeddings", (False,), "released checkpoints are untied, and only an untied head carries the "
+                                               "router statistics"),
+    SILU, ROPE_TYPE)
+
+
+def check_sliding_window(config, config_path) -> None:
     window = getattr(config, "sliding_window", None)
     if window is not None and window < config.max_position_embeddings:
         raise PipellmError(f"{config_path}: sliding_window {window} is shorter than max_position_embeddings "
                            f"{config.max_position_embeddings}; pipellm's mixtral attends to the whole causal "
                            f"context, so set sliding_window to null")
-    if getattr(config, "router_jitter_noise", 0.0):
-        raise PipellmError(f"{config_path}: router_jitter_noise {config.router_jitter_noise} is not supported "
-                           f"(the released mixtral checkpoints use 0); set it to 0")
-    if config.tie_word_embeddings:
-        raise PipellmError(f"{config_path}: tie_word_embeddings true is not supported for mixtral (released "
-                           f"checkpoints are untied); set it to false")
-    if config.hidden_act != "silu":
-        raise PipellmError(f"{config_path}: mixtral hidden_act {config.hidden_act!r} is not supported; use 'silu'")
 
 
 class MixtralExpert(nn.Module):
@@ -119,6 +118,7 @@ FAMILY = ModelFamily(
     # costs about a third of a (top-2) decoder layer, so the end stages carry the embedding and the head.
     default_parts={8: [5, 4, 4, 4, 4, 4, 4, 5], 4: [9, 8, 8, 9], 2: [17, 17]},
     ignored_hf_keys=(r"rotary_emb\.inv_freq$",),
-    check_config=check_config,
+    supported_config=SUPPORTED_CONFIG,
+    check_key_relations=check_sliding_window,
     aux_loss=router_aux_loss,
 )

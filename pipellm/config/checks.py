@@ -1,0 +1,197 @@
+"""The one validation pass over a loaded config, before any process group exists.
+
+``check_config`` runs the per-section checks of ``SECTION_CHECKS`` on the file's own content (``load_config``
+calls it); ``validate_environment`` adds what needs the file system and the launcher,
+``pipellm.pipeline.partition.PipelineLayers.check_parts`` what needs the model's layer count. Each failure is one ``PipellmError`` line naming the file, the key and the fix.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+import typing
+from pathlib import Path
+
+from pipellm.config.deepspeed_keys import DeepSpeedSettings
+from pipellm.config.schema import TrainConfig
+from pipellm.config.typecheck import type_name, type_ok
+from pipellm.errors import PipellmError
+
+# Keys with a lower bound: (key path, bound, what the bound or its absence means). An absent (null) value is fine.
+LOWER_BOUNDS = (
+    ("max_seq_len", 2, ""), ("n_epochs", 1, ""), ("log_steps", 1, ""), ("max_steps", 1, " (or absent)"),
+    ("save_steps", 0, ""), ("loss_chunk_tokens", 1, " (or null: no chunking)"), ("eval_steps", 0, ""),
+    ("tokenize_workers", 1, ""), ("gpu_profile_interval_s", 0, " (0: off)"), ("max_nonfinite_steps", 1, ""),
+    ("keep_last_n", 1, " (or absent: keep all)"), ("early_stopping.patience", 0, " (0: off)"),
+    ("early_stopping.min_delta", 0, ""), ("lr_schedule.warmup_steps", 0, ""),
+)
+
+
+def check_bounds(cfg: TrainConfig, source: str) -> None:
+    for key, bound, note in LOWER_BOUNDS:
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if value is not None and value < bound:
+            raise PipellmError(f"{source}: `{key}` must be >= {bound}{note}, got {value}")
+
+
+def check_topology(cfg: TrainConfig, source: str) -> None:
+    topo = cfg.model_topo.process_topology
+    if sorted(topo.axes) != ["data", "pipe"]:
+        raise PipellmError(f"{source}: `model_topo.process_topology.axes` must be [pipe, data] or [data, pipe], "
+                           f"got {topo.axes}")
+    if len(topo.dims) != 2 or min(topo.dims) < 1:
+        raise PipellmError(f"{source}: `model_topo.process_topology.dims` must be two positive integers [P, D], "
+                           f"got {topo.dims}")
+    parts = cfg.model_topo.parts
+    if isinstance(parts, list):
+        if len(parts) != cfg.pipe_degree:
+            raise PipellmError(f"{source}: `model_topo.parts` has {len(parts)} entries but the pipeline has "
+                               f"{cfg.pipe_degree} stages (`dims`); give one layer count per stage")
+        if min(parts) < 1:
+            raise PipellmError(f"{source}: `model_topo.parts` entries must be >= 1, got {parts}")
+
+
+def check_data(cfg: TrainConfig, source: str) -> None:
+    if not cfg.data_paths:
+        raise PipellmError(f"{source}: `data_path` is an empty list; give at least one data file")
+    if cfg.data_weights is not None:
+        if len(cfg.data_weights) != len(cfg.data_paths):
+            raise PipellmError(f"{source}: `data_weights` has {len(cfg.data_weights)} entries but `data_path` has "
+                               f"{len(cfg.data_paths)} files; give one weight per file")
+        if any(w <= 0 for w in cfg.data_weights):
+            raise PipellmError(f"{source}: `data_weights` must be > 0, got {cfg.data_weights}")
+    if not 0 <= cfg.eval_ratio < 1:
+        raise PipellmError(f"{source}: `eval_ratio` must be in [0, 1), got {cfg.eval_ratio}")
+    if cfg.eval_ratio and cfg.eval_data_path is not None:
+        raise PipellmError(f"{source}: give `eval_data_path` or `eval_ratio`, not both")
+
+
+def check_checkpoints(cfg: TrainConfig, source: str) -> None:
+    if cfg.resume is not None and not cfg.resume.strip():
+        raise PipellmError(f"{source}: `resume` is empty; give `auto` or a checkpoint directory, or leave it out")
+    if cfg.resume_weights_only and cfg.resume is None:
+        raise PipellmError(f"{source}: `resume_weights_only: true` needs `resume` (`auto` or a checkpoint "
+                           f"directory)")
+    if cfg.early_stopping.patience and not (cfg.eval_steps and (cfg.eval_ratio or cfg.eval_data_path is not None)):
+        raise PipellmError(f"{source}: `early_stopping.patience` needs evals during training: set `eval_steps` "
+                           f"and eval data (`eval_ratio` or `eval_data_path`)")
+
+
+def check_learning_rate(cfg: TrainConfig, source: str) -> None:
+    for pattern in cfg.no_weight_decay:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise PipellmError(f"{source}: `no_weight_decay` entry {pattern!r} is not a valid regular expression "
+                               f"({e}); fix or remove it") from None
+    schedule = cfg.lr_schedule
+    if not 0 <= schedule.min_lr_ratio <= 1:
+        raise PipellmError(f"{source}: `lr_schedule.min_lr_ratio` must be in [0, 1], got {schedule.min_lr_ratio}")
+    if schedule.decay == "constant" and schedule.min_lr_ratio:
+        raise PipellmError(f"{source}: `lr_schedule.min_lr_ratio` has no effect with `decay: constant`; set "
+                           f"`decay: linear` or `cosine`, or remove it")
+
+
+def check_optimizer_block(cfg: TrainConfig, source: str) -> None:
+    optimizer = cfg.deepspeed.get("optimizer")
+    if optimizer is None:
+        return
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("params", {}), dict)):
+        raise PipellmError(f"{source}: `optimizer` must be a mapping like {{type: AdamW, params: {{lr: 2.0e-5, "
+                           f"weight_decay: 0.1}}}}, got {optimizer!r}")
+    if str(optimizer.get("type")).lower() not in ("adamw", "adam", "lion"):
+        raise PipellmError(f"{source}: `optimizer.type` {optimizer.get('type')!r} is not supported; use AdamW or "
+                           f"Lion")
+    if optimizer.get("params", {}).get("adam_w_mode") is False:
+        raise PipellmError(f"{source}: `optimizer.params.adam_w_mode: false` (L2-coupled Adam) is not supported; "
+                           f"pipellm's Adam is AdamW (decoupled weight decay): remove the key")
+
+
+def check_precision(cfg: TrainConfig, source: str) -> None:
+    """The DeepSpeed keys pipellm reads (``DeepSpeedSettings``), each held to its field's type."""
+    for key in ("bf16", "fp16"):
+        if key in cfg.deepspeed and not isinstance(cfg.deepspeed[key], dict):
+            raise PipellmError(f"{source}: `{key}` must be a mapping like {{enabled: true}}, got "
+                               f"{cfg.deepspeed[key]!r}")
+    if len(DeepSpeedSettings.enabled_precisions(cfg.deepspeed)) > 1:
+        raise PipellmError(f"{source}: `bf16` and `fp16` are both enabled; enable one of them")
+    zero = cfg.deepspeed.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise PipellmError(f"{source}: `zero_optimization` must be a mapping like {{stage: 1}}, got {zero!r}")
+    for name in ("offload_optimizer", "offload_param"):
+        if zero.get(name) is not None and not isinstance(zero[name], dict):
+            raise PipellmError(f"{source}: `zero_optimization.{name}` must be a mapping like {{device: cpu}}, got "
+                               f"{zero[name]!r}")
+    settings = DeepSpeedSettings.of(cfg.deepspeed)
+    hints = typing.get_type_hints(DeepSpeedSettings)
+    for field, key in DeepSpeedSettings.KEYS.items():
+        value = getattr(settings, field)
+        if not type_ok(value, hints[field]):
+            raise PipellmError(f"{source}: `{key}` must be {type_name(hints[field])}, got {value!r}")
+
+
+def complete_batch_sizes(cfg: TrainConfig, source: str) -> None:
+    """Fill in the one missing batch size, or check that the three agree (train = micro * gas * D)."""
+    ds, data_degree = cfg.deepspeed, cfg.data_degree
+    names = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    given = {n: ds[n] for n in names if ds.get(n) is not None}
+    for name, value in given.items():
+        if not type_ok(value, int) or value < 1:
+            raise PipellmError(f"{source}: `{name}` must be a positive integer, got {value!r}")
+    train, micro, gas = (given.get(n) for n in names)
+    if micro is None and gas is None:
+        gas = 1
+    if train is None:
+        if micro is None:
+            raise PipellmError(f"{source}: set `train_batch_size` or `train_micro_batch_size_per_gpu`")
+        gas = gas or 1
+        train = micro * gas * data_degree
+    elif micro is None:
+        if train % (gas * data_degree):
+            raise PipellmError(f"{source}: `train_batch_size` {train} is not divisible by "
+                               f"gradient_accumulation_steps {gas} x data-parallel degree {data_degree}")
+        micro = train // (gas * data_degree)
+    elif gas is None:
+        if train % (micro * data_degree):
+            raise PipellmError(f"{source}: `train_batch_size` {train} is not divisible by "
+                               f"train_micro_batch_size_per_gpu {micro} x data-parallel degree {data_degree}")
+        gas = train // (micro * data_degree)
+    if train != micro * gas * data_degree:
+        raise PipellmError(f"{source}: `train_batch_size` {train} != train_micro_batch_size_per_gpu {micro} x "
+                           f"gradient_accumulation_steps {gas} x data-parallel degree {data_degree}; fix one of them")
+    ds.update(zip(names, (train, micro, gas)))
+
+
+SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
+                  check_optimizer_block, check_precision, complete_batch_sizes)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every check of the file's own content, in one pass (no file system, world size or model yet)."""
+    for check in SECTION_CHECKS:
+        check(cfg, cfg.source)
+
+
+def validate_environment(cfg: TrainConfig, world_size: int) -> None:
+    """Checks that need the file system or the launcher: paths and world size."""
+    model_path = Path(cfg.model_path)
+    if not (model_path / "config.json").is_file():
+        raise PipellmError(f"`model_path` {model_path} has no config.json; convert a Hugging Face model with "
+                           f"`python convert_model.py hg_to_pp --input-path HF_DIR --save-path {model_path}`")
+    for key, files in (("data_path", cfg.data_paths), ("eval_data_path", cfg.eval_data_paths)):
+        for data_file in files:
+            if not Path(data_file).is_file():
+                raise PipellmError(f"`{key}` file {data_file} does not exist")
+    save_path = Path(cfg.save_path)
+    if save_path.exists() and not save_path.is_dir():
+        raise PipellmError(f"`save_path` {save_path} exists and is not a directory")
+    for key, module, fix in (("wandb_project", "wandb", "pip install wandb, or remove `wandb_project`"),
+                             ("use_tensorboard", "tensorboard", "pip install tensorboard, or set `use_tensorboard: "
+                                                                "false`")):
+        if getattr(cfg, key) and importlib.util.find_spec(module) is None:
+            raise PipellmError(f"`{key}` is set but the {module} package is not installed: {fix}")
+    grid = cfg.pipe_degree * cfg.data_degree
+    if grid != world_size:
+        raise PipellmError(f"`model_topo.process_topology.dims` {cfg.model_topo.process_topology.dims} needs "
+                           f"{grid} processes but the launcher started {world_size}; change `dims` or the "
+                           f"launcher's --num_gpus/--num_nodes")
