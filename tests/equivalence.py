@@ -65,18 +65,17 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
     from pipellm.pipeline.stages import build_pipeline
+    from pipellm.pipeline.partition import PipelineLayers
     from pipellm.pipeline.weights import layer_module
 
     family = get_family(family_name)
     topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
     model = build_pipeline(family, config, topology, "uniform", seed=0, loss_chunk_tokens=loss_chunk_tokens)
     # Load this rank's layers straight from the reference state dict through the family's key map.
-    names = {}
+    layers, names = PipelineLayers.of(family, config), {}
     for index, layer in zip(model.local_layer_indices, model.forward_funcs):
         module = layer_module(layer)
-        kind, decoder_index = family.layer_kind(index, config)
-        if kind == "head" and family.is_tied(config):
-            kind = "embed"
+        kind, decoder_index = layers.kind(layers.file_index(index))  # a tied head's weights are the embedding's
         keys = {k: family.key_map.hf_key(kind, decoder_index, k) for k in module.state_dict()}
         module.load_state_dict({k: state_dict[hf] for k, hf in keys.items()})
         params = list(module.named_parameters())

@@ -18,7 +18,13 @@ import torch
 import yaml
 
 from distributed import run_distributed
-from pipellm.plan import planner as plan
+import pipellm.plan
+from pipellm.pipeline.partition import PipelineLayers
+from pipellm.plan import agree
+from pipellm.plan.__main__ import main
+from pipellm.plan.memory import estimate_stage, state_bytes
+from pipellm.plan.partitioner import make_plan, min_max_partition
+from pipellm.plan.profile import LayerCost, Profile, RunShape, profile_layers
 from pipellm.config import load_config
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
@@ -70,7 +76,7 @@ def test_partition_is_optimal_against_every_contiguous_split():
             return sum(memory[start:stop]) * (num_stages - stage) <= limit
 
         expected = brute_force(num_items, num_stages, cost, allowed)
-        found = plan.min_max_partition(num_items, num_stages, cost, allowed)
+        found = min_max_partition(num_items, num_stages, cost, allowed)
         if expected is None:
             assert found is None
             infeasible += 1
@@ -82,16 +88,16 @@ def test_partition_is_optimal_against_every_contiguous_split():
         assert all(allowed(s, a, b) for s, (a, b) in enumerate(zip(bounds, bounds[1:])))
         assert max(cost(s, a, b) for s, (a, b) in enumerate(zip(bounds, bounds[1:]))) == value
         # Unconstrained, it is the plain min-max split.
-        assert plan.min_max_partition(num_items, num_stages, cost)[0] == \
+        assert min_max_partition(num_items, num_stages, cost)[0] == \
             brute_force(num_items, num_stages, cost, lambda *_: True)
     assert 0 < infeasible < 300  # both outcomes were exercised
 
 
 def test_memory_model_equals_hand_calculation():
     hf_config, family = load_model_config(TINY)
-    shape = plan.RunShape(micro_batch=2, seq_len=16, dtype=torch.float32, grad_ckpt=True, flash_attn=False,
-                          packed=False, compile_layers=False)
-    profile = plan.profile_layers(family, hf_config, shape, torch.device("cpu"))
+    shape = RunShape(micro_batch=2, seq_len=16, dtype=torch.float32, grad_ckpt=True, flash_attn=False,
+                     packed=False, compile_layers=False)
+    profile = profile_layers(family, hf_config, shape, torch.device("cpu"))
     hidden = 2 * 16 * 64 * 4  # one fp32 hidden state of the micro batch
     assert (profile.embed.params, profile.decoder.params, profile.head.params) == \
         (EMBED_PARAMS, DECODER_PARAMS, HEAD_PARAMS)
@@ -102,15 +108,15 @@ def test_memory_model_equals_hand_calculation():
     assert profile.head.held_bytes > 2 * 16 * 1017 * 4  # at least the fp32 log-probabilities the loss keeps
     assert profile.decoder.working_bytes is None and profile.tied_params == 0
 
-    fp32 = plan.state_bytes({"optimizer": {"type": "AdamW"}}, data_degree=1)
+    fp32 = state_bytes({"optimizer": {"type": "AdamW"}}, data_degree=1)
     assert (fp32.weights, fp32.grads, fp32.optimizer, fp32.step) == (4, 4, 8, 0)
     allowance = 2 * 2**30
-    first = plan.estimate_stage(profile, fp32, 0, 0, 3, num_stages=2, micro_batches=4, allowance=allowance)
+    first = estimate_stage(profile, fp32, 0, 0, 3, num_stages=2, micro_batches=4, allowance=allowance)
     params = EMBED_PARAMS + 2 * DECODER_PARAMS
     # 2 micro batches in flight on stage 0 of 2; each: received input + its clone, embedding and 2 decoders.
     activations = 2 * (2 * profile.embed.input_bytes + 3 * hidden)
     assert first.total == params * 4 + params * 4 + params * 8 + activations + allowance
-    last = plan.estimate_stage(profile, fp32, 1, 3, 6, num_stages=2, micro_batches=4, allowance=allowance)
+    last = estimate_stage(profile, fp32, 1, 3, 6, num_stages=2, micro_batches=4, allowance=allowance)
     params = 2 * DECODER_PARAMS + HEAD_PARAMS
     activations = 1 * (2 * profile.decoder.input_bytes + 2 * hidden + profile.head.held_bytes)
     assert last.total == params * 16 + activations + allowance
@@ -118,15 +124,15 @@ def test_memory_model_equals_hand_calculation():
 
     # bf16 without ZeRO keeps an fp32 copy of the gradient shard only during the optimizer step, when no
     # activations are held: the stage's peak is the larger of the two.
-    bf16 = plan.state_bytes({"bf16": {"enabled": True}}, data_degree=2)
+    bf16 = state_bytes({"bf16": {"enabled": True}}, data_degree=2)
     assert (bf16.weights, bf16.grads, bf16.optimizer, bf16.step) == (2, 4, (4 + 8) / 2, 4 / 2)
-    stage = plan.estimate_stage(profile, bf16, 1, 3, 6, num_stages=2, micro_batches=4, allowance=0)
+    stage = estimate_stage(profile, bf16, 1, 3, 6, num_stages=2, micro_batches=4, allowance=0)
     assert stage.total == params * (2 + 4 + 6) + max(activations, params * 2)
     # A tied head is a replica of the embedding on another stage, and the same module on a stage holding both.
     hf_config.tie_word_embeddings = True
-    tied = plan.profile_layers(family, hf_config, shape, torch.device("cpu"))
+    tied = profile_layers(family, hf_config, shape, torch.device("cpu"))
     assert tied.head.params == 64 + EMBED_PARAMS and tied.tied_params == EMBED_PARAMS
-    whole = plan.estimate_stage(tied, fp32, 0, 0, 6, num_stages=1, micro_batches=4, allowance=0)
+    whole = estimate_stage(tied, fp32, 0, 0, 6, num_stages=1, micro_batches=4, allowance=0)
     assert whole.weights == (EMBED_PARAMS + 4 * DECODER_PARAMS + 64) * 4
 
 
@@ -140,36 +146,36 @@ def test_memory_model_equals_hand_calculation():
     ({"fp16": {"enabled": True}}, 2, (2, 2, 4 + 8, 4)),
 ], ids=["bf16-zero1-fp32-accumulation-lion", "offload", "bf16-zero1", "fp32-zero1", "fp16"])
 def test_state_bytes_by_precision_optimizer_and_zero(ds_config, data_degree, expected):
-    state = plan.state_bytes(ds_config, data_degree)
+    state = state_bytes(ds_config, data_degree)
     assert (state.weights, state.grads, state.optimizer, state.step) == expected
 
 
-def synthetic_profile(decoder_held: int) -> plan.Profile:
+def synthetic_profile(decoder_held: int) -> Profile:
     def cost(seconds, held):
-        return plan.LayerCost(seconds=seconds, held_bytes=held, working_bytes=0, input_bytes=0, params=0)
-    return plan.Profile(device="test", embed=cost(1.0, 0), decoder=cost(2.0, decoder_held), head=cost(1.0, 0),
-                        num_decoders=4, tied_params=0)
+        return LayerCost(seconds=seconds, held_bytes=held, working_bytes=0, input_bytes=0, params=0)
+    return Profile(device="test", embed=cost(1.0, 0), decoder=cost(2.0, decoder_held), head=cost(1.0, 0),
+                   layers=PipelineLayers(num_decoders=4, tied=False), tied_params=0)
 
 
 def test_memory_decides_the_split_and_nothing_fitting_says_what_to_change():
-    profile, state = synthetic_profile(decoder_held=100), plan.state_bytes({}, 1)
+    profile, state = synthetic_profile(decoder_held=100), state_bytes({}, 1)
     # Fastest: [3, 3] (5 | 5). Stage 0 holds 2 micro batches of 100 per decoder, stage 1 one: with 300 bytes
     # stage 0 takes at most one decoder, stage 1 at most three.
-    fastest = plan.make_plan(profile, state, 2, 8, device_memory=1e9, allowance=0)
+    fastest = make_plan(profile, state, 2, 8, device_memory=1e9, allowance=0)
     assert fastest.parts == [3, 3] and fastest.fits and fastest.chosen
-    fitting = plan.make_plan(profile, state, 2, 8, device_memory=300, allowance=0)
+    fitting = make_plan(profile, state, 2, 8, device_memory=300, allowance=0)
     assert fitting.parts == [2, 4] and fitting.fits and [s.total for s in fitting.stages] == [200, 300]
     assert fitting.bubble == 1 / 9
     with pytest.raises(PipellmError) as error:
-        plan.make_plan(profile, state, 2, 8, device_memory=150, allowance=0, must_fit=True)
+        make_plan(profile, state, 2, 8, device_memory=150, allowance=0, must_fit=True)
     message = str(error.value)
     assert "\n" not in message and "`model_topo.parts: auto`" in message
     for advice in ("more pipeline stages", "use_grad_ckpt: true", "train_micro_batch_size_per_gpu"):
         assert advice in message
     assert "least memory any split needs is" in message
-    shown = plan.make_plan(profile, state, 2, 8, device_memory=150, allowance=0)
+    shown = make_plan(profile, state, 2, 8, device_memory=150, allowance=0)
     assert not shown.fits and shown.parts == [3, 3] and "more pipeline stages" in shown.problem
-    evaluated = plan.make_plan(profile, state, 2, 8, device_memory=300, parts=[3, 3], allowance=0)
+    evaluated = make_plan(profile, state, 2, 8, device_memory=300, parts=[3, 3], allowance=0)
     assert not evaluated.chosen and not evaluated.fits and "stage 0 needs" in evaluated.problem
 
 
@@ -186,11 +192,11 @@ def test_plan_command_prints_the_plan(tmp_path, capsys):
     assert re.search(r"^device memory .* per device: fits", result.stdout, re.M)
 
     # Explicit parts are evaluated, not chosen; --num-stages and --parts try other layouts.
-    plan.main(["--config", str(write_config(tmp_path, parts=[2, 4], name="explicit.yml"))])
+    main(["--config", str(write_config(tmp_path, parts=[2, 4], name="explicit.yml"))])
     assert "parts: [2, 4] (evaluated: `parts: [2, 4]`)" in capsys.readouterr().out
-    plan.main(["--config", str(config), "--num-stages", "3", "--parts", "uniform"])
+    main(["--config", str(config), "--num-stages", "3", "--parts", "uniform"])
     assert "parts: [2, 2, 2] (evaluated: `parts: uniform`)" in capsys.readouterr().out
-    plan.main(["--config", str(config), "--device-memory-gib", "1"])
+    main(["--config", str(config), "--device-memory-gib", "1"])
     out = capsys.readouterr().out
     assert "does not fit: no split of the 6 pipeline layers into 2 stages fits in 1.0 GiB" in out
 
@@ -200,7 +206,7 @@ def test_plan_command_prints_the_plan(tmp_path, capsys):
                            (["--parts", "two"], "--parts 'two'"),
                            (["--device-memory-gib", "0"], "--device-memory-gib must be > 0")):
         with pytest.raises(SystemExit) as exit_code:
-            plan.main(["--config", str(config), *argv])
+            main(["--config", str(config), *argv])
         assert exit_code.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("error: ") and expected in err, (argv, err)
@@ -226,14 +232,15 @@ def auto_parts_on_rank(rank: int, config: str) -> None:
 
     cfg = load_config(config)
     hf_config, family = load_model_config(cfg.model_path)
-    measure, device_memory = plan.profile_layers, plan.device_memory_bytes
+    # Replaced where they are looked up: plan_run's profiling, agreed_auto_parts' device memory.
+    measure, device_memory = pipellm.plan.profile_layers, agree.device_memory_bytes
     # The checkpoint's split ([2, 4] in DeepSpeed's boundaries), kept without measuring anything.
     saved = SavedRun({"layout": {"stage_boundaries": [0, 2, 7], "axes": ["pipe", "data"], "dims": [2, 1]}})
     for case, resume in (("fits", None), ("nothing fits", None), ("resume", saved)):
-        plan.profile_layers = measure if rank == 0 and resume is None else None  # only rank 0 measures
-        plan.device_memory_bytes = (lambda device, processes: 1.0) if case == "nothing fits" else device_memory
+        pipellm.plan.profile_layers = measure if rank == 0 and resume is None else None  # only rank 0 measures
+        agree.device_memory_bytes = (lambda device, processes: 1.0) if case == "nothing fits" else device_memory
         try:
-            outcome = plan.agreed_auto_parts(cfg, hf_config, family, resume)
+            outcome = agree.agreed_auto_parts(cfg, hf_config, family, resume)
         except PipellmError as err:
             outcome = str(err)
         everyone = [None, None]

@@ -33,8 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipellm.pipeline.layer_files import (LAYER_FILE_RE, copy_model_files, layer_file_name, num_layer_files,
+from pipellm.pipeline.layer_files import (LAYER_FILE_RE, copy_model_files, layer_file_name,
                                 resolve_checkpoint_dir)
+from pipellm.pipeline.partition import PipelineLayers
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
 from pipellm.models.base import Export, ModelFamily
@@ -147,27 +148,27 @@ def _group_by_layer(keys, family: ModelFamily, config, source: Path) -> dict[int
     Rejects keys that no layer owns and layers without tensors: both mean config.json and weights disagree.
     """
     ignored = [re.compile(pattern) for pattern in family.ignored_hf_keys]
-    n_decoders, tied = family.num_decoder_layers(config), family.is_tied(config)
+    pipeline = PipelineLayers.of(family, config)
     layers: dict[int, list[tuple[str, str]]] = defaultdict(list)
     unowned = []
     for key in keys:
         if any(pattern.search(key) for pattern in ignored):
             continue
         parsed = family.key_map.parse_hf_key(key)
-        if parsed is None or (parsed[0] == "decoder" and parsed[1] >= n_decoders):
+        if parsed is None or (parsed[0] == "decoder" and parsed[1] >= pipeline.num_decoders):
             unowned.append(key)
-        elif parsed[0] == "head" and tied:
+        elif parsed[0] == "head" and pipeline.tied:
             continue  # some tied checkpoints still store the head: it is the embedding, which layer 0 holds
         else:
-            layers[family.layer_index(parsed[0], parsed[1], config)].append((key, parsed[2]))
+            layers[pipeline.index(parsed[0], parsed[1])].append((key, parsed[2]))
     if unowned:
         shown = ", ".join(unowned[:5]) + (f" and {len(unowned) - 5} more" if len(unowned) > 5 else "")
         raise PipellmError(f"{source}: {len(unowned)} checkpoint keys belong to no pipeline layer of a "
-                           f"{n_decoders}-layer {family.name} model ({shown}); check that config.json matches "
-                           f"the weights")
-    missing = [idx for idx in range(num_layer_files(family, config)) if idx not in layers]
+                           f"{pipeline.num_decoders}-layer {family.name} model ({shown}); check that config.json "
+                           f"matches the weights")
+    missing = [idx for idx in range(pipeline.num_files) if idx not in layers]
     if missing:
-        kind, decoder_index = family.layer_kind(missing[0], config)
+        kind, decoder_index = pipeline.kind(missing[0])
         prefix = family.key_map.hf_key(kind, decoder_index, "")
         raise PipellmError(f"{source}: no tensors for pipeline layer {missing[0]} (keys starting with "
                            f"{prefix!r}); check that config.json matches the weights")
@@ -261,7 +262,8 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
     config, family = load_model_config(ckpt_dir)
     export = _export(family, export_as, ckpt_dir)
     key_map = export.key_map if export else family.key_map
-    n_layers = num_layer_files(family, config)
+    pipeline = PipelineLayers.of(family, config)
+    n_layers = pipeline.num_files
     present = {int(m.group(1)) for p in ckpt_dir.iterdir() if (m := LAYER_FILE_RE.match(p.name))}
     missing = [layer_file_name(idx) for idx in range(n_layers) if idx not in present]
     if missing:
@@ -276,7 +278,7 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
         writer = _ShardWriter(tmp, max_bytes)
         float_dtypes = set()
         for idx in tqdm(range(n_layers), desc="pp_to_hg", unit="layer"):
-            kind, decoder_index = family.layer_kind(idx, config)
+            kind, decoder_index = pipeline.kind(idx)
             layer_path = ckpt_dir / layer_file_name(idx)
             state = torch.load(layer_path, map_location="cpu", weights_only=True, mmap=True)
             if not isinstance(state, dict) or not state:

@@ -1,7 +1,8 @@
 """The on-disk pipeline checkpoint format shared by the converters and training.
 
-A pipeline checkpoint directory holds one ``layer_XX-model_states.pt`` per pipeline layer, named and laid out
-exactly as DeepSpeed's ``PipelineModule`` saves and loads them (each is ``torch.save`` of one layer module's
+A pipeline checkpoint directory holds one ``layer_XX-model_states.pt`` per pipeline layer but a tied head
+(``pipellm.pipeline.partition.PipelineLayers`` numbers them), named and laid out exactly as DeepSpeed's
+``PipelineModule`` saves and loads them (each is ``torch.save`` of one layer module's
 ``state_dict``), next to ``config.json`` and the tokenizer files. A training save directory holds one such
 directory per checkpoint tag (``global_step<N>``), a ``latest`` file naming the newest and, with eval data, a
 ``best`` file naming the one with the best eval loss (saving and resuming: ``pipellm.training.resume``).
@@ -14,7 +15,6 @@ import shutil
 from pathlib import Path
 
 from pipellm.errors import PipellmError
-from pipellm.models.base import ModelFamily
 
 LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 
@@ -54,15 +54,8 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def num_layer_files(family: ModelFamily, config) -> int:
-    """Number of pipeline layer files: embed, decoders, norm, and the head unless it is tied."""
-    return family.num_decoder_layers(config) + (2 if family.is_tied(config) else 3)
-
-
 def copy_model_files(src: Path, dst: Path) -> None:
     """Copy config.json, tokenizer and other small non-weight files from ``src`` to ``dst``."""
     for path in sorted(src.iterdir()):
         if path.is_file() and path.name not in _NOT_COPIED and not path.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(path, dst / path.name)
-
-

@@ -27,8 +27,8 @@ from pipellm.models.attention import AttentionOptions
 from pipellm.models.base import ModelFamily
 from pipellm.pipeline.loss import token_mean_loss
 from pipellm.pipeline.deepspeed_compat import BoundedPipelineModule
-from pipellm.pipeline.partition import stage_boundaries
-from pipellm.pipeline.weights import layer_module
+from pipellm.pipeline.partition import Partition
+from pipellm.pipeline.weights import stage_modules
 
 class EmbedStage:
     def forward(self, inputs):
@@ -117,7 +117,8 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: AttentionOptions,
                 compile_layers: bool = False, loss_chunk_tokens: int | None = None) -> list:
-    """DeepSpeed layer specs: embed, decoders, final norm, head (tied to the embedding when the config says so)."""
+    """DeepSpeed layer specs: embed, decoders, final norm, head (tied to the embedding when the config says so),
+    in ``pipellm.pipeline.partition.PipelineLayers``' order."""
     embed_cls = stage_class(EmbedStage, family.embed)
     defer = loss_chunk_tokens is not None
     if family.is_tied(hf_config):
@@ -144,20 +145,19 @@ def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_
 
     ``packed``: rows may hold several samples (``packing: true``); attention keeps to each sample.
     ``loss_chunk_tokens``: the loss projects and scores this many tokens at a time (``pipellm.pipeline.chunked_loss``).
-    Each layer's initialisation is seeded by its layer index, so the initial weights do not depend on the
+    Each layer's initialisation is seeded by its layer file index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
     specs = layer_specs(family, hf_config, use_grad_ckpt,
                         AttentionOptions(use_flash_attn=use_flash_attn, packed=packed), compile_layers,
                         loss_chunk_tokens)
-    boundaries = stage_boundaries(parts, family, hf_config, topology.get_dim("pipe"))
+    partition = Partition.of_parts(parts, family, hf_config, topology.get_dim("pipe"))
     loss_fn = functools.partial(token_mean_loss, chunk_tokens=loss_chunk_tokens)
     # Allocating on the target device directly skips a host copy of the stage (and is much faster to init).
     with torch.device(device):
-        model = BoundedPipelineModule(specs, boundaries, topology=topology, loss_fn=loss_fn)
+        model = BoundedPipelineModule(specs, partition.boundaries, topology=topology, loss_fn=loss_fn)
         std = getattr(hf_config, "initializer_range", 0.02)
-        for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
-            module = layer_module(layer)
-            torch.manual_seed(seed + (0 if isinstance(layer, functools.partial) else layer_index))
+        for layer_index, module in stage_modules(model):
+            torch.manual_seed(seed + partition.layers.file_index(layer_index))
             init_weights(module, std)
     return model

@@ -9,29 +9,26 @@ from torch import nn
 
 from pipellm.errors import PipellmError
 from pipellm.models.base import ModelFamily
-from pipellm.pipeline.layer_files import layer_file_name
 from pipellm.pipeline.deepspeed_compat import BoundedPipelineModule
+from pipellm.pipeline.layer_files import layer_file_name
+from pipellm.pipeline.partition import PipelineLayers
 
 
-def layer_module(layer) -> nn.Module | None:
+def layer_module(layer) -> nn.Module:
     """The module that owns a pipeline layer's weights (a tied head's is the tied embedding)."""
-    if isinstance(layer, nn.Module):
-        return layer
-    if isinstance(layer, functools.partial):
-        return layer.args[0]
-    return None
+    return layer.args[0] if isinstance(layer, functools.partial) else layer
+
+
+def stage_modules(model: BoundedPipelineModule) -> list[tuple[int, nn.Module]]:
+    """This stage's layers: ``(DeepSpeed layer index, the module that owns its weights)`` each."""
+    return [(index, layer_module(layer)) for index, layer in zip(model.local_layer_indices, model.forward_funcs)]
 
 
 def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_config, model_dir: str | Path) -> None:
     """Load only this rank's layers from ``layer_XX-model_states.pt`` files (strict: every key must match)."""
-    model_dir = Path(model_dir)
-    for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
-        module = layer_module(layer)
-        if module is None:
-            continue
-        kind, _ = family.layer_kind(layer_index, hf_config)
-        file_index = 0 if kind == "head" and family.is_tied(hf_config) else layer_index
-        path = model_dir / layer_file_name(file_index)
+    model_dir, layers = Path(model_dir), PipelineLayers.of(family, hf_config)
+    for layer_index, module in stage_modules(model):
+        path = model_dir / layer_file_name(layers.file_index(layer_index))
         if not path.is_file():
             raise PipellmError(f"missing pipeline layer file {path}; is `model_path` a `convert_model.py "
                                f"hg_to_pp` output or a training checkpoint of this model?")
@@ -40,6 +37,7 @@ def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first_line = str(e).strip().splitlines()[0:2]
+            kind, _ = layers.kind(layer_index)
             raise PipellmError(f"{path} does not match layer {layer_index} ({kind}) of this model: "
                                f"{' '.join(first_line)}") from None
 
@@ -48,14 +46,11 @@ def checkpoint_named_parameters(model: BoundedPipelineModule, family: ModelFamil
     """This stage's parameters, each named by its Hugging Face checkpoint key (``model.layers.3.mlp.up_proj.weight``,
     ``model.norm.weight``), so name-based rules read the same on every stage and in ``train_ds_zero.py``. The
     ``PipelineModule``'s own names do not say what a layer is (the final norm's weight is ``4.weight``)."""
+    layers = PipelineLayers.of(family, hf_config)
     named = {}
-    for layer_index, layer in zip(model.local_layer_indices, model.forward_funcs):
-        module = layer_module(layer)
-        if module is None:
-            continue
-        kind, decoder_index = family.layer_kind(layer_index, hf_config)
-        if kind == "head" and family.is_tied(hf_config):
-            kind = "embed"  # the tied head computes with the embedding module (the same parameters)
+    for layer_index, module in stage_modules(model):
+        # Named as the layer file that holds them: a tied head's parameters are the embedding's.
+        kind, decoder_index = layers.kind(layers.file_index(layer_index))
         for key, param in module.named_parameters():
             named.setdefault(id(param), (family.key_map.hf_key(kind, decoder_index, key), param))
     return list(named.values())

@@ -1,3 +1,81 @@
-from pipellm.plan.planner import main
+"""``python -m pipellm.plan --config X.yml``: the plan of a run on this device, without training."""
+from __future__ import annotations
 
-main()
+import argparse
+import sys
+from pathlib import Path
+
+from pipellm.config import load_config
+from pipellm.errors import PipellmError
+from pipellm.models import load_model_config
+from pipellm.pipeline.layer_files import resolve_checkpoint_dir
+from pipellm.pipeline.partition import PipelineLayers
+from pipellm.plan import plan_run
+from pipellm.plan.memory import GIB
+from pipellm.plan.profile import device_memory_bytes, local_device
+
+NAMED_PARTS = ("auto", "uniform", "parameters")
+
+
+def parse_parts(text: str) -> list[int] | str:
+    """``--parts``: a named split or comma-separated layer counts."""
+    if text in NAMED_PARTS:
+        return text
+    try:
+        return [int(count) for count in text.split(",")]
+    except ValueError:
+        raise PipellmError(f"--parts {text!r}: give auto, uniform, parameters or comma-separated layer counts "
+                           f"such as 17,17") from None
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipellm.plan",
+        description="Profile the model's layers on this device and print the pipeline plan: layers, time and "
+                    "memory per stage, and whether it fits. Starts no training.")
+    parser.add_argument("--config", required=True, help="training YAML (only model_path's config.json is read)")
+    parser.add_argument("--device-memory-gib", type=float, default=None,
+                        help="memory per device (default: this GPU's total; on CPU the RAM / processes)")
+    parser.add_argument("--num-stages", type=int, default=None, help="pipeline stages (default: the config's)")
+    parser.add_argument("--parts", default=None,
+                        help="auto, uniform, parameters or counts like 17,17 (default: the config's `parts`)")
+    return parser.parse_args(argv)
+
+
+def plan_text(args: argparse.Namespace) -> str:
+    """The printed plan for the command's arguments; ``PipellmError`` for a bad one."""
+    cfg = load_config(args.config)
+    model_dir = cfg.model_path
+    if not cfg.from_scratch and Path(model_dir).is_dir():
+        model_dir = resolve_checkpoint_dir(model_dir)  # a training save directory: its newest checkpoint
+    hf_config, family = load_model_config(model_dir)
+    num_stages = args.num_stages or cfg.pipe_degree
+    parts = parse_parts(args.parts) if args.parts is not None else cfg.model_topo.parts
+    if num_stages < 1:
+        raise PipellmError(f"--num-stages must be >= 1, got {num_stages}")
+    if isinstance(parts, list) and len(parts) != num_stages:
+        raise PipellmError(f"`parts` {parts} has {len(parts)} entries for {num_stages} stages; pass --parts "
+                           f"with one count per stage, or --parts auto")
+    if isinstance(parts, list) and min(parts) < 1:
+        raise PipellmError(f"`parts` entries must be >= 1, got {parts}")
+    if args.device_memory_gib is not None and args.device_memory_gib <= 0:
+        raise PipellmError(f"--device-memory-gib must be > 0, got {args.device_memory_gib}")
+    PipelineLayers.of(family, hf_config).check_parts(parts, num_stages)
+    device = local_device()
+    memory = args.device_memory_gib * GIB if args.device_memory_gib is not None else \
+        device_memory_bytes(device, num_stages * cfg.data_degree)
+    return plan_run(cfg, hf_config, family, device, memory, num_stages, parts)[1]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        text = plan_text(args)
+    except PipellmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from pipellm.data.batches import Schedule, TrainingData, load_training_data, micro_batches
-from pipellm.config import (TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment,
-                            validate_partition)
+from pipellm.config import TrainConfig, dump_resolved, load_config, parse_launcher_args, validate_environment
 from pipellm.training.distributed import (StallWatchdog, all_reduce, config_hash, data_fingerprint,
                                  init_process_group, run_owns_process_group, verify_same_run)
 from pipellm.errors import PipellmError
@@ -33,7 +32,8 @@ from pipellm.observe.sinks import open_sinks
 from pipellm.models import load_model_config
 from pipellm.models.base import ModelFamily
 from pipellm.training.optim import NonFiniteRun, check_pipeline_settings, pipeline_optimizer
-from pipellm.pipeline.layer_files import layer_file_name, num_layer_files, resolve_checkpoint_dir
+from pipellm.pipeline.layer_files import layer_file_name, resolve_checkpoint_dir
+from pipellm.pipeline.partition import PipelineLayers
 from pipellm.training.resume import (CheckpointWriter, EarlyStoppingState, ResumePoint, StopOnSigterm, agree_on_start,
                             cut_metrics_log, layout_of, stopped_message, trainer_state)
 
@@ -45,7 +45,7 @@ def read_model_config(cfg: TrainConfig):
 def check_layer_files(cfg: TrainConfig, family: ModelFamily, hf_config) -> None:
     if cfg.from_scratch:
         return
-    for index in range(num_layer_files(family, hf_config)):
+    for index in range(PipelineLayers.of(family, hf_config).num_files):
         path = Path(cfg.model_path) / layer_file_name(index)
         if not path.is_file():
             raise PipellmError(f"`model_path` {cfg.model_path} lacks {path.name}; convert the Hugging Face model "
@@ -61,7 +61,7 @@ def prepare(argv=None):
         cfg.model_path = str(resolve_checkpoint_dir(cfg.model_path))
     validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config, family = read_model_config(cfg)
-    validate_partition(cfg, family.num_decoder_layers(hf_config) + 2)
+    PipelineLayers.of(family, hf_config).check_parts(cfg.model_topo.parts, cfg.pipe_degree)
     check_pipeline_settings(cfg.deepspeed)
     check_layer_files(cfg, family, hf_config)
     return cfg, hf_config, family
@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, hf_config, family: ModelFamily) -> None:
     config_digest, data_key = config_hash(dump_resolved(cfg)), data_fingerprint(cfg.data_paths)
     verify_same_run(config_digest, data_key)
     if cfg.model_topo.parts == "auto":  # needs the process group: rank 0 measures, every rank takes its split
-        from pipellm.plan.planner import agreed_auto_parts
+        from pipellm.plan.agree import agreed_auto_parts
         cfg.model_topo.parts = agreed_auto_parts(cfg, hf_config, family, resume)
         config_digest = config_hash(dump_resolved(cfg))  # run_info's hash is of the config as run: with its split
     topo_cfg = cfg.model_topo.process_topology

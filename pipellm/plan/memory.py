@@ -1,0 +1,123 @@
+"""The memory model: what a pipeline stage keeps on its device, per parameter and per micro batch in flight."""
+from __future__ import annotations
+
+import dataclasses
+
+from pipellm.config import DeepSpeedSettings
+from pipellm.errors import PipellmError
+from pipellm.plan.profile import Profile
+
+ALLOWANCE_GIB = 2.0
+"""Memory the model does not itemise: the CUDA context, NCCL buffers, allocator fragmentation, the received
+activation buffers and gradients in transit."""
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter a stage keeps on its device for the whole run."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    """fp32 master weights and optimizer states, after sharding over the replicas (0 when offloaded)."""
+    step: float
+    """Temporary at the optimizer step, when no activations are held: the fp32 copy of low-precision
+    gradients the fp32 optimizer steps on."""
+    layout: str
+    """How that comes about, for the printed plan."""
+
+
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lion": 1}
+"""fp32 states per parameter: AdamW's two moments, Lion's one momentum."""
+
+
+def state_bytes(ds_config: dict, data_degree: int) -> StateBytes:
+    """Per-parameter memory as DeepSpeed's optimizer wrappers allocate it for a pipeline run.
+
+    * fp32, no ZeRO: the torch optimizer on the module's fp32 weights and gradients.
+    * bf16 without ZeRO, or ZeRO-1 with fp32 gradient accumulation (``BF16_Optimizer``): bf16 weights and
+      gradients, a gradient accumulation buffer (bf16 unless ``data_types.grad_accum_dtype: fp32``), fp32 master
+      weights and states sharded over the D replicas.
+    * fp16 without ZeRO (``FP16_Optimizer``): fp16 weights and gradients, fp32 master weights and states, whole.
+    * ZeRO-1 otherwise (``DeepSpeedZeroOptimizer``): low-precision (or fp32) weights and gradients, an fp32
+      gradient partition, fp32 master weights and states sharded over D; ``offload_optimizer`` moves the last
+      three to the CPU.
+    """
+    spec = ds_config.get("optimizer") or {"type": "AdamW"}
+    name = str(spec.get("type", "")).lower()
+    if name not in OPTIMIZER_STATES:
+        raise PipellmError(f"`optimizer.type` {spec.get('type')!r}: the memory model knows AdamW and Lion; use one "
+                           f"of them")
+    states = OPTIMIZER_STATES[name]
+    optimizer_label = f"{states} {'AdamW' if states == 2 else 'Lion'} state{'s' if states > 1 else ''}"
+    settings = DeepSpeedSettings.of(ds_config)
+    zero_stage, offload = settings.zero_stage, settings.offload_optimizer != "none"
+    low = settings.precision if settings.low_precision else None
+    fp32_accumulation = settings.fp32_grad_accumulation
+    weight = 2 if low else 4
+    sharded = (4 + 4 * states) / data_degree
+    shard_label = f"fp32 master + {optimizer_label}, sharded over {data_degree} replica(s)"
+    if zero_stage == 0 and low is None:
+        return StateBytes(4, 4, 4 * states, 0, f"fp32 weights and grads, {optimizer_label} (torch optimizer)")
+    if low == "bf16" and (zero_stage == 0 or (fp32_accumulation and not offload)):
+        if fp32_accumulation:
+            return StateBytes(2, 2 + 4, sharded, 0, f"bf16 weights and grads + fp32 accumulation, {shard_label} "
+                                                    f"(BF16_Optimizer)")
+        return StateBytes(2, 2 + 2, sharded, 4 / data_degree,
+                          f"bf16 weights and grads + bf16 accumulation, {shard_label}; fp32 copy of the gradient "
+                          f"shard at the step (BF16_Optimizer)")
+    if zero_stage == 0:
+        return StateBytes(2, 2, 4 + 4 * states, 4, f"fp16 weights and grads, fp32 master + {optimizer_label}; "
+                                                   f"fp32 gradient copy at the step (FP16_Optimizer)")
+    if offload:
+        return StateBytes(weight, weight, 0, 0, f"{low or 'fp32'} weights and grads, master weights, states and "
+                                                f"fp32 gradient partition offloaded (ZeRO-1)")
+    return StateBytes(weight, weight + 4 / data_degree, sharded, 0,
+                      f"{low or 'fp32'} weights and grads + fp32 gradient partition, {shard_label} (ZeRO-1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageEstimate:
+    start: int
+    """First user-counted layer (0 = embedding)."""
+    stop: int
+    """One past the last."""
+    seconds: float
+    """Forward + backward of one micro batch."""
+    weights: float
+    grads: float
+    optimizer: float
+    in_flight: int
+    """Micro batches whose activations the stage holds at once."""
+    activations_per_micro_batch: float
+    working: float
+    """The largest backward peak above the held activations (0 where not measured)."""
+    step: float
+    """Temporaries of the optimizer step, which runs when no activations are held."""
+    allowance: float
+
+    @property
+    def activations(self) -> float:
+        return self.in_flight * self.activations_per_micro_batch + self.working
+
+    @property
+    def total(self) -> float:
+        """The peak: during the pipeline's forwards and backwards, or at the optimizer step, whichever is more."""
+        return self.weights + self.grads + self.optimizer + max(self.activations, self.step) + self.allowance
+
+
+def estimate_stage(profile: Profile, state: StateBytes, stage: int, start: int, stop: int, num_stages: int,
+                   micro_batches: int, allowance: float) -> StageEstimate:
+    """Time and memory of stage ``stage`` holding user-counted layers ``[start, stop)``."""
+    items = profile.items()[start:stop]
+    params = sum(item.params for item in items)
+    if start == 0 and stop == profile.layers.num_user_layers:
+        params -= profile.tied_params  # one module serves as embedding and head
+    # DeepSpeed keeps each in-flight micro batch's received input and the clone its forward runs on.
+    per_micro_batch = 2 * items[0].input_bytes + sum(item.held_bytes for item in items)
+    return StageEstimate(
+        start=start, stop=stop, seconds=sum(item.seconds for item in items),
+        weights=params * state.weights, grads=params * state.grads, optimizer=params * state.optimizer,
+        in_flight=min(num_stages - stage, micro_batches), activations_per_micro_batch=per_micro_batch,
+        working=max(item.working_bytes or 0 for item in items), step=params * state.step, allowance=allowance)

@@ -1,0 +1,216 @@
+"""Measure the pipeline layers as training builds them: time, activation memory and parameters of each kind."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from pipellm.config import TrainConfig
+from pipellm.models.base import ModelFamily
+from pipellm.pipeline.partition import PipelineLayers
+
+WARMUP_STEPS = 3
+"""Untimed forward+backward passes first: allocator growth, kernel selection and ``torch.compile``."""
+TIMED_STEPS = 5
+"""Timed passes; the median is the layer's time."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShape:
+    """What a layer's time and activation memory depend on; one per run."""
+
+    micro_batch: int
+    seq_len: int
+    dtype: torch.dtype
+    grad_ckpt: bool
+    flash_attn: bool
+    packed: bool
+    compile_layers: bool
+    loss_chunk_tokens: int | None = None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, on_gpu: bool) -> RunShape:
+        return cls(cfg.micro_batch_size, cfg.max_seq_len, cfg.deepspeed_settings.dtype, cfg.use_grad_ckpt, cfg.use_flash_attn,
+                   cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers, cfg.loss_chunk_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """One pipeline layer kind, measured for one micro batch."""
+
+    seconds: float
+    """Forward + backward (median of the timed passes)."""
+    held_bytes: int
+    """Activations kept from the forward to the backward, the layer's output included (its input not: that is
+    the previous layer's output)."""
+    working_bytes: int | None
+    """Peak during forward + backward above ``held_bytes`` (None where not measurable: on CPU)."""
+    input_bytes: int
+    """The tensors the layer receives (a stage keeps its received input and the clone it runs on)."""
+    params: int
+    """Parameters the layer holds (the head: final norm + output projection, or the tied embedding's replica)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    device: str
+    embed: LayerCost
+    decoder: LayerCost
+    head: LayerCost
+    layers: PipelineLayers
+    """The model's pipeline layers (how many decoders)."""
+    tied_params: int
+    """Parameters the head shares with the embedding (0 when untied): counted once on a stage holding both."""
+
+    def items(self) -> list[LayerCost]:
+        """The user-counted pipeline layers in order: embedding, decoders, head."""
+        return [self.embed] + [self.decoder] * self.layers.num_decoders + [self.head]
+
+
+def local_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_memory_bytes(device: torch.device, processes_per_host: int) -> float:
+    """A GPU's total memory; on CPU the host's RAM shared by its pipeline processes."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / processes_per_host
+
+
+def profile_layers(family: ModelFamily, hf_config, shape: RunShape, device: torch.device) -> Profile:
+    """Measure the embedding, one decoder layer and the head as ``build_pipeline`` builds them, then free them
+    (and forget their peak, so a training run's peak memory figure is its own).
+
+    Each layer runs on the previous one's (detached) output, so shapes and dtypes are those that travel between
+    stages; the head's measurement includes the loss, which the last stage computes.
+    """
+    profile = _build_and_measure(family, hf_config, shape, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return profile
+
+
+def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: torch.device) -> Profile:
+    from pipellm.models.attention import AttentionOptions
+    from pipellm.pipeline.loss import token_mean_loss
+    from pipellm.pipeline.stages import init_weights, layer_specs
+
+    layers = PipelineLayers.of(family, hf_config)
+    specs = layer_specs(family, hf_config, shape.grad_ckpt,
+                        AttentionOptions(use_flash_attn=shape.flash_attn, packed=shape.packed), shape.compile_layers,
+                        shape.loss_chunk_tokens)
+    embed_spec, decoder_spec = specs[layers.index("embed")], specs[layers.index("decoder", 0)]
+    norm_spec, head_spec = specs[layers.index("norm")], specs[layers.index("head")]
+    torch.manual_seed(0)
+    with torch.device(device):
+        embed, decoder, norm = embed_spec.build(), decoder_spec.build(), norm_spec.build()
+        head_module = embed if layers.tied else head_spec.build()
+    for module in (embed, decoder, norm, head_module):
+        init_weights(module, getattr(hf_config, "initializer_range", 0.02))
+        module.to(shape.dtype).train()
+    head = functools.partial(head_spec.forward_fn, embed) if layers.tied else head_module
+
+    batch, seq = shape.micro_batch, shape.seq_len
+    input_ids = torch.randint(0, hf_config.vocab_size, (batch, seq), device=device)
+    position_ids = torch.arange(seq, device=device).expand(batch, seq).contiguous()  # one sample per row
+    targets = torch.randint(0, hf_config.vocab_size, (batch, seq), device=device)
+    loss_scale = torch.tensor(1.0 / (batch * seq), device=device)
+
+    def count(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    def head_and_loss(inputs):
+        return token_mean_loss(head(norm(inputs)), (targets, loss_scale), shape.loss_chunk_tokens)
+
+    embed_cost, hidden = _measure(embed, (input_ids, position_ids), list(embed.parameters()), device)
+    decoder_cost, hidden = _measure(decoder, hidden, list(decoder.parameters()), device)
+    head_cost, _ = _measure(head_and_loss, hidden, [*norm.parameters(), *head_module.parameters()], device)
+    tied_params = functools.reduce(getattr, family.tied_weight.split("."), embed).numel() if layers.tied else 0
+    return Profile(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        embed=dataclasses.replace(embed_cost, params=count(embed)),
+        decoder=dataclasses.replace(decoder_cost, params=count(decoder)),
+        head=dataclasses.replace(head_cost, params=count(norm, head_module)),
+        layers=layers, tied_params=tied_params)
+
+
+def _measure(layer: Callable, inputs: tuple, params: list[torch.Tensor], device: torch.device
+             ) -> tuple[LayerCost, tuple]:
+    """Time and memory of ``layer`` (forward + backward) on ``inputs``; also its outputs, detached, as the next
+    layer's inputs (floating tensors require grad, as a received activation does). ``params``: the layer's."""
+    def forward():
+        outputs = layer(inputs)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
+
+    def backward(outputs):
+        tensors = [t for t in outputs if t.requires_grad]
+        torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+        for t in inputs:
+            t.grad = None
+
+    for _ in range(WARMUP_STEPS):
+        backward(forward())
+    seconds = []
+    for _ in range(TIMED_STEPS):
+        _sync(device)
+        start = time.perf_counter()
+        backward(forward())
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        outputs, held, working = _allocated_bytes(forward, backward, device)
+    else:
+        outputs, held, working = _saved_bytes(forward, backward, [*inputs, *params])
+    cost = LayerCost(seconds=statistics.median(seconds), held_bytes=held, working_bytes=working,
+                     input_bytes=sum(t.nbytes for t in inputs), params=0)
+    next_inputs = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in outputs)
+    return cost, next_inputs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated_bytes(forward: Callable, backward: Callable, device: torch.device) -> tuple[tuple, int, int]:
+    """One pass measured by the CUDA allocator: its outputs, the bytes held to the backward and the peak above."""
+    # Weights and their gradients exist since the warm-up: the difference is this micro batch's alone.
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    outputs = forward()
+    _sync(device)
+    held = torch.cuda.memory_allocated(device) - base
+    backward(outputs)
+    _sync(device)
+    return outputs, held, torch.cuda.max_memory_allocated(device) - base - held
+
+
+def _saved_bytes(forward: Callable, backward: Callable, owned: list[torch.Tensor]) -> tuple[tuple, int, None]:
+    """One pass measured without allocator statistics (CPU): its outputs and the bytes of the storages autograd
+    saves for the backward plus the outputs, each storage once, the ``owned`` tensors' (inputs, parameters) not.
+    With checkpointing only the outputs remain."""
+    owned_storages = {t.untyped_storage().data_ptr() for t in owned}
+    kept: dict[int, int] = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned_storages:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        outputs = forward()
+    for t in outputs:
+        keep(t)
+    held = sum(kept.values())
+    backward(outputs)
+    return outputs, held, None
