@@ -2,7 +2,8 @@
 
 ``check_config`` runs the per-section checks of ``SECTION_CHECKS`` on the file's own content (``load_config``
 calls it); ``validate_environment`` adds what needs the file system and the launcher,
-``pipellm.pipeline.partition.PipelineLayers.check_parts`` what needs the model's layer count. Each failure is one ``PipellmError`` line naming the file, the key and the fix.
+``pipellm.pipeline.partition.PipelineLayers.check_parts`` what needs the model's layer count. Each failure is one
+``PipellmError`` line naming the file, the key and the fix.
 """
 from __future__ import annotations
 
