@@ -13,7 +13,7 @@ REMOTE_CODE = 'raise RuntimeError("pipellm ran the checkpoint\'s tokenizer code"
 
 def _corpus() -> list[str]:
     """The example data's lines (every record format, English and Chinese) and the built-in templates' text."""
-    from pipellm.data.templates import BUILTIN_STRINGS
+    from pipellm.data.builtin_template import BUILTIN_STRINGS
 
     lines = []
     for path in sorted((REPO / "pipellm" / "assets" / "data").glob("*.jsonl")):

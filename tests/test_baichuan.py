@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from equivalence import (CHUNK_TOKENS, LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, make_batch,
                          run_pipelines, train_through_launcher)
+from pipellm.data import IGNORE_INDEX
 from pipellm.pipeline.layer_files import layer_file_name
 from pipellm.convert.converters import hg_to_pp, main as convert_main, pp_to_hg
 from pipellm.errors import PipellmError
@@ -154,7 +155,7 @@ class AlibiReference(nn.Module):
         for layer in self.model.layers:
             x = layer(x, mask)
         logits = F.linear(self.model.norm(x), F.normalize(self.lm_head.weight))
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
 def reference_case(position: str, tmp_path, gas: int, replicas: int = 1):

@@ -17,8 +17,10 @@ from transformers import AutoConfig, AutoTokenizer
 from pipellm.data.cache import build_dataset, pad_token_id
 from pipellm.errors import PipellmError
 from pipellm.data.records import FORMATS, load_records, normalize
-from pipellm.data.templates import (ACTION_TEMPLATE, INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_NO_INPUT, Encoder,
-                               builtin_segments)
+from pipellm.data import IGNORE_INDEX
+from pipellm.data.builtin_template import (ACTION_TEMPLATE, INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_NO_INPUT,
+                                          builtin_segments)
+from pipellm.data.templates import Encoder
 
 ASSETS = Path(__file__).resolve().parents[1] / "pipellm" / "assets"
 MODEL_DIR = ASSETS / "tiny_llama"
@@ -168,7 +170,7 @@ def test_instruct_prompt_and_labels(tok, record, prompt):
     ids, labels = Encoder(tok).labels(normalize(record))
     n_prompt = 1 + len(tok.encode(prompt, add_special_tokens=False))
     assert tok.decode(ids[1:n_prompt]) == prompt
-    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == tok.eos_token_id
 
 
@@ -211,7 +213,7 @@ def test_chat_template_masks_are_the_answers(record):
     expected = [r.replace("\n<|im_end|>", "<|im_end|>") for r in expected_runs(record, "<|im_end|>")]
     assert runs == expected
     # Tokens are those of the template's own rendering, tokenized as a whole.
-    from pipellm.data.templates import chat_messages
+    from pipellm.data.chat_template import chat_messages
 
     messages = chat_messages(normalize(record), encoder._chat)
     plain = [{k: v for k, v in m.items() if k in ("role", "content", "name")} for m in messages]
@@ -318,7 +320,7 @@ def test_build_dataset_pads_right_and_counts(tmp_path, tok):
         ids, labels = Encoder(tok).labels(normalize(record))
         n = len(ids)
         assert ds.lengths[i] == n and ds.input_ids[i, :n].tolist() == ids and ds.labels[i, :n].tolist() == labels
-        assert (ds.input_ids[i, n:] == tok.pad_token_id).all() and (ds.labels[i, n:] == -100).all()
+        assert (ds.input_ids[i, n:] == tok.pad_token_id).all() and (ds.labels[i, n:] == IGNORE_INDEX).all()
     assert ds.fill_ratio == pytest.approx(ds.lengths.sum().item() / 128)
 
 
@@ -415,3 +417,8 @@ def test_unreadable_files(tmp_path, tok):
     latin.write_bytes(b'{"type": "pretrain", "text": "caf\xe9"}\n')
     with pytest.raises(PipellmError, match="latin.jsonl line 1: not UTF-8"):
         build_dataset(latin, tok, max_seq_len=64)
+
+
+def test_ignore_index_is_the_cross_entropy_convention():
+    # README, transformers and torch's cross entropy all mean -100: labels written by pipellm load anywhere.
+    assert IGNORE_INDEX == -100

@@ -20,9 +20,11 @@ from transformers import AutoTokenizer, LlamaConfig
 
 import pipellm.data.cache as data_module
 from pipellm.models.attention import AttentionOptions, sample_mask
+from pipellm.data import IGNORE_INDEX
 from pipellm.data.batches import (EpochPlan, SampleStore, Schedule, load_training_data, materialize, micro_batches, pack,
                              split_eval)
-from pipellm.data.cache import DataOptions, tokenize_file
+from pipellm.data.cache import tokenize_file
+from pipellm.data.samples import DataOptions
 from pipellm.errors import PipellmError
 
 ASSETS = Path(__file__).resolve().parents[1] / "pipellm" / "assets"
@@ -97,7 +99,7 @@ def test_packed_row_losses_equal_samples_alone(use_flash_attn, dtype, compile_la
 
     def row(sample_list):
         ids = torch.zeros(seq, dtype=torch.long)
-        labels = torch.full((seq,), -100)
+        labels = torch.full((seq,), IGNORE_INDEX)
         positions = torch.arange(seq)
         at = 0
         for s in sample_list:
@@ -112,8 +114,8 @@ def test_packed_row_losses_equal_samples_alone(use_flash_attn, dtype, compile_la
         ids, labels, positions = (torch.stack(t).to(device) for t in zip(*rows))
         (inputs, (targets, _)), = micro_batches(ids, labels, len(rows), 0, 1, positions)
         with torch.no_grad():
-            logits = run_layers(layers, *inputs).float()
-        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+            logits = run_layers(layers, *inputs).logits.float()
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                                    reduction="none").view(targets.shape)
         return losses, targets
 
@@ -125,7 +127,7 @@ def test_packed_row_losses_equal_samples_alone(use_flash_attn, dtype, compile_la
         # Position at + n - 1 (last token of sample i) must predict nothing: the next sample's first token is
         # not a target of it.
         assert torch.equal(packed_targets[0, at:at + n], alone_targets[i, :n])
-        assert packed_targets[0, at + n - 1] == -100
+        assert packed_targets[0, at + n - 1] == IGNORE_INDEX
         torch.testing.assert_close(packed_losses[0, at:at + n], alone_losses[i, :n], **tol)
         at += n
     # And changing one sample changes nobody else's losses.
@@ -196,8 +198,8 @@ def test_materialize_rows(tmp_path, tok):
     assert lengths.tolist() == [n0 + n1, 0]
     assert positions[0, :n0].tolist() == list(range(n0)) and positions[0, n0:n0 + n1].tolist() == list(range(n1))
     assert ids[0, :n0].tolist() == entry.sample(0)[0].tolist()
-    assert (ids[0, n0 + n1:] == 3).all() and (labels[0, n0 + n1:] == -100).all() and (labels[1] == -100).all()
-    assert labels[0, n0] == -100  # the first token of the second sample
+    assert (ids[0, n0 + n1:] == 3).all() and (labels[0, n0 + n1:] == IGNORE_INDEX).all() and (labels[1] == IGNORE_INDEX).all()
+    assert labels[0, n0] == IGNORE_INDEX  # the first token of the second sample
 
 
 # ----- cache -----

@@ -10,6 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from pipellm.errors import PipellmError
+from pipellm.data import IGNORE_INDEX
 from pipellm.data.records import normalize
 from pipellm.data.templates import Encoder
 from pipellm.data.tokenizer import ChatGLM3Tokenizer, SentencePieceTokenizer, load_tokenizer
@@ -120,7 +121,7 @@ def test_chatglm3_conversation_sample(glm_dir, glm):
             .add([2], True))
     assert encoder.encode(normalize(record)) == (want.ids, want.trained)
     ids, labels = encoder.labels(normalize(record))
-    assert labels == [i if t else -100 for i, t in zip(want.ids, want.trained)]
+    assert labels == [i if t else IGNORE_INDEX for i, t in zip(want.ids, want.trained)]
     # Generation: the prompt is exactly what training put before the last answer; it stops at </s> or a role.
     prompt = encoder.prompt_ids(normalize({"type": "conversation", "rounds": record["rounds"][:-1]}))
     assert prompt == want.ids[:len(prompt)] and prompt[-1] == glm.convert_tokens_to_ids("<|assistant|>")

@@ -28,7 +28,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-from pipellm.data.cache import INSTRUCT_TEMPLATE
+from pipellm.data.builtin_template import INSTRUCT_TEMPLATE
 
 ASSETS = Path(__file__).resolve().parent
 DATA_FILE = ASSETS / "data" / "sample.jsonl"

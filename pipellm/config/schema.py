@@ -10,6 +10,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pipellm.config.deepspeed_keys import DeepSpeedSettings
 
+Template = Literal["auto", "builtin", "chat"]
+Overlong = Literal["truncate", "drop"]
 Axes = Annotated[list[Literal["pipe", "data"]], "[pipe, data] or [data, pipe]"]
 Parts = Annotated[list[int] | Literal["uniform", "parameters", "auto"],
                   "a list of layer counts, `uniform`, `parameters` or `auto`"]
@@ -95,14 +97,14 @@ class TrainConfig:
     """Evaluate every this many steps (and always at the end when there is eval data); 0: only at the end."""
     max_seq_len: int = 512
     """Tokens per row; longer samples are truncated or dropped (``overlong``), shorter rows right-padded."""
-    template: Literal["auto", "builtin", "chat"] = "auto"
+    template: Template = "auto"
     """Prompt template: ``auto`` (the tokenizer's chat template if it has one, else the built-in templates),
     ``builtin`` or ``chat``; with ChatGLM3's tokenizer ``auto`` and ``chat`` mean ChatGLM3's own format
     (``[gMASK]sop``, role tokens). The generation demo prompts with the same one."""
     packing: bool = False
     """Pack several samples into each ``max_seq_len`` row; attention never crosses samples and positions restart
     per sample (per-token losses equal those of each sample alone). Otherwise one sample per padded row."""
-    overlong: Literal["truncate", "drop"] = "truncate"
+    overlong: Overlong = "truncate"
     """Samples longer than ``max_seq_len``: ``truncate`` (keep the beginning: the whole prompt and the start of
     the answer) or ``drop``. Both are counted in the log."""
     skip_bad_records: bool = False
@@ -171,7 +173,7 @@ class TrainConfig:
     no_weight_decay: list[str] = dataclasses.field(default_factory=lambda: list(NO_WEIGHT_DECAY))
     """Regular expressions (Python ``re.search``) on parameter names as in the Hugging Face checkpoint
     (``model.layers.3.input_layernorm.weight``, also in ``train_ds_zero.py``): a parameter matching any of them
-    gets no weight decay. Default: biases and norm weights of every supported family (``pipellm.config``)."""
+    gets no weight decay. Default: biases and norm weights of every supported family (``NO_WEIGHT_DECAY``)."""
     lr_schedule: LRSchedule = dataclasses.field(default_factory=LRSchedule)
     """Warmup and decay of the learning rate; see ``LRSchedule``. Not together with DeepSpeed's ``scheduler``."""
     max_nonfinite_steps: int = 3

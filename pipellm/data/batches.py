@@ -26,7 +26,8 @@ import math
 import numpy as np
 import torch
 
-from pipellm.data.cache import IGNORE_INDEX, TokenizedFile
+from pipellm.data import IGNORE_INDEX
+from pipellm.data.cache import TokenizedFile
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -34,29 +35,6 @@ def shift_targets(labels: torch.Tensor) -> torch.Tensor:
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
     return targets
-
-
-class GlobalBatchOrder:
-    """Which rows of an in-memory dataset form global batch ``step``: a fresh seeded permutation per epoch, the
-    tail that does not fill a global batch skipped. (The ZeRO baseline's order; pipeline training uses
-    ``EpochPlan``.)"""
-
-    def __init__(self, num_rows: int, global_batch_size: int, seed: int):
-        self.num_rows = num_rows
-        self.global_batch_size = global_batch_size
-        self.seed = seed
-        self.steps_per_epoch = num_rows // global_batch_size
-        self._epoch, self._permutation = None, None
-
-    def rows(self, step: int) -> torch.Tensor:
-        epoch, index = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._permutation = epoch, torch.randperm(self.num_rows, generator=generator)
-        return self._permutation[index * self.global_batch_size:(index + 1) * self.global_batch_size]
-
-    def epoch(self, step: int) -> int:
-        return step // self.steps_per_epoch
 
 
 class SampleStore:
@@ -300,7 +278,8 @@ class TrainingData:
 
 def load_training_data(cfg, tokenizer, show_progress: bool = True) -> TrainingData:
     """Tokenize (or reuse the cache of) the config's data files and plan the epochs (``cfg``: a TrainConfig)."""
-    from pipellm.data.cache import DataOptions, pad_token_id, tokenize_file, tokenizer_fingerprint
+    from pipellm.data.cache import pad_token_id, tokenize_file, tokenizer_fingerprint
+    from pipellm.data.samples import DataOptions
     from pipellm.errors import PipellmError
 
     options = DataOptions(cfg.max_seq_len, cfg.template, cfg.overlong, cfg.skip_bad_records)

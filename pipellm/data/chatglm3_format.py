@@ -1,5 +1,5 @@
 """ChatGLM3's own conversation format, used for every non-pretrain record when the tokenizer is ChatGLM3's and
-``template`` is ``auto`` or ``chat`` (``pipellm.templates.Encoder``).
+``template`` is ``auto`` or ``chat`` (``pipellm.data.templates.Encoder``).
 
 As chatglm3's tokenizer builds it (``build_single_message`` / ``build_chat_input``) and its fine-tuning code
 trains it (``finetune/preprocess_utils.py`` of THUDM/ChatGLM3)::
@@ -78,7 +78,7 @@ def chatglm3_messages(record: dict, for_generation: bool = False) -> list[tuple[
 
 
 class ChatGLM3Format:
-    """Encodes checked records in ChatGLM3's format with a ``pipellm.tokenizer.ChatGLM3Tokenizer``."""
+    """Encodes checked records in ChatGLM3's format with a ``pipellm.data.tokenizer.ChatGLM3Tokenizer``."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
