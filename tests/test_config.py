@@ -65,6 +65,16 @@ BAD = {
     "loss chunk": (dict(loss_chunk_tokens=0), ["`loss_chunk_tokens` must be >= 1 (or null: no chunking), got 0"]),
     "zero stage": (dict(zero_optimization={"stage": "one"}), ["`zero_optimization.stage` must be one of 0, 1, 2, 3"]),
     "parts choice": (dict(model_topo={"parts": "even"}), ["`model_topo.parts` must be a list of layer counts, `uniform`"]),
+    "optimizer lr range": (dict(optimizer={"type": "AdamW", "params": {"lr": -1e-3}}),
+                           ["`optimizer.params.lr` must be > 0, got -0.001"]),
+    "optimizer lr type": (dict(optimizer={"type": "AdamW", "params": {"lr": "abc"}}),
+                          ["`optimizer.params.lr` must be a number, got 'abc'"]),
+    "optimizer misspelt": (dict(optimizer={"type": "AdamW", "params": {"lrr": 1e-3}}),
+                           ["unknown key `optimizer.params.lrr` for AdamW; did you mean `lr`?"]),
+    "scheduler misspelt": (dict(scheduler={"type": "WarmupLR", "params": {"warmup_num_step": 3}}),
+                           ["unknown key `scheduler.params.warmup_num_step` for WarmupLR; did you mean "
+                            "`warmup_num_steps`?"]),
+    "scheduler type": (dict(scheduler={"type": "Cosine"}), ["`scheduler.type` 'Cosine' is not a DeepSpeed or torch"]),
 }
 
 

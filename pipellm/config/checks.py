@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import re
 import typing
 from pathlib import Path
 
 from pipellm.config.deepspeed_keys import DeepSpeedSettings
 from pipellm.config.schema import TrainConfig
-from pipellm.config.typecheck import type_name, type_ok
+from pipellm.config.typecheck import suggest, type_name, type_ok
 from pipellm.errors import PipellmError
 
 # Keys with a lower bound: (key path, bound, what the bound or its absence means). An absent (null) value is fine.
@@ -94,18 +95,107 @@ def check_learning_rate(cfg: TrainConfig, source: str) -> None:
 
 
 def check_optimizer_block(cfg: TrainConfig, source: str) -> None:
+    """DeepSpeed's ``optimizer`` block, against the parameters of the optimizer pipellm builds from it."""
     optimizer = cfg.deepspeed.get("optimizer")
     if optimizer is None:
         return
     if not (isinstance(optimizer, dict) and isinstance(optimizer.get("params", {}), dict)):
         raise PipellmError(f"{source}: `optimizer` must be a mapping like {{type: AdamW, params: {{lr: 2.0e-5, "
                            f"weight_decay: 0.1}}}}, got {optimizer!r}")
+    check_block_keys(optimizer, "optimizer", source)
     if str(optimizer.get("type")).lower() not in ("adamw", "adam", "lion"):
         raise PipellmError(f"{source}: `optimizer.type` {optimizer.get('type')!r} is not supported; use AdamW or "
                            f"Lion")
-    if optimizer.get("params", {}).get("adam_w_mode") is False:
+    params = optimizer.get("params", {})
+    if params.get("adam_w_mode") is False:
         raise PipellmError(f"{source}: `optimizer.params.adam_w_mode: false` (L2-coupled Adam) is not supported; "
                            f"pipellm's Adam is AdamW (decoupled weight decay): remove the key")
+    import torch
+    from pipellm.training.optim import optimizer_class
+
+    cls = optimizer_class(optimizer)
+    own = {k: v for k, v in params.items() if not (cls is torch.optim.AdamW and k in DEEPSPEED_ADAM_KEYS)}
+    check_call_params(cls, own, "optimizer.params", source, skipped=("self", "params"))
+    for key, (bound, within) in OPTIMIZER_RANGES.items():
+        values = own.get(key, [])
+        if not all(within(value) for value in (values if isinstance(values, list) else [values])):
+            raise PipellmError(f"{source}: `optimizer.params.{key}` must be {bound}, got {own[key]!r}")
+    try_construct(lambda: cls([torch.zeros(1, requires_grad=True)], **own), cls, "optimizer.params", source)
+
+
+def check_scheduler_block(cfg: TrainConfig, source: str) -> None:
+    """DeepSpeed's ``scheduler`` block, against the parameters of the scheduler DeepSpeed builds from it (one of
+    DeepSpeed's ``lr_schedules``, else torch's of that name, as ``DeepSpeedEngine`` looks it up)."""
+    scheduler = cfg.deepspeed.get("scheduler")
+    if scheduler is None:
+        return
+    if not (isinstance(scheduler, dict) and isinstance(scheduler.get("params", {}), dict)):
+        raise PipellmError(f"{source}: `scheduler` must be a mapping like {{type: WarmupLR, params: "
+                           f"{{warmup_num_steps: 100}}}}, got {scheduler!r}")
+    check_block_keys(scheduler, "scheduler", source)
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    known = {name: getattr(lr_schedules, name) for name in lr_schedules.VALID_LR_SCHEDULES}
+    known.update((name, cls) for name, cls in vars(torch.optim.lr_scheduler).items() if name not in known and
+                 isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler) and name[0] != "_")
+    name = scheduler.get("type")
+    if name not in known:
+        raise PipellmError(f"{source}: `scheduler.type` {name!r} is not a DeepSpeed or torch scheduler; use one "
+                           f"of {', '.join(lr_schedules.VALID_LR_SCHEDULES)}{suggest(str(name), known)}")
+    params = scheduler.get("params", {})
+    check_call_params(known[name], params, "scheduler.params", source, skipped=("self", "optimizer"))
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    try_construct(lambda: known[name](probe, **params), known[name], "scheduler.params", source)
+
+
+# Keys of DeepSpeed's Adam that torch's AdamW has no use for (``pipellm.training.optim.build_optimizer`` drops
+# them), and the ranges of the optimizer parameters every supported optimizer shares.
+DEEPSPEED_ADAM_KEYS = ("torch_adam", "adam_w_mode")
+OPTIMIZER_RANGES = {"lr": ("> 0", lambda v: v > 0), "eps": (">= 0", lambda v: v >= 0),
+                    "weight_decay": (">= 0", lambda v: v >= 0), "betas": ("in [0, 1)", lambda v: 0 <= v < 1)}
+
+
+def check_block_keys(block: dict, key: str, source: str) -> None:
+    for name in block:
+        if name not in ("type", "params"):
+            raise PipellmError(f"{source}: unknown key `{key}.{name}` (it takes `type` and `params`)"
+                               f"{suggest(name, ('type', 'params'))}")
+
+
+def check_call_params(cls, params: dict, where: str, source: str, skipped: tuple[str, ...]) -> None:
+    """``params`` against ``cls.__init__``'s keyword parameters: names, required ones, and the type of the
+    default (a number, a bool, a string, or a list of as many numbers as a tuple default holds)."""
+    accepted = {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n not in skipped and
+                p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key, value in params.items():
+        if key not in accepted:
+            raise PipellmError(f"{source}: unknown key `{where}.{key}` for {cls.__name__}"
+                               f"{suggest(key, accepted) or '; it takes ' + ', '.join(accepted)}")
+        default = accepted[key].default
+        expected = DEFAULT_TYPES.get(type(default), list[float] if isinstance(default, tuple) else None)
+        if expected is not None and not (type_ok(value, expected) and
+                                         (not isinstance(default, tuple) or len(value) == len(default))):
+            shape = (f"a list of {len(default)} numbers" if isinstance(default, tuple) else
+                     "a number" if expected is float else type_name(expected))
+            raise PipellmError(f"{source}: `{where}.{key}` must be {shape}, got {value!r}")
+    for key, parameter in accepted.items():
+        if parameter.default is parameter.empty and key not in params:
+            raise PipellmError(f"{source}: `{where}.{key}` is required by {cls.__name__}; add it")
+
+
+# The type a value must have, by the type of the parameter's default (an int default takes any number).
+DEFAULT_TYPES = {bool: bool, int: float, float: float, str: str}
+
+
+def try_construct(make, cls, where: str, source: str) -> None:
+    """Build the optimizer or scheduler once on a probe tensor, so that what its own checks refuse (ranges the
+    table does not know) fails here, in one line, and not on every rank after the pipeline is built."""
+    try:
+        make()
+    except (ValueError, TypeError, AssertionError, KeyError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PipellmError(f"{source}: `{where}`: {cls.__name__} refuses them ({reason}); fix the value") from None
 
 
 def check_precision(cfg: TrainConfig, source: str) -> None:
@@ -164,7 +254,7 @@ def complete_batch_sizes(cfg: TrainConfig, source: str) -> None:
 
 
 SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
-                  check_optimizer_block, check_precision, complete_batch_sizes)
+                  check_optimizer_block, check_scheduler_block, check_precision, complete_batch_sizes)
 
 
 def check_config(cfg: TrainConfig) -> None:
