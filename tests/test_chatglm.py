@@ -82,7 +82,9 @@ def write_chatglm_checkpoint(glm: GlmForCausalLM, path) -> dict[str, torch.Tenso
     for module in ("configuration_chatglm.py", "modeling_chatglm.py"):
         (path / module).write_text("raise RuntimeError('the checkpoint\\'s remote code was run')\n")
     tensors = {k: v.detach().clone() for k, v in to_chatglm(glm.state_dict()).items()}
-    tensors["transformer.rotary_pos_emb.inv_freq"] = torch.rand(glm.config.head_dim // 4)
+    # The buffer chatglm's RotaryEmbedding.__init__ registers: a quarter of the head dims, in the model's dtype.
+    dims, dtype = glm.config.head_dim // 2, next(glm.parameters()).dtype
+    tensors["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, dims, 2).to(dtype=dtype) / dims))
     keys = sorted(tensors)
     shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
               "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
@@ -118,11 +120,10 @@ def test_loss_and_grads_match_glm_reference(dims, gas, tmp_path):
 
 
 def test_checkpoint_layout_round_trips_bit_exact(tmp_path):
-    """hg_to_pp reads chatglm3's sharded .bin layout (regenerated inv_freq skipped) and pp_to_hg writes the same
-    keys back bit for bit; the remote code in the directory never runs."""
+    """hg_to_pp reads chatglm3's sharded .bin layout (the derived inv_freq skipped) and pp_to_hg writes every key
+    back bit for bit, inv_freq recomputed as chatglm computes it; the remote code in the directory never runs."""
     torch.manual_seed(0)
     original = write_chatglm_checkpoint(GlmForCausalLM(tiny_glm()).to(torch.bfloat16), tmp_path / "hf")
-    del original["transformer.rotary_pos_emb.inv_freq"]
     pp = hg_to_pp(tmp_path / "hf", tmp_path / "pp")
     assert sorted(p.name for p in pp.glob("layer_*")) == [layer_file_name(i) for i in range(6)]
     assert set(torch.load(pp / layer_file_name(1), weights_only=True)) == {
@@ -146,7 +147,7 @@ def test_two_stage_training_through_launcher(tmp_path):
     assert [m["template"] for m in metas] == ["chatglm3"]
     out = pp_to_hg(save, tmp_path / "hf_out")
     exported = load_file(out / "model.safetensors")
-    assert exported.keys() == written.keys() - {"transformer.rotary_pos_emb.inv_freq"}
+    assert exported.keys() == written.keys()
     for name in ("tokenizer.model", "tokenizer_config.json", "tokenization_chatglm.py"):  # unchanged, code included
         assert (out / name).read_bytes() == (hf / name).read_bytes(), name
 

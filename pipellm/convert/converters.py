@@ -290,12 +290,16 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
                 if tensor.is_floating_point():
                     float_dtypes.add(tensor.dtype)
             del state
-        writer.finish()
-        copy_model_files(ckpt_dir, tmp)
         config_json = json.loads((ckpt_dir / "config.json").read_text())
         if export:
             config_json = export.convert_config(config_json)
-        if export or _record_weights_dtype(config_json, float_dtypes):
+        config_changed = _record_weights_dtype(config_json, float_dtypes)
+        if family.derived_hf_tensors and not export:
+            for key, tensor in family.derived_hf_tensors(config, _config_dtype(config_json)).items():
+                writer.add(key, tensor)
+        writer.finish()
+        copy_model_files(ckpt_dir, tmp)
+        if export or config_changed:
             (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     return Path(save_path)
 
@@ -314,6 +318,13 @@ def _record_weights_dtype(config_json: dict, float_dtypes: set[torch.dtype]) -> 
         return False
     config_json.update(dict.fromkeys(keys, stored))
     return True
+
+
+def _config_dtype(config_json: dict) -> torch.dtype:
+    """The dtype config.json names for the model (float32 when it names none)."""
+    name = config_json.get("dtype") or config_json.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -139,6 +139,10 @@ class ModelFamily:
     """Recommended ``parts`` for a stage count, for the family's common sizes (keyed by stage count)."""
     ignored_hf_keys: tuple[str, ...] = ()
     """Regexes of checkpoint keys that hold nothing to train (buffers derived from the config)."""
+    derived_hf_tensors: Callable | None = None
+    """``f(hf_config, dtype) -> {checkpoint key: tensor}``: the persistent buffers of the family's own layout that
+    ``ignored_hf_keys`` skips, computed as the original code computes them for a model of ``dtype``; ``pp_to_hg``
+    writes them back, so an export holds every key of the original checkpoint."""
     exports: dict[str, Export] = dataclasses.field(default_factory=dict)
     """Other layouts ``pp_to_hg`` can write, by the name given to ``--export-as``."""
     supported_config: tuple[Supported, ...] = ()

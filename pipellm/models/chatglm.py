@@ -63,6 +63,15 @@ def head_dim(config) -> int:
     return config.kv_channels or config.hidden_size // config.num_attention_heads
 
 
+def rotary_buffer(config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``transformer.rotary_pos_emb.inv_freq`` as chatglm's ``RotaryEmbedding.__init__`` registers it: over a
+    quarter of the head dims, computed in the model's dtype. (Its forward recomputes the angles in fp32 with
+    ``10000 * rope_ratio`` as the base, as ``ChatGLMRotary`` does; the buffer itself holds the plain base.)"""
+    dims = head_dim(config) // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dims, 2).to(dtype=dtype) / dims))
+    return {"transformer.rotary_pos_emb.inv_freq": inv_freq}
+
+
 class ChatGLMRotary:
     """cos/sin of chatglm's rotary angles, in fp32 (see ``llama.RotaryEmbedding`` for why not a buffer).
 
@@ -171,6 +180,7 @@ FAMILY = ModelFamily(
     # in flight there, the last because its 65k-vocab head and loss cost about 1.5 decoder layers.
     default_parts={8: [3, 4, 4, 4, 4, 4, 4, 3], 4: [8, 7, 7, 8], 2: [16, 14]},
     ignored_hf_keys=(r"rotary_pos_emb\.inv_freq$",),
+    derived_hf_tensors=rotary_buffer,
     supported_config=SUPPORTED_CONFIG,
     config_class=ChatGLMConfig,
 )
