@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _peak_bytes(queue, tokens: int, vocab: int, hidden_size: int, chunk: int | None, dtype: str) -> None:
     sys.path.insert(0, str(REPO))
-    from pipellm.pipeline.loss import token_mean_loss
+    from pipellm.pipeline.loss import HeadOutput, token_mean_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -40,7 +40,8 @@ def _peak_bytes(queue, tokens: int, vocab: int, hidden_size: int, chunk: int | N
         before = torch.cuda.memory_allocated()
     else:  # the resident set now; the pass's peak is the process's high-water mark after it
         before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    outputs = torch.nn.functional.linear(hidden, weight) if chunk is None else (hidden, weight)
+    outputs = (HeadOutput(logits=torch.nn.functional.linear(hidden, weight)) if chunk is None
+               else HeadOutput(hidden=hidden, weight=weight))
     token_mean_loss(outputs, labels, chunk).backward()
     if device == "cuda":
         torch.cuda.synchronize()

@@ -286,7 +286,7 @@ def engine_steps(mode: str, optimizer_name: str) -> dict:
 
     from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
-    from pipellm.training.optim import pipeline_optimizer
+    from pipellm.training.optim import deepspeed_optimizer
     from pipellm.pipeline.stages import build_pipeline
     from pipellm.pipeline.weights import checkpoint_named_parameters
     from test_llama_equivalence import tiny_config
@@ -296,7 +296,7 @@ def engine_steps(mode: str, optimizer_name: str) -> dict:
     ds_config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 2,
                  "train_batch_size": 2 * MICRO_BATCH, "steps_per_print": 10**9, "gradient_clipping": 1.0,
                  "optimizer": OPTIMIZERS[optimizer_name], **ENGINE_MODES[mode]}
-    optimizer, lr_scheduler, ds_config = pipeline_optimizer(
+    optimizer, lr_scheduler, ds_config = deepspeed_optimizer(
         model, checkpoint_named_parameters(model, family, config), ds_config, list(NO_WEIGHT_DECAY), ENGINE_SCHEDULE,
         total_steps=4)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,

@@ -28,7 +28,9 @@ from distributed import free_port, run_distributed
 from pipellm.config import load_config
 from pipellm.convert.converters import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
-from pipellm.training.resume import (STATE_FILE, EarlyStoppingState, ResumePoint, capture_rng, restore_rng, rng_file)
+from pipellm.training.checkpointer import STATE_FILE, ResumePoint
+from pipellm.training.early_stopping import EarlyStoppingState
+from pipellm.training.rng import capture_rng, restore_rng, rng_file
 from test_optim import train_main
 
 SAMPLES = REPO / "pipellm" / "assets" / "data" / "sample.jsonl"

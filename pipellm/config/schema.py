@@ -136,6 +136,10 @@ class TrainConfig:
     never holds a whole micro batch's logits (tokens x vocab x 12 bytes with bf16 weights: 12.6 GB for llama-7B
     at 32k tokens); the backward recomputes each chunk's logits (one more forward matmul of the head). For long
     sequences. Default (null): the whole micro batch at once. Pipeline training only."""
+    objective: str = "token_mean"
+    """What training minimises, for both engines: ``token_mean`` (cross entropy averaged over every labelled token
+    of the global batch), or ``module:attribute`` naming a callable that takes this config and returns an
+    objective (``pipellm.pipeline.loss.Objective``), its module importable on every rank (e.g. on PYTHONPATH)."""
     save_steps: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
     save_final: bool = True

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from pipellm.files import atomic_path
+
 # Dense bf16/fp16 tensor-core peak, FLOP/s, by a substring of the device name.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "V100": 125e12}
 
@@ -85,9 +87,20 @@ class StepFigures:
         }
 
 
+def cut_metrics_log(path: Path, step: int) -> None:
+    """Drop the records of ``path`` after ``step``: they belong to an interrupted run's lost steps."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept))
+
+
 class MetricsLog:
     """Writes one JSON object per logged step to ``metrics.jsonl``, prints a readable line, drives a bar, and hands
-    the record to each of ``sinks`` (``pipellm.observe.sinks``: TensorBoard, W&B): the one place a record fans out."""
+    the record to each of ``sinks`` (``pipellm.observe.sinks``: TensorBoard, W&B): the one place a record fans out.
+
+    A run resumed at ``first_step`` continues the file from there: records after it are cut first."""
 
     def __init__(self, save_path: str | Path, total_steps: int, first_step: int, enabled: bool, sinks=()):
         self.enabled = enabled
@@ -98,8 +111,11 @@ class MetricsLog:
             return
         from tqdm import tqdm
 
-        Path(save_path).mkdir(parents=True, exist_ok=True)
-        self.file = open(Path(save_path) / "metrics.jsonl", "a", buffering=1)
+        path = Path(save_path) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if first_step:
+            cut_metrics_log(path, first_step)
+        self.file = open(path, "a", buffering=1)
         # Redirected to a file, a bar redraw per step would flood the log: redraw every 30 s there.
         self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -121,7 +137,8 @@ class MetricsLog:
                  f"mfu {record['mfu']:.1%}" if record["mfu"] is not None else "mfu n/a",
                  "mem GiB/stage " + "/".join(f"{m:.1f}" for m in record["peak_mem_gib_per_stage"])]
         if record.get("eval_loss") is not None:
-            parts.insert(3, f"eval_loss {record['eval_loss']:.4f} | eval_ppl {perplexity(record['eval_loss']):.2f}")
+            ppl = f" | eval_ppl {record['eval_ppl']:.2f}" if "eval_ppl" in record else ""
+            parts.insert(3, f"eval_loss {record['eval_loss']:.4f}{ppl}")
         self.bar.write(" | ".join(parts), file=sys.stderr)
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from pipellm.data import IGNORE_INDEX
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  chunk_tokens: int) -> torch.Tensor:
-    """Sum over labelled tokens (``targets != -100``) of ``cross_entropy(hidden @ weight.T, targets)``, in fp32.
+    """Sum over labelled tokens (``targets != IGNORE_INDEX``) of ``cross_entropy(hidden @ weight.T, targets)``, in fp32.
 
     ``hidden``: (tokens, d); ``weight``: (vocab, d), a parameter or a tensor computed from one (autograd carries
     its gradient back); ``targets``: (tokens,).

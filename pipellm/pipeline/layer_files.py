@@ -5,7 +5,7 @@ A pipeline checkpoint directory holds one ``layer_XX-model_states.pt`` per pipel
 ``PipelineModule`` saves and loads them (each is ``torch.save`` of one layer module's
 ``state_dict``), next to ``config.json`` and the tokenizer files. A training save directory holds one such
 directory per checkpoint tag (``global_step<N>``), a ``latest`` file naming the newest and, with eval data, a
-``best`` file naming the one with the best eval loss (saving and resuming: ``pipellm.training.resume``).
+``best`` file naming the one with the best eval loss (saving and resuming: ``pipellm.training.checkpointer``).
 """
 from __future__ import annotations
 
@@ -22,12 +22,27 @@ LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 # model/optimizer states and its bookkeeping. Everything else in the directory (tokenizer files in any of
 # their spellings, generation_config.json, chat templates, ...) travels with the model.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
-_NOT_COPIED = {"latest", "zero_to_fp32.py"}
+LATEST = "latest"
+"""The file of a training save directory that names its newest complete checkpoint (a ``global_step<N>`` tag)."""
+_NOT_COPIED = {LATEST, "zero_to_fp32.py"}
 
 
 def layer_file_name(idx: int) -> str:
     """File name DeepSpeed's ``PipelineModule`` uses for pipeline layer ``idx`` (no tensor parallelism)."""
     return f"layer_{idx:02d}-model_states.pt"
+
+
+def follow_latest(save_dir: Path) -> Path | None:
+    """The checkpoint directory that ``save_dir/latest`` names; None when ``save_dir`` has no ``latest`` file."""
+    latest = save_dir / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    path = save_dir / tag
+    if not path.is_dir():
+        raise PipellmError(f"{latest} names tag {tag!r} but {path} does not exist; fix {latest} or pass "
+                           f"an existing tag directory")
+    return path
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -40,13 +55,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise PipellmError(f"checkpoint path {path} does not exist or is not a directory; pass the directory "
                            f"written by hg_to_pp or by training")
-    latest = path / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        path = path / tag
-        if not path.is_dir():
-            raise PipellmError(f"{latest} names tag {tag!r} but {path} does not exist; fix {latest} or pass "
-                               f"an existing tag directory")
+    path = follow_latest(path) or path
     if not any(LAYER_FILE_RE.match(p.name) for p in path.iterdir()):
         raise PipellmError(f"no pipeline layer files ({layer_file_name(0)}, ...) in {path}; pass a directory "
                            f"written by hg_to_pp, a training save directory with a 'latest' file, or a tag "

@@ -4,11 +4,11 @@ The family's modules have plain signatures (``decoder(hidden, position_ids) -> h
 are mixins that adapt them to DeepSpeed's one-argument layer convention, so a layer's ``state_dict`` keys stay
 the family's own (and a pipeline layer file is the Hugging Face checkpoint minus a key prefix).
 
-Between stages only tensors travel: ``(hidden, position_ids)`` until the final norm, then the logits. A family
-with an auxiliary loss (``ModelFamily.aux_loss``) carries ``(hidden, position_ids, stats)`` from its first decoder
-on, and its head returns ``(logits, auxiliary loss term)``; other families carry nothing more. With
-``loss_chunk_tokens`` the head hands the loss ``(hidden, projection weight)`` in place of the logits, and the loss
-projects a chunk of tokens at a time (``pipellm.pipeline.chunked_loss``).
+Between stages only tensors travel: ``(hidden, position_ids)`` until the final norm. A family with an auxiliary
+loss (``ModelFamily.aux_loss``) carries ``(hidden, position_ids, stats)`` from its first decoder on; other
+families carry nothing more. The head returns a ``HeadOutput`` (``pipellm.pipeline.loss``): the logits and the
+auxiliary loss term, if any; with ``loss_chunk_tokens`` the hidden states and the projection weight in place of
+the logits, and the loss projects a chunk of tokens at a time (``pipellm.pipeline.chunked_loss``).
 The batch that the data iterator yields is ``((input_ids, position_ids), (targets, loss_scale))``; see
 ``token_mean_loss`` for why the loss scale travels with the targets.
 """
@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipellm.models.attention import AttentionOptions
 from pipellm.models.base import ModelFamily
-from pipellm.pipeline.loss import token_mean_loss
+from pipellm.pipeline.loss import HeadOutput, Objective, TokenMeanCrossEntropy
 from pipellm.pipeline.deepspeed_compat import BoundedPipelineModule
 from pipellm.pipeline.partition import Partition
 from pipellm.pipeline.weights import stage_modules
@@ -71,31 +71,30 @@ class NormStage:
         return (hidden, *aux) if aux else hidden
 
 
-def project(hidden: torch.Tensor, weight: torch.Tensor, defer: bool):
-    """The logits, or ``(hidden, weight)`` when the loss projects them itself, a chunk of tokens at a time."""
-    return (hidden, weight) if defer else F.linear(hidden, weight)
+def project(hidden: torch.Tensor, weight: torch.Tensor, defer: bool, aux: torch.Tensor | None = None) -> HeadOutput:
+    """The logits, or ``hidden`` and ``weight`` when the loss projects them itself, a chunk of tokens at a time."""
+    if defer:
+        return HeadOutput(hidden=hidden, weight=weight, aux=aux)
+    return HeadOutput(logits=F.linear(hidden, weight), aux=aux)
 
 
 class HeadStage:
-    """The output projection: ``hidden -> logits`` against ``head_weight(self.weight)`` (see ``project``). A
-    family with an auxiliary loss receives ``(hidden, stats)`` and appends the loss term to what it returns."""
+    """The output projection: ``hidden -> HeadOutput`` against ``head_weight(self.weight)`` (see ``project``). A
+    family with an auxiliary loss receives ``(hidden, stats)`` and adds the loss term to its output."""
 
     def __init__(self, config, *, head_weight, defer_projection: bool, aux_loss=None):
         super().__init__(config)
         self.head_weight, self.defer_projection = head_weight, defer_projection
         self.aux_loss = None if aux_loss is None else functools.partial(aux_loss, config=config)
 
-    def forward(self, inputs):
+    def forward(self, inputs) -> HeadOutput:
         hidden, stats = (inputs, None) if self.aux_loss is None else inputs
-        out = project(hidden, self.head_weight(self.weight), self.defer_projection)
-        if self.aux_loss is None:
-            return out
-        aux = self.aux_loss(stats)
-        return (*out, aux) if self.defer_projection else (out, aux)
+        aux = None if self.aux_loss is None else self.aux_loss(stats)
+        return project(hidden, self.head_weight(self.weight), self.defer_projection, aux)
 
 
 def tied_head_forward(embed: nn.Module, hidden: torch.Tensor, *, weight_path: str, head_weight,
-                      defer_projection: bool):
+                      defer_projection: bool) -> HeadOutput:
     """The output projection against the embedding's weight (``ModelFamily.tied_weight``)."""
     return project(hidden, head_weight(operator.attrgetter(weight_path)(embed)), defer_projection)
 
@@ -140,11 +139,13 @@ def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: 
 def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_ckpt: bool = False,
                    use_flash_attn: bool = False, compile_layers: bool = False, seed: int = 42,
                    device: str | torch.device = "cpu", packed: bool = False,
-                   loss_chunk_tokens: int | None = None) -> BoundedPipelineModule:
+                   loss_chunk_tokens: int | None = None, objective: Objective | None = None
+                   ) -> BoundedPipelineModule:
     """Build this rank's stage, randomly initialised (``load_pipeline_weights`` then loads a checkpoint).
 
     ``packed``: rows may hold several samples (``packing: true``); attention keeps to each sample.
     ``loss_chunk_tokens``: the loss projects and scores this many tokens at a time (``pipellm.pipeline.chunked_loss``).
+    ``objective``: what the last stage's output is scored by (default: ``TokenMeanCrossEntropy``).
     Each layer's initialisation is seeded by its layer file index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
@@ -152,7 +153,7 @@ def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_
                         AttentionOptions(use_flash_attn=use_flash_attn, packed=packed), compile_layers,
                         loss_chunk_tokens)
     partition = Partition.of_parts(parts, family, hf_config, topology.get_dim("pipe"))
-    loss_fn = functools.partial(token_mean_loss, chunk_tokens=loss_chunk_tokens)
+    loss_fn = (objective or TokenMeanCrossEntropy(loss_chunk_tokens)).loss
     # Allocating on the target device directly skips a host copy of the stage (and is much faster to init).
     with torch.device(device):
         model = BoundedPipelineModule(specs, partition.boundaries, topology=topology, loss_fn=loss_fn)

@@ -123,7 +123,7 @@ def uses_deepspeed_step_wrapper(ds_config: dict) -> bool:
 
 
 def zero_settings(ds_config: dict) -> dict:
-    """DeepSpeed keys that let ZeRO step pipellm's torch optimizer (stage 1 here; ``train_ds_zero.py``: stage 3).
+    """DeepSpeed keys that let ZeRO step pipellm's torch optimizer (stage 1 in the pipeline, 3 in the baseline).
 
     Lion is not on DeepSpeed's list of optimizers tested with ZeRO, hence ``zero_allow_untested_optimizer`` (ZeRO
     steps any torch optimizer on its flat fp32 partitions). With ``offload_optimizer`` DeepSpeed refuses a client
@@ -137,12 +137,12 @@ def zero_settings(ds_config: dict) -> dict:
     return {"zero_allow_untested_optimizer": True, **({"zero_force_ds_cpu_optimizer": False} if offload else {})}
 
 
-def pipeline_optimizer(model: nn.Module, named_parameters, ds_config: dict, no_weight_decay: list[str],
-                       schedule: LRSchedule, total_steps: int):
-    """``(optimizer, lr_scheduler, ds_config)`` for ``deepspeed.initialize`` of a pipeline stage: the YAML's
-    ``optimizer`` built here (and taken out of the DeepSpeed config), guarded in plain fp32, the ZeRO keys
-    added, and pipellm's schedule unless the YAML has DeepSpeed's ``scheduler`` (the config allows one or the
-    other)."""
+def deepspeed_optimizer(model: nn.Module, named_parameters, ds_config: dict, no_weight_decay: list[str],
+                        schedule: LRSchedule, total_steps: int):
+    """``(optimizer, lr_scheduler, ds_config)`` for ``deepspeed.initialize`` of either engine: the YAML's
+    ``optimizer`` built here (and taken out of the DeepSpeed config), guarded in plain fp32 (a pipeline stage
+    only: ZeRO-3 always wraps it), the ZeRO keys added, and pipellm's schedule unless the YAML has DeepSpeed's
+    ``scheduler`` (the config allows one or the other)."""
     from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
 
     ds_config = dict(ds_config, **zero_settings(ds_config))

@@ -1,0 +1,200 @@
+"""Checkpoints a run can be resumed from exactly: where to resume, atomic saves, ``latest``, ``best``, keep-last-N.
+
+**A save** at step N writes ``save_path/global_stepN.tmp/`` (the engine's files: for the pipeline DeepSpeed's
+per-layer ``layer_XX-model_states.pt`` and per-stage ``mp_rank_XX_model_states.pt`` with the optimizer and LR
+scheduler states; pipellm's ``pipellm_state.pt`` and one ``rng_state_rankR.pt`` per rank), then, once every rank
+is done, renames it to ``global_stepN/`` (each node's local rank 0 renames its own copy, so nodes without a
+shared file system work too) and only then moves ``latest`` (and ``best``) atomically. A run killed mid-save
+leaves a ``.tmp`` directory that resuming ignores and the next save removes; ``latest`` still names the previous
+complete checkpoint.
+
+**Resuming** (``resume: auto`` or a path) restores the weights, the optimizer and LR scheduler states, the step
+(the data order is a pure function of seed and step, ``pipellm.data.batches.Schedule``, so the step is the data
+position, mid-epoch included), every rank's RNG states and the early-stopping state; ``MetricsLog`` cuts
+``metrics.jsonl`` back to the checkpoint's step: the run continues exactly as an uninterrupted one
+(bit-identical on CPU fp32). The optimizer state is saved per stage, so it cannot follow a changed
+``parts``/``dims``; then only ``resume_weights_only: true`` resumes (weights in the new layout, fresh optimizer
+state). An engine without a resume state (the ZeRO-3 baseline) writes no ``pipellm_state.pt``: not resumable.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from pipellm.config import TrainConfig
+from pipellm.errors import PipellmError
+from pipellm.files import write_text_atomically
+from pipellm.pipeline.layer_files import LATEST, copy_model_files, follow_latest
+from pipellm.training.early_stopping import EarlyStoppingState
+from pipellm.training.rng import capture_rng, restore_rng, rng_file
+
+TAG_RE = re.compile(r"^global_step(\d+)$")
+TMP_SUFFIX = ".tmp"
+STATE_FILE = "pipellm_state.pt"
+BEST = "best"
+
+
+def tag_of(step: int) -> str:
+    return f"global_step{step}"
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a directory; another node's rank may be removing the same one (shared file system)."""
+    def ignore_missing(function, name, exc_info):
+        if not issubclass(exc_info[0], FileNotFoundError):
+            raise exc_info[1]
+    shutil.rmtree(path, onerror=ignore_missing)
+
+
+class ResumePoint:
+    """The checkpoint a run resumes from (found before any process group exists)."""
+
+    def __init__(self, path: Path, weights_only: bool):
+        self.path, self.weights_only = path, weights_only
+        self.state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        self.step: int = self.state["step"]
+
+    @classmethod
+    def find(cls, cfg: TrainConfig) -> "ResumePoint | None":
+        """``resume: auto``: what ``save_path/latest`` names (none: None, start fresh). A path: that save
+        directory's ``latest``, or that checkpoint directory."""
+        if cfg.resume is None:
+            return None
+        if cfg.resume == "auto":
+            save_path = Path(cfg.save_path)
+            path = follow_latest(save_path)
+            if path is None:
+                if int(os.environ.get("RANK", "0")) == 0:
+                    print(f"pipellm: resume: auto found no checkpoint ({save_path / LATEST} does not exist); "
+                          f"starting at step 0", file=sys.stderr)
+                return None
+        else:
+            path = Path(cfg.resume)
+            if not path.is_dir():
+                raise PipellmError(f"`resume` {path} does not exist or is not a directory; give `auto`, a save "
+                                   f"directory or a global_stepN directory")
+            path = follow_latest(path) or path
+        if not (path / STATE_FILE).is_file():
+            raise PipellmError(f"`resume` {cfg.resume}: {path} is not a resumable checkpoint (no {STATE_FILE}); "
+                               f"give a save directory with a `latest` file or a global_stepN directory written "
+                               f"by pipellm training, or start from its weights with `model_path: {path}`")
+        return cls(path, cfg.resume_weights_only)
+
+    def check_layout(self, current: dict) -> None:
+        """The optimizer state is per stage: refuse it (with the way out) when the layout changed."""
+        saved = self.state["layout"]
+        if saved != current and not self.weights_only:
+            raise PipellmError(
+                f"`resume` {self.path} was saved with stage boundaries {saved['stage_boundaries']} on {saved['axes']} "
+                f"{saved['dims']}, this run has {current['stage_boundaries']} on {current['axes']} {current['dims']}: "
+                f"the optimizer state (saved per stage) cannot follow; set `resume_weights_only: true` to load the "
+                f"weights in the new layout and continue with a fresh optimizer state, or restore `model_topo`")
+
+    def describe(self) -> str:
+        what = ("weights only, fresh optimizer state" if self.weights_only
+                else "weights, optimizer, LR scheduler, RNG states")
+        return f"pipellm: resumed from {self.path} at step {self.step} ({what})"
+
+    @property
+    def weights_dir(self) -> Path | None:
+        """Where to load the weights from before ``deepspeed.initialize``; None when the engine loads them
+        together with the optimizer state."""
+        return self.path if self.weights_only else None
+
+
+class Checkpointer:
+    """Saves ``save_path/global_stepN`` atomically (module docstring) and restores a resume point; all ranks call
+    ``restore`` and ``save`` together."""
+
+    def __init__(self, cfg: TrainConfig, resume: ResumePoint | None):
+        self.save_path, self.model_path, self.keep_last_n = Path(cfg.save_path), Path(cfg.model_path), cfg.keep_last_n
+        self.resume = resume
+        self.node_leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+    def path_of(self, step: int) -> Path:
+        return self.save_path / tag_of(step)
+
+    def restore(self, engine, early_stopping: EarlyStoppingState) -> int:
+        """The step every rank starts at, with the engine's, the RNG and the early-stopping states restored from
+        the resume point (call last before the loop: it sets the RNG states)."""
+        import deepspeed.comm as dist
+
+        start_step = self._agree_on_start()
+        if self.resume is None:
+            return start_step
+        engine.load(self.resume.path, self.resume.weights_only, self.resume.state)
+        if not self.resume.weights_only:
+            restore_rng(torch.load(self.resume.path / rng_file(dist.get_rank()), weights_only=True))
+        early_stopping.load_state_dict(self.resume.state["early_stopping"])
+        if dist.get_rank() == 0:
+            print(self.resume.describe(), file=sys.stderr)
+        return start_step
+
+    def _agree_on_start(self) -> int:
+        """Ranks that found different checkpoints (nodes without a shared file system, killed between their
+        renames) stop with an error instead of training on different states."""
+        import deepspeed.comm as dist
+
+        mine = str(self.resume.path) if self.resume else None
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (socket.gethostname(), mine))
+        for rank, (host, theirs) in enumerate(everyone):
+            if theirs != mine:
+                raise PipellmError(f"`resume`: rank {dist.get_rank()} resumes from {mine or 'nothing'} but rank "
+                                   f"{rank} (host {host}) from {theirs or 'nothing'}; give every node the same "
+                                   f"checkpoint (`resume: <path>`)")
+        return self.resume.step if self.resume else 0
+
+    def save(self, step: int, engine, early_stopping: EarlyStoppingState, best: bool = False) -> Path:
+        """The engine's files, the RNG states and (when the engine can resume) ``pipellm_state.pt``; ``best``:
+        point ``best`` here."""
+        import deepspeed.comm as dist
+
+        final, tmp = self.path_of(step), self.save_path / (tag_of(step) + TMP_SUFFIX)
+        if self.node_leader:
+            # Partial saves of killed runs, and a checkpoint of this step left by a run resumed from an earlier one.
+            for leftover in [*self.save_path.glob(f"global_step*{TMP_SUFFIX}"), final]:
+                if leftover.is_dir():
+                    _remove_tree(leftover)
+        dist.barrier()
+        engine.save(self.save_path, tmp.name)  # ends with a barrier
+        torch.save(capture_rng(), tmp / rng_file(dist.get_rank()))
+        resume_state = engine.resume_state()
+        if self.node_leader and resume_state is not None:
+            torch.save(dict(resume_state, early_stopping=early_stopping.state_dict(), step=step), tmp / STATE_FILE)
+        if dist.get_rank() == 0:
+            copy_model_files(self.model_path, tmp)
+        dist.barrier()
+        if self.node_leader:
+            try:
+                tmp.rename(final)
+            except FileNotFoundError:
+                if not final.is_dir():  # else: another node renamed the shared directory first
+                    raise
+        dist.barrier()
+        if self.node_leader:
+            write_text_atomically(self.save_path / LATEST, tag_of(step))
+            if best:
+                write_text_atomically(self.save_path / BEST, tag_of(step))
+            self._delete_old(step)
+        dist.barrier()
+        return final
+
+    def _delete_old(self, step: int) -> None:
+        """Keep the newest ``keep_last_n`` checkpoints up to ``step`` and the one ``best`` names. Checkpoints
+        after ``step`` (from a run this one resumed at an earlier step) are left alone."""
+        if self.keep_last_n is None:
+            return
+        steps = sorted(int(m.group(1)) for p in self.save_path.iterdir() if (m := TAG_RE.match(p.name)))
+        kept = {tag_of(s) for s in [s for s in steps if s <= step][-self.keep_last_n:]}
+        best = self.save_path / BEST
+        kept.add(best.read_text().strip() if best.is_file() else None)
+        for s in steps:
+            if s <= step and tag_of(s) not in kept:
+                _remove_tree(self.save_path / tag_of(s))

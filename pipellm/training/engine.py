@@ -1,0 +1,143 @@
+"""The engine interface the trainer drives (``pipellm.training.trainer``), and what pipellm's two engines share.
+
+An engine owns the model as it is spread over the ranks and the DeepSpeed engine around it: it trains and
+evaluates one global batch (this replica's micro batches of it), saves and loads its part of a checkpoint, and
+reports what only it knows (parameter count, peak memory per stage, its place in the process grid). Everything
+else (data order, cadence, checkpoint directories, early stopping, preemption, metrics) is the trainer's.
+
+* ``pipellm.training.pipeline_engine.PipelineEngine``: DeepSpeed's pipeline engine (``train_ds.py``).
+* ``pipellm.training.zero_engine.ZeroEngine``: a transformers model under ZeRO-3 (``train_ds_zero.py``).
+
+Both build their optimizer the same way: the parameter set (``pipellm.training.parameters``) picks the trainable
+parameters by checkpoint name, ``pipellm.training.optim.deepspeed_optimizer`` builds the optimizer and schedule.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+
+from pipellm.config import TrainConfig
+from pipellm.errors import PipellmError
+from pipellm.observe.metrics import peak_memory_gib
+from pipellm.pipeline.loss import Objective
+from pipellm.training.distributed import all_reduce
+from pipellm.training.optim import deepspeed_optimizer
+from pipellm.training.parameters import NamedParameters, ParameterSet
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSetup:
+    """What the trainer decided before the engine is built."""
+
+    resume: object | None
+    """The ``pipellm.training.checkpointer.ResumePoint`` the run resumes from (None: a fresh start)."""
+    total_steps: int
+    """The run's optimizer steps (the LR schedule's length)."""
+    objective: Objective
+    """What the model's output is scored by."""
+    parameter_set: ParameterSet
+    """What is trainable."""
+    on_stall: Callable[[], None] | None = None
+    """Work to finish before a stalled run exits (the GPU profile's files)."""
+
+
+class Unwatched:
+    """The stall watchdog's interface (``pipellm.training.distributed.StallWatchdog``) for an engine without one:
+    the process group's timeout covers its collectives."""
+
+    def watch_step(self, step: int):
+        return contextlib.nullcontext()
+
+    def enter(self, operation: str) -> None:
+        pass
+
+
+class Engine(abc.ABC):
+    """A model spread over the ranks, trained by a DeepSpeed engine (``self.ds``). Subclasses build the model and
+    call ``__init__``, then set ``replica``/``replicas`` (this rank's data-parallel block of a global batch) and
+    ``stage``/``num_stages`` (pipeline stages; 1 for a model that is not split)."""
+
+    name: ClassVar[str]
+    """The prefix of the run's log lines."""
+    resumable: ClassVar[bool] = False
+    """Its checkpoints resume a run (``resume_state``, ``load``)."""
+    export_hint: ClassVar[str]
+    """How to get Hugging Face weights out of a save directory (``{save_path}`` is filled in)."""
+    watchdog = Unwatched()
+    """Times each step's operations; a stall ends the run with one line."""
+    replica: int
+    replicas: int
+    stage: int = 0
+    num_stages: int = 1
+
+    def __init__(self, cfg: TrainConfig, model, named_parameters: NamedParameters, ds_config: dict,
+                 setup: EngineSetup):
+        import deepspeed
+
+        self.model, self.parameter_set = model, setup.parameter_set
+        optimizer, lr_scheduler, ds_config = deepspeed_optimizer(
+            model, setup.parameter_set.trainable(named_parameters), ds_config, cfg.no_weight_decay,
+            cfg.lr_schedule, setup.total_steps)
+        ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                                config=ds_config)
+
+    @abc.abstractmethod
+    def train_step(self, micro_batches: list) -> float:
+        """Forward, backward and one optimizer step on this replica's micro batches of a global batch; the
+        global batch's loss (the same on every rank)."""
+
+    @abc.abstractmethod
+    def eval_step(self, micro_batches: list) -> float:
+        """The global batch's loss, without gradients."""
+
+    @abc.abstractmethod
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (a tied weight once), the same on every rank."""
+
+    @abc.abstractmethod
+    def run_layout(self) -> dict:
+        """``run_info.json``'s ``layout`` (the process grid) and ``coordinates`` (this rank in it)."""
+
+    def lr(self) -> float:
+        """The learning rate the next step trains at."""
+        return self.ds.get_lr()[0]
+
+    def grad_norm(self) -> float | None:
+        return self.ds.get_global_grad_norm()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far for non-finite gradients."""
+        return self.ds.skipped_steps
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16's dynamic loss scaling, which skips overflowing steps as a matter of course."""
+        return self.ds.fp16_enabled()
+
+    def peak_memory_per_stage(self) -> list[float]:
+        """Peak memory (GiB) per stage, the maximum over its data-parallel replicas (all ranks take part)."""
+        import deepspeed.comm as dist
+
+        per_stage = torch.zeros(self.num_stages, dtype=torch.float64)
+        per_stage[self.stage] = peak_memory_gib()
+        return [round(x, 3) for x in all_reduce(per_stage, dist.ReduceOp.MAX).tolist()]
+
+    def save(self, save_dir: Path, tag: str) -> None:
+        """This rank's files of a checkpoint into ``save_dir/tag`` (all ranks; ends with a barrier)."""
+        self.ds.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
+                                exclude_frozen_parameters=not self.parameter_set.saves_frozen)
+
+    def resume_state(self) -> dict | None:
+        """What ``pipellm_state.pt`` holds of the engine; None: its checkpoints do not resume."""
+        return None
+
+    def load(self, checkpoint: Path, weights_only: bool, state: dict) -> None:
+        """Restore a checkpoint's states after ``deepspeed.initialize`` (all ranks)."""
+        raise PipellmError(f"`resume` {checkpoint}: {type(self).__name__} does not resume runs")
