@@ -222,3 +222,124 @@ def test_cli_round_trip(tmp_path):
         result = run_cli(command, "--input-path", str(src), "--save-path", str(dst))
         assert result.returncode == 0, result.stderr
     assert_same_tensors(hf_state(tmp_path / "out"), hf_state(hf_dir))
+
+
+# ----- damaged inputs, full or read-only disks, signals: one line, nothing left behind -----
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("which", ["single", "shard"])
+def test_truncated_safetensors_is_one_line(tmp_path, which):
+    _, hf_dir = make_model(tmp_path, tied=False)
+    if which == "single":
+        state = hf_state(hf_dir)
+        for path in hf_dir.glob("model*.safetensors*"):
+            path.unlink()
+        from safetensors.torch import save_file
+        save_file(state, hf_dir / "model.safetensors")
+    damaged = sorted(hf_dir.glob("model*.safetensors"))[-1]
+    truncate(damaged)
+    result = run_cli("hg_to_pp", "--input-path", str(hf_dir), "--save-path", str(tmp_path / "pp"))
+    assert_cli_error(result, str(damaged), "truncated or corrupted")
+    assert not (tmp_path / "pp").exists() and not list(tmp_path.glob("pp.tmp-*"))
+
+
+def test_truncated_layer_file_is_one_line(tmp_path):
+    _, hf_dir = make_model(tmp_path, tied=False)
+    pp = hg_to_pp(hf_dir, tmp_path / "pp")
+    truncate(pp / layer_file_name(1))
+    result = run_cli("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "out"))
+    assert_cli_error(result, str(pp / layer_file_name(1)), "truncated or corrupted")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+class Payload:
+    """A pickle that would run code when unpickled without weights_only."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_refused_pickle_says_why_and_how_to_convert(tmp_path):
+    model, hf_dir = make_model(tmp_path, tied=False, fmt="bin")
+    torch.save({**model.state_dict(), "extra": Payload()}, hf_dir / "pytorch_model.bin")
+    result = run_cli("hg_to_pp", "--input-path", str(hf_dir), "--save-path", str(tmp_path / "pp"))
+    assert_cli_error(result, str(hf_dir / "pytorch_model.bin"), "refused for safety", "safetensors")
+    assert "weights_only" not in result.stderr and "pwned" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("failure,expected", [
+    (OSError(28, "No space left on device"), "no space left on device writing"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4736 vs 4624"),
+     "no space left on device writing"),
+    (OSError(30, "Read-only file system"), "read-only file system: cannot write"),
+])
+def test_full_or_read_only_disk_is_one_line(tmp_path, monkeypatch, failure, expected):
+    import pipellm.convert.converters as converters
+
+    _, hf_dir = make_model(tmp_path, tied=False)
+    pp = hg_to_pp(hf_dir, tmp_path / "pp")
+
+    def failing_save(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(converters.torch, "save", failing_save)
+    with pytest.raises(PipellmError) as error:
+        hg_to_pp(hf_dir, tmp_path / "again")
+    message = str(error.value)
+    assert expected in message and str(tmp_path / "again") in message and "\n" not in message
+    if "space" in expected:
+        assert "GB (the output needs about" in message and "--save-path" in message
+    monkeypatch.setattr(converters, "save_file", failing_save)
+    with pytest.raises(PipellmError, match=expected):
+        pp_to_hg(pp, tmp_path / "out")
+    assert not list(tmp_path.glob("again*")) and not list(tmp_path.glob("out*"))
+
+
+SLOW_CONVERSION = """
+import sys, time
+import pipellm.convert.converters as converters
+save = converters.torch.save
+def slow_save(*args, **kwargs):
+    save(*args, **kwargs)
+    print("saved a layer", flush=True)
+    time.sleep(60)
+converters.torch.save = slow_save
+converters.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_during_conversion_leaves_nothing(tmp_path):
+    import signal
+
+    _, hf_dir = make_model(tmp_path, tied=False)
+    process = subprocess.Popen([sys.executable, "-c", SLOW_CONVERSION, "hg_to_pp", "--input-path", str(hf_dir),
+                                "--save-path", str(tmp_path / "pp")], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "saved a layer"
+    assert list(tmp_path.glob("pp.tmp-*"))  # the conversion is under way
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == f"pipellm: stopped by SIGTERM; nothing was written to {tmp_path / 'pp'}"
+    assert not list(tmp_path.glob("pp*"))
+
+
+def test_stale_temporaries_of_killed_conversions_are_removed(tmp_path, capsys):
+    from pipellm.files import HOST
+
+    _, hf_dir = make_model(tmp_path, tied=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    stale = [tmp_path / f"pp.tmp-{HOST}-{dead_pid}", tmp_path / f"pp.tmp-{dead_pid}"]
+    alive = [tmp_path / f"pp.tmp-{HOST}-{os.getppid()}", tmp_path / f"pp.tmp-other-host-{dead_pid}"]
+    for path in stale + alive:
+        path.mkdir()
+        (path / layer_file_name(0)).write_bytes(b"half a layer")
+    hg_to_pp(hf_dir, tmp_path / "pp")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in alive)
+    err = capsys.readouterr().err
+    for path in stale:
+        assert f"pipellm: removed {path}, left by an interrupted conversion (its process is gone)" in err

@@ -22,23 +22,22 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipellm.pipeline.layer_files import (LAYER_FILE_RE, copy_model_files, layer_file_name,
-                                resolve_checkpoint_dir)
+from pipellm.convert.output_dir import Interrupted, atomic_output_dir, stopped_by_signal
+from pipellm.files import load_torch_file
+from pipellm.pipeline.layer_files import LAYER_FILE_RE, copy_model_files, layer_file_name, resolve_checkpoint_dir
 from pipellm.pipeline.partition import PipelineLayers
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
-from pipellm.models.base import Export, ModelFamily
+from pipellm.models.base import Export, KeyMap, ModelFamily
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -59,31 +58,6 @@ def parse_size(size: str | int) -> int:
     return int(number * scale)
 
 
-@contextlib.contextmanager
-def _atomic_output_dir(save_path: Path, input_path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``save_path``; on success it replaces ``save_path``."""
-    save_path, input_path = save_path.absolute(), input_path.resolve()
-    if save_path.resolve() == input_path or save_path.resolve() in input_path.parents:
-        # With --overwrite this would delete the very checkpoint being read.
-        raise PipellmError(f"save path {save_path} contains the input {input_path}; choose another save path")
-    if save_path.exists() and not (save_path.is_dir() and not any(save_path.iterdir())) and not overwrite:
-        raise PipellmError(f"save path {save_path} already exists and is not empty; remove it, choose "
-                           f"another path or pass --overwrite")
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = save_path.with_name(f"{save_path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run that had this pid
-    tmp.mkdir()
-    try:
-        yield tmp
-        if save_path.is_dir():
-            shutil.rmtree(save_path)
-        elif save_path.exists():
-            save_path.unlink()
-        tmp.rename(save_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _owned_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous copy with its own storage, so a file never carries a bigger shared storage."""
     return torch.clone(tensor, memory_format=torch.contiguous_format)
@@ -99,10 +73,10 @@ class _HFWeights:
 
     def __init__(self, model_dir: Path):
         self.dir = model_dir
-        self.key_to_file = self._index()
         self._stack = contextlib.ExitStack()
         self._safetensors: dict[str, object] = {}
         self._bin: tuple[str, dict[str, torch.Tensor]] | None = None
+        self.key_to_file = self._index()
 
     def _index(self) -> dict[str, str]:
         for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
@@ -115,27 +89,41 @@ class _HFWeights:
                                            f"is missing; copy the complete checkpoint")
                 return dict(weight_map)
         if (self.dir / SAFETENSORS_SINGLE).is_file():
-            with safe_open(self.dir / SAFETENSORS_SINGLE, framework="pt") as f:
-                return dict.fromkeys(f.keys(), SAFETENSORS_SINGLE)
+            return dict.fromkeys(self._safetensors_file(SAFETENSORS_SINGLE).keys(), SAFETENSORS_SINGLE)
         if (self.dir / BIN_SINGLE).is_file():
-            return dict.fromkeys(self._load_bin(BIN_SINGLE), BIN_SINGLE)
+            return dict.fromkeys(load_torch_file(self.dir / BIN_SINGLE, mmap=True), BIN_SINGLE)
         raise PipellmError(f"no weights in {self.dir}: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
                            f"{BIN_SINGLE} or {BIN_INDEX}")
 
-    def _load_bin(self, file_name: str) -> dict[str, torch.Tensor]:
-        return torch.load(self.dir / file_name, map_location="cpu", weights_only=True, mmap=True)
+    def _safetensors_file(self, file_name: str):
+        if file_name not in self._safetensors:
+            try:
+                self._safetensors[file_name] = self._stack.enter_context(
+                    safe_open(self.dir / file_name, framework="pt"))
+            except SafetensorError as err:
+                raise PipellmError(f"{self.dir / file_name}: cannot read it, the file is truncated or corrupted "
+                                   f"({err}); copy it again from its source") from None
+        return self._safetensors[file_name]
 
     def get(self, key: str) -> torch.Tensor:
         file_name = self.key_to_file[key]
         if file_name.endswith(".safetensors"):
-            if file_name not in self._safetensors:
-                self._safetensors[file_name] = self._stack.enter_context(
-                    safe_open(self.dir / file_name, framework="pt"))
-            return self._safetensors[file_name].get_tensor(key)
+            try:
+                return self._safetensors_file(file_name).get_tensor(key)
+            except SafetensorError as err:
+                raise PipellmError(f"{self.dir / file_name}: cannot read tensor {key} ({err}); the file is "
+                                   f"corrupted: copy it again from its source") from None
         if self._bin is None or self._bin[0] != file_name:
             self._bin = None  # drop the previous shard's mapping before mapping the next one
-            self._bin = (file_name, self._load_bin(file_name))
+            self._bin = (file_name, load_torch_file(self.dir / file_name, mmap=True))
+        if key not in self._bin[1]:
+            raise PipellmError(f"{self.dir / file_name} has no tensor {key}, which the index names; the checkpoint "
+                               f"is incomplete or mixed: copy it again from its source")
         return self._bin[1][key]
+
+    def size(self) -> int:
+        """Bytes of the weight files: about what a conversion writes."""
+        return sum((self.dir / name).stat().st_size for name in set(self.key_to_file.values()))
 
     def close(self) -> None:
         self._stack.close()
@@ -185,13 +173,15 @@ def hg_to_pp(input_path: str | os.PathLike, save_path: str | os.PathLike, overwr
     weights = _HFWeights(input_path)
     try:
         layers = _group_by_layer(weights.key_to_file, family, config, input_path)
-        with _atomic_output_dir(save_path, input_path, overwrite) as tmp:
-            for idx in tqdm(sorted(layers), desc="hg_to_pp", unit="layer"):
-                # Read in file order so a .bin shard is mapped once per layer, not once per tensor.
-                keys = sorted(layers[idx], key=lambda pair: (weights.key_to_file[pair[0]], pair[0]))
-                state = {layer_key: _owned_copy(weights.get(hf_key)) for hf_key, layer_key in keys}
-                torch.save(state, tmp / layer_file_name(idx))
-                del state
+        with atomic_output_dir(save_path, input_path, overwrite, weights.size()) as tmp:
+            # The bar closes (ends its line) before an error's one line; not drawn into a non-terminal log.
+            with tqdm(sorted(layers), desc="hg_to_pp", unit="layer", disable=None) as progress:
+                for idx in progress:
+                    # Read in file order so a .bin shard is mapped once per layer, not once per tensor.
+                    keys = sorted(layers[idx], key=lambda pair: (weights.key_to_file[pair[0]], pair[0]))
+                    state = {layer_key: _owned_copy(weights.get(hf_key)) for hf_key, layer_key in keys}
+                    torch.save(state, tmp / layer_file_name(idx))
+                    del state
             copy_model_files(input_path, tmp)
     finally:
         weights.close()
@@ -274,22 +264,10 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
         raise PipellmError(f"{ckpt_dir / layer_file_name(extra[0])} is beyond the {n_layers} layers that "
                            f"config.json describes (num_hidden_layers, tie_word_embeddings); use the config "
                            f"the model was trained with")
-    with _atomic_output_dir(Path(save_path), ckpt_dir, overwrite) as tmp:
+    needed = sum((ckpt_dir / layer_file_name(idx)).stat().st_size for idx in range(n_layers))
+    with atomic_output_dir(Path(save_path), ckpt_dir, overwrite, needed) as tmp:
         writer = _ShardWriter(tmp, max_bytes)
-        float_dtypes = set()
-        for idx in tqdm(range(n_layers), desc="pp_to_hg", unit="layer"):
-            kind, decoder_index = pipeline.kind(idx)
-            layer_path = ckpt_dir / layer_file_name(idx)
-            state = torch.load(layer_path, map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(state, dict) or not state:
-                raise PipellmError(f"{layer_path} holds no layer state dict; it is not a pipeline layer file")
-            if export:
-                state = export.convert_layer(kind, state, config)
-            for key, tensor in state.items():
-                writer.add(key_map.hf_key(kind, decoder_index, key), _owned_copy(tensor))
-                if tensor.is_floating_point():
-                    float_dtypes.add(tensor.dtype)
-            del state
+        float_dtypes = _write_layers(ckpt_dir, pipeline, writer, key_map, export, config)
         config_json = json.loads((ckpt_dir / "config.json").read_text())
         if export:
             config_json = export.convert_config(config_json)
@@ -302,6 +280,27 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
         if export or config_changed:
             (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     return Path(save_path)
+
+
+def _write_layers(ckpt_dir: Path, pipeline: PipelineLayers, writer: _ShardWriter, key_map: KeyMap,
+                  export: Export | None, config) -> set[torch.dtype]:
+    """Every layer file's tensors to ``writer`` under their checkpoint keys; the floating dtypes they have."""
+    float_dtypes = set()
+    with tqdm(range(pipeline.num_files), desc="pp_to_hg", unit="layer", disable=None) as progress:
+        for idx in progress:
+            kind, decoder_index = pipeline.kind(idx)
+            layer_path = ckpt_dir / layer_file_name(idx)
+            state = load_torch_file(layer_path, mmap=True)
+            if not isinstance(state, dict) or not state:
+                raise PipellmError(f"{layer_path} holds no layer state dict; it is not a pipeline layer file")
+            if export:
+                state = export.convert_layer(kind, state, config)
+            for key, tensor in state.items():
+                writer.add(key_map.hf_key(kind, decoder_index, key), _owned_copy(tensor))
+                if tensor.is_floating_point():
+                    float_dtypes.add(tensor.dtype)
+            del state
+    return float_dtypes
 
 
 def _record_weights_dtype(config_json: dict, float_dtypes: set[torch.dtype]) -> bool:
@@ -342,12 +341,16 @@ def main(argv: list[str] | None = None) -> None:
                        help="write another family's layout the model family offers (baichuan: llama)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "hg_to_pp":
-            hg_to_pp(args.input_path, args.save_path, overwrite=args.overwrite)
-        else:
-            pp_to_hg(args.input_path, args.save_path, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                     export_as=args.export_as)
+        with stopped_by_signal():
+            if args.command == "hg_to_pp":
+                hg_to_pp(args.input_path, args.save_path, overwrite=args.overwrite)
+            else:
+                pp_to_hg(args.input_path, args.save_path, max_shard_size=args.max_shard_size,
+                         overwrite=args.overwrite, export_as=args.export_as)
     except PipellmError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stop:
+        print(f"pipellm: stopped by {stop}; nothing was written to {args.save_path}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     print(f"saved {args.save_path}")

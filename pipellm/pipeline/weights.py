@@ -4,10 +4,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from pipellm.errors import PipellmError
+from pipellm.files import load_torch_file
 from pipellm.models.base import ModelFamily
 from pipellm.pipeline.deepspeed_compat import BoundedPipelineModule
 from pipellm.pipeline.layer_files import layer_file_name
@@ -32,7 +32,7 @@ def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_
         if not path.is_file():
             raise PipellmError(f"missing pipeline layer file {path}; is `model_path` a `convert_model.py "
                                f"hg_to_pp` output or a training checkpoint of this model?")
-        state = torch.load(path, map_location=next(module.parameters()).device, weights_only=True)
+        state = load_torch_file(path, map_location=next(module.parameters()).device)
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
