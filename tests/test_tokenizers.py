@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
 import pytest
 import sentencepiece as spm
 
+from conftest import REPO
 from pipellm.errors import PipellmError
 from pipellm.data import IGNORE_INDEX
 from pipellm.data.records import normalize
@@ -188,6 +190,15 @@ def test_load_errors_name_the_file_and_the_fix(tmp_path):
         {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}, "tokenizer_class": "XTokenizer"}))
     with pytest.raises(PipellmError, match=r"names the remote-code tokenizer XTokenizer, which pipellm does not run"):
         load_tokenizer(other)
+    shutil.copy(REPO / "pipellm" / "assets" / "tiny_llama" / "tokenizer.json", other)
+    with pytest.raises(PipellmError) as error:  # the fast tokenizer is there: not asked for again
+        load_tokenizer(other)
+    assert "add a tokenizer.json" not in str(error.value)
+    assert "remove `auto_map` and `tokenizer_class` from tokenizer_config.json" in str(error.value)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                             if k not in ("auto_map", "tokenizer_class")}))
+    assert load_tokenizer(other)("hello").input_ids  # the advice works
     (other / "tokenizer_config.json").write_text("{broken")
     with pytest.raises(PipellmError, match=r"other/tokenizer_config\.json: not valid JSON"):
         load_tokenizer(other)

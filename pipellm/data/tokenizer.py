@@ -159,9 +159,11 @@ def load_tokenizer(path: str | Path):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         if remote is not None:
+            fix = (f"transformers loads its tokenizer.json only through that class: to use tokenizer.json as a plain "
+                   f"fast tokenizer, remove `auto_map` and `tokenizer_class` from {config_file.name}"
+                   if (path / "tokenizer.json").is_file() else f"add a tokenizer.json (a fast tokenizer) to {path}")
             raise PipellmError(f"{config_file} names the remote-code tokenizer {remote}, which pipellm does not run "
-                               f"(it builds only {', '.join(_REMOTE_CLASSES)} without remote code); add a "
-                               f"tokenizer.json (a fast tokenizer) to {path}") from None
+                               f"(it builds only {', '.join(_REMOTE_CLASSES)} without remote code); {fix}") from None
         raise PipellmError(f"cannot load the tokenizer of {path} ({str(e).splitlines()[0]}); put the model's "
                            f"tokenizer files (tokenizer.json or tokenizer.model + tokenizer_config.json) there") from None
 
