@@ -422,3 +422,37 @@ def test_unreadable_files(tmp_path, tok):
 def test_ignore_index_is_the_cross_entropy_convention():
     # README, transformers and torch's cross entropy all mean -100: labels written by pipellm load anywhere.
     assert IGNORE_INDEX == -100
+
+
+def test_directory_as_data_path_and_empty_files(tmp_path, tok):
+    from pipellm.config import load_config, validate_environment
+    from pipellm.data.cache import tokenize_file
+    from pipellm.data.samples import DataOptions
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "b.jsonl").write_text(json.dumps(PRETRAIN) + "\n")
+    (data / "a.json").write_text(json.dumps([INSTRUCT]))
+    (data / "notes.txt").write_text("not data")
+    assert build_dataset(data, tok, 64).input_ids.shape[0] == 2  # a.json and b.jsonl, not notes.txt
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "more.jsonl").write_text(json.dumps(PRETRAIN) + "\n")
+    config = tmp_path / "c.yml"
+    config.write_text(json.dumps({"model_path": str(tmp_path / "model"), "save_path": str(tmp_path / "save"),
+                                  "data_path": [str(data), str(tmp_path / "more.jsonl")], "data_weights": [2, 0.5],
+                                  "train_batch_size": 2, "use_tensorboard": False}))
+    cfg = load_config(config)
+    validate_environment(cfg, 1)
+    assert cfg.data_path == [str(data / "a.json"), str(data / "b.jsonl"), str(tmp_path / "more.jsonl")]
+    assert cfg.data_weights == [2, 2, 0.5]
+
+    (data / "c.jsonl").write_text("  \n\n")  # only whitespace: an error, even among other files
+    with pytest.raises(PipellmError, match=f"data file {data / 'c.jsonl'} holds no records"):
+        build_dataset(data, tok, 64)
+    with pytest.raises(PipellmError, match=f"data file {data / 'c.jsonl'} holds no records"):
+        tokenize_file(data / "c.jsonl", tok, DataOptions(64), cache_dir=tmp_path / "cache")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PipellmError, match=f"data directory {empty} holds no \\*.json or \\*.jsonl file"):
+        build_dataset(empty, tok, 64)

@@ -263,12 +263,27 @@ def check_config(cfg: TrainConfig) -> None:
         check(cfg, cfg.source)
 
 
+def expand_data_directories(cfg: TrainConfig) -> None:
+    """A directory in ``data_path`` / ``eval_data_path`` becomes its data files (``data_files``); they share the
+    directory's ``data_weights`` entry. A config without directories is left as it is."""
+    from pipellm.data.records import data_files
+
+    if any(Path(p).is_dir() for p in cfg.data_paths):
+        groups = [data_files(entry) for entry in cfg.data_paths]
+        if cfg.data_weights is not None:
+            cfg.data_weights = [w for w, group in zip(cfg.data_weights, groups) for _ in group]
+        cfg.data_path = [str(file) for group in groups for file in group]
+    if any(Path(p).is_dir() for p in cfg.eval_data_paths):
+        cfg.eval_data_path = [str(file) for entry in cfg.eval_data_paths for file in data_files(entry)]
+
+
 def validate_environment(cfg: TrainConfig, world_size: int) -> None:
-    """Checks that need the file system or the launcher: paths and world size."""
+    """Checks that need the file system or the launcher: paths (data directories expanded) and world size."""
     model_path = Path(cfg.model_path)
     if not (model_path / "config.json").is_file():
         raise PipellmError(f"`model_path` {model_path} has no config.json; convert a Hugging Face model with "
                            f"`python convert_model.py hg_to_pp --input-path HF_DIR --save-path {model_path}`")
+    expand_data_directories(cfg)
     for key, files in (("data_path", cfg.data_paths), ("eval_data_path", cfg.eval_data_paths)):
         for data_file in files:
             if not Path(data_file).is_file():

@@ -85,10 +85,12 @@ class TrainConfig:
     save_path: str
     """Directory for checkpoints (``global_step<N>/``, ``latest``) and ``metrics.jsonl``."""
     data_path: str | list[str]
-    """JSON list or JSONL file(s) of training records, of the five formats (README, ``pipellm/data/records.py``)."""
+    """JSON list or JSONL file(s) of training records, of the five formats (README, ``pipellm/data/records.py``);
+    a directory stands for its ``*.json`` and ``*.jsonl`` files, sorted by name. An empty file is an error."""
     data_weights: list[float] | None = None
-    """Mixing weight of each ``data_path`` file: per epoch, ``floor(w)`` copies of each sample of the file plus
-    a fresh random ``frac(w)`` share of them (2: every sample twice; 0.3: a different 30% each epoch)."""
+    """Mixing weight of each ``data_path`` entry (a directory's files share its weight): per epoch, ``floor(w)``
+    copies of each sample of the file plus a fresh random ``frac(w)`` share of them (2: every sample twice; 0.3: a
+    different 30% each epoch)."""
     eval_data_path: str | list[str] | None = None
     """File(s) of held-out records: the eval loss (mean over their labelled tokens) is logged."""
     eval_ratio: float = 0.0

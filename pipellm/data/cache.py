@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipellm.data import IGNORE_INDEX
-from pipellm.data.records import PathArg, as_path_list
+from pipellm.data.records import PathArg, as_path_list, empty_file_error
 from pipellm.data.samples import ChunkResult, DataOptions, chunks, tokenize_chunk, worker_chunk, worker_init
 from pipellm.data.templates import Encoder
 from pipellm.errors import PipellmError
@@ -141,6 +141,8 @@ def tokenize_file(path: str | Path, tokenizer, options: DataOptions, *, cache_di
         if not (entry / "meta.json").is_file():
             _build_entry(path, entry, tokenizer, encoder, options, num_workers, show_progress)
     tokenized = TokenizedFile.open(entry)
+    if not tokenized.meta["records"]:
+        raise empty_file_error(path)
     tokenized.meta.update(sha256=file_digest, cache_key=key)  # what run_info.json records of the file
     return tokenized
 
@@ -254,12 +256,15 @@ def build_dataset(paths: PathArg, tokenizer, max_seq_len: int, *, template: str 
     for path in as_path_list(paths):
         if not path.is_file():
             raise PipellmError(f"data file {path} does not exist")
+        records = result.records
         for chunk in chunks(path, lambda n: None):
             part = tokenize_chunk(encoder, chunk, options)
             result.tokens += part.tokens
             result.trained += part.trained
             result.lengths += part.lengths
             result.add_counts(part)
+        if result.records == records:
+            raise empty_file_error(path)
     if not result.lengths:
         raise PipellmError(f"no trainable sample in {[str(p) for p in as_path_list(paths)]}; add data or raise "
                            f"max_seq_len")

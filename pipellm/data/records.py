@@ -39,10 +39,32 @@ TEXT_FIELDS = {"pretrain": ("text",), "instruct": ("instruct", "output"), "conve
 PathArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
+DATA_SUFFIXES = (".json", ".jsonl")
+
+
+def data_files(entry: str | os.PathLike) -> list[Path]:
+    """The files a ``data_path`` entry names: the file itself, or a directory's ``*.json`` and ``*.jsonl`` files
+    (not its subdirectories), sorted by name."""
+    path = Path(entry)
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
+    if not files:
+        raise PipellmError(f"data directory {path} holds no *.json or *.jsonl file; put the data files there or "
+                           f"name the files themselves")
+    return files
+
+
 def as_path_list(paths: PathArg) -> list[Path]:
-    if isinstance(paths, (str, os.PathLike)):
-        return [Path(paths)]
-    return [Path(p) for p in paths]
+    """The data files of one path or a list of paths, directories expanded (``data_files``)."""
+    entries = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    return [file for entry in entries for file in data_files(entry)]
+
+
+def empty_file_error(path: Path) -> PipellmError:
+    """A data file without a single record (empty, only whitespace, or ``[]``): an error even among several."""
+    return PipellmError(f"data file {path} holds no records (it is empty or only whitespace); add records to it or "
+                        f"leave it out of the data paths")
 
 
 @dataclass
