@@ -96,13 +96,9 @@ def check_learning_rate(cfg: TrainConfig, source: str) -> None:
 
 def check_optimizer_block(cfg: TrainConfig, source: str) -> None:
     """DeepSpeed's ``optimizer`` block, against the parameters of the optimizer pipellm builds from it."""
-    optimizer = cfg.deepspeed.get("optimizer")
+    optimizer = type_and_params(cfg, "optimizer", "{type: AdamW, params: {lr: 2.0e-5, weight_decay: 0.1}}", source)
     if optimizer is None:
         return
-    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("params", {}), dict)):
-        raise PipellmError(f"{source}: `optimizer` must be a mapping like {{type: AdamW, params: {{lr: 2.0e-5, "
-                           f"weight_decay: 0.1}}}}, got {optimizer!r}")
-    check_block_keys(optimizer, "optimizer", source)
     if str(optimizer.get("type")).lower() not in ("adamw", "adam", "lion"):
         raise PipellmError(f"{source}: `optimizer.type` {optimizer.get('type')!r} is not supported; use AdamW or "
                            f"Lion")
@@ -126,13 +122,9 @@ def check_optimizer_block(cfg: TrainConfig, source: str) -> None:
 def check_scheduler_block(cfg: TrainConfig, source: str) -> None:
     """DeepSpeed's ``scheduler`` block, against the parameters of the scheduler DeepSpeed builds from it (one of
     DeepSpeed's ``lr_schedules``, else torch's of that name, as ``DeepSpeedEngine`` looks it up)."""
-    scheduler = cfg.deepspeed.get("scheduler")
+    scheduler = type_and_params(cfg, "scheduler", "{type: WarmupLR, params: {warmup_num_steps: 100}}", source)
     if scheduler is None:
         return
-    if not (isinstance(scheduler, dict) and isinstance(scheduler.get("params", {}), dict)):
-        raise PipellmError(f"{source}: `scheduler` must be a mapping like {{type: WarmupLR, params: "
-                           f"{{warmup_num_steps: 100}}}}, got {scheduler!r}")
-    check_block_keys(scheduler, "scheduler", source)
     import torch
     from deepspeed.runtime import lr_schedules
 
@@ -156,11 +148,18 @@ OPTIMIZER_RANGES = {"lr": ("> 0", lambda v: v > 0), "eps": (">= 0", lambda v: v 
                     "weight_decay": (">= 0", lambda v: v >= 0), "betas": ("in [0, 1)", lambda v: 0 <= v < 1)}
 
 
-def check_block_keys(block: dict, key: str, source: str) -> None:
+def type_and_params(cfg: TrainConfig, key: str, example: str, source: str) -> dict | None:
+    """DeepSpeed's block ``key`` (``{type: ..., params: {...}}``), checked to be one, or None when absent."""
+    block = cfg.deepspeed.get(key)
+    if block is None:
+        return None
+    if not (isinstance(block, dict) and isinstance(block.get("params", {}), dict)):
+        raise PipellmError(f"{source}: `{key}` must be a mapping like {example}, got {block!r}")
     for name in block:
         if name not in ("type", "params"):
             raise PipellmError(f"{source}: unknown key `{key}.{name}` (it takes `type` and `params`)"
                                f"{suggest(name, ('type', 'params'))}")
+    return block
 
 
 def check_call_params(cls, params: dict, where: str, source: str, skipped: tuple[str, ...]) -> None:
