@@ -25,6 +25,7 @@ from pipellm.config import TrainConfig
 from pipellm.errors import PipellmError
 from pipellm.observe.metrics import peak_memory_gib
 from pipellm.pipeline.loss import Objective
+from pipellm.training.checkpointer import ResumePoint
 from pipellm.training.distributed import all_reduce
 from pipellm.training.optim import deepspeed_optimizer
 from pipellm.training.parameters import NamedParameters, ParameterSet
@@ -34,8 +35,8 @@ from pipellm.training.parameters import NamedParameters, ParameterSet
 class EngineSetup:
     """What the trainer decided before the engine is built."""
 
-    resume: object | None
-    """The ``pipellm.training.checkpointer.ResumePoint`` the run resumes from (None: a fresh start)."""
+    resume: ResumePoint | None
+    """The checkpoint the run resumes from (None: a fresh start)."""
     total_steps: int
     """The run's optimizer steps (the LR schedule's length)."""
     objective: Objective
