@@ -40,6 +40,7 @@ PRESETS = {
     "tiny": (64, 172, 4, 4, 2, 1017),
     "1b": (2048, 5632, 22, 32, 4, 32000),
     "7b": (4096, 11008, 32, 32, 32, 32000),
+    "7b-16": (4096, 11008, 16, 32, 32, 32000),  # llama-7B's shape, half its layers: one stage of a 2-stage 7B
     "13b": (5120, 13824, 40, 40, 40, 32000),
 }
 WORDS = ("the of and to in is was for on are with as by at from this that have not but what all were when we "
