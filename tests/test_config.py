@@ -45,7 +45,7 @@ BAD = {
     "misspelt nested key": (dict(model_topo={"part": [3, 3]}), ["`model_topo.part`", "`parts`"]),
     "wrong type": (dict(max_seq_len="long"), ["`max_seq_len` must be int"]),
     "parts sum": (dict(model_topo={"process_topology": {"dims": [2, 1]}, "parts": [3, 4]}),
-                  ["sums to 7", "6 pipeline layers"]),
+                  ["sums to 7", "6 pipeline layers", "config.yml: `model_topo.parts` [3, 4]"]),
     "parts length": (dict(model_topo={"process_topology": {"dims": [2, 1]}, "parts": [2, 2, 2]}),
                      ["3 entries", "2 stages"]),
     "batch does not divide": (dict(train_batch_size=5), ["`train_batch_size` 5 is not divisible"]),

@@ -76,14 +76,16 @@ class PipelineLayers:
         """The layer file that holds DeepSpeed layer ``layer``'s weights: a tied head's is the embedding's."""
         return 0 if self.tied and layer == self.index("head") else layer
 
-    def check_parts(self, parts: list[int] | str, num_stages: int) -> None:
-        """``parts`` (a list, or a named method) against this model's layers, before any process group."""
+    def check_parts(self, parts: list[int] | str, num_stages: int, source: str | None = None) -> None:
+        """``parts`` (a list, or a named method) against this model's layers, before any process group;
+        ``source``: the config file they come from, named first in the message."""
+        where = f"{source}: " if source else ""
         if isinstance(parts, list) and sum(parts) != self.num_user_layers:
-            raise PipellmError(f"`model_topo.parts` {parts} sums to {sum(parts)} but the model has "
+            raise PipellmError(f"{where}`model_topo.parts` {parts} sums to {sum(parts)} but the model has "
                                f"{self.num_user_layers} pipeline layers (embedding + {self.num_decoders} decoder "
                                f"layers + head)")
         if self.num_user_layers < num_stages:
-            raise PipellmError(f"the model has {self.num_user_layers} pipeline layers, fewer than the "
+            raise PipellmError(f"{where}the model has {self.num_user_layers} pipeline layers, fewer than the "
                                f"{num_stages} stages")
 
     def user_layer_names(self, start: int, stop: int) -> str:

@@ -46,7 +46,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config, family = load_model_config(cfg.model_path)
     layers = PipelineLayers.of(family, hf_config)
-    layers.check_parts(cfg.model_topo.parts, cfg.pipe_degree)
+    layers.check_parts(cfg.model_topo.parts, cfg.pipe_degree, cfg.source)
     check_pipeline_settings(cfg.deepspeed)
     check_layer_files(cfg, layers)
     from pipellm.training.pipeline_engine import PipelineEngine  # imports deepspeed: after the checks
