@@ -220,7 +220,7 @@ def test_config_accepts_auto(tmp_path):
 
 @dataclasses.dataclass
 class SavedRun:
-    """What ``agreed_auto_parts`` reads of a ``pipellm.resume.ResumePoint``: the checkpoint's layout."""
+    """What ``agreed_auto_parts`` reads of a ``pipellm.training.checkpointer.ResumePoint``: the checkpoint's layout."""
 
     state: dict
     weights_only: bool = False

@@ -18,7 +18,7 @@ def agreed_auto_parts(cfg: TrainConfig, hf_config, family: ModelFamily, resume=N
     timing noise, and stages that disagree on their layers train a wrong model). When nothing fits, every rank
     raises the same ``PipellmError``.
 
-    A run resuming its optimizer state (``resume``, a ``pipellm.training.resume.ResumePoint``) on the same process
+    A run resuming its optimizer state (``resume``, a ``pipellm.training.checkpointer.ResumePoint``) on the same process
     grid keeps the checkpoint's split instead: that state is saved per stage, and a new measurement may differ.
     """
     import deepspeed.comm as dist
