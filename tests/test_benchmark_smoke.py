@@ -99,3 +99,22 @@ def test_guard_flags_regressions_and_reports_the_goals(tmp_path, capsys):
         "pipeline >= 1.3x best ZeRO-3 samples/s at 4096, memory <= ZeRO-3's": "NOT MEASURED",
         "a pipeline method trains at max_seq_len >= 32768": "PASS"}
     assert guard.main(["--results", str(goals), "--baseline", str(baseline), "--require-goals"]) == 1
+
+
+def test_smoke_plan_layouts_compares_uniform_and_auto(tmp_path):
+    out = tmp_path / "plans"
+    result = subprocess.run([sys.executable, "benchmarks/plan_layouts.py", "--smoke", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "plans.csv")))
+    assert {(r["stages"], r["layout"]) for r in rows} == {("2", "uniform"), ("2", "auto"), ("4", "uniform"),
+                                                          ("4", "auto")}
+    for row in rows:
+        micro_batches, stages = int(row["micro_batches"]), int(row["stages"])
+        assert float(row["bubble"]) == pytest.approx((stages - 1) / (micro_batches + stages - 1), abs=1e-4)
+        assert float(row["step_s"]) == pytest.approx((micro_batches + stages - 1) * float(row["slowest_stage_ms"])
+                                                     / 1e3, rel=1e-2)
+    # auto is the fastest split that fits: never slower than uniform at the same stage count.
+    by_key = {(r["stages"], r["layout"]): float(r["slowest_stage_ms"]) for r in rows}
+    assert by_key[("4", "auto")] <= by_key[("4", "uniform")] and by_key[("2", "auto")] <= by_key[("2", "uniform")]
+    assert "| tiny | 4 | auto |" in (out / "plans.md").read_text()
