@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pipellm.config import load_config
+from pipellm.data import IGNORE_INDEX
 from pipellm.data.cache import build_dataset
 from pipellm.data.templates import Encoder
 from pipellm.data.tokenizer import load_tokenizer
@@ -55,8 +56,8 @@ def mean_token_loss(model_dir: str | Path, data_paths: list[str], max_seq_len: i
         logits = model(input_ids=data.input_ids[rows], attention_mask=attention_mask.long()).logits
         targets = data.labels[rows, 1:]
         total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
-                                                         ignore_index=-100, reduction="sum"))
-        count += int((targets != -100).sum())
+                                                         ignore_index=IGNORE_INDEX, reduction="sum"))
+        count += int((targets != IGNORE_INDEX).sum())
     return total / count
 
 
