@@ -4,7 +4,8 @@
   temporary name carries the host and the process id (``temporary_path``), so one left by a killed process can be
   recognised and removed (``remove_stale_temporaries``).
 * ``write_failure`` says in words why a write failed for want of disk (full, read-only, no permission), including
-  torch's opaque ``unexpected pos`` / ``basic_ios::clear`` when the disk fills during ``torch.save``.
+  torch's opaque ``unexpected pos`` / ``basic_ios::clear`` when the disk fills during ``torch.save``;
+  ``disk_error`` makes it the one line naming the file, how much to free and where else to write.
 * ``load_torch_file`` reads a ``torch.save`` file with ``weights_only=True``; a truncated file, or one whose pickle
   holds more than tensors and plain data, is a ``PipellmError`` naming the file.
 """
@@ -101,6 +102,29 @@ def write_failure(err: BaseException) -> str | None:
     if "No space left on device" in str(err) or "os error 28" in str(err):  # safetensors' writer (Rust io error)
         return "no space left on device"
     return None
+
+
+def disk_error(err: BaseException, tmp: Path, target: Path, needed_bytes: int, fix: str) -> BaseException:
+    """The one-line ``PipellmError`` for a write into ``tmp`` (what becomes ``target``) that failed for want of
+    disk, ending with ``fix`` (another save location); ``err`` itself otherwise. ``needed_bytes``: about what the
+    output holds, for how much to free."""
+    reason = write_failure(err)
+    if reason is None:
+        return err
+    where = Path(getattr(err, "filename", None) or target)
+    if where == tmp or tmp in where.parents:  # name the file as it was to be called
+        where = target / where.relative_to(tmp)
+    if reason in ("no space left on device", "disk quota exceeded"):
+        existing = next((p for p in (tmp, target.parent, *target.parents) if p.exists()), Path("/"))
+        usable = shutil.disk_usage(existing).free + directory_bytes(tmp)
+        short = max(needed_bytes - usable, 0) / 1e9
+        return PipellmError(f"{reason} writing {where}; free {max(short, 0.1):.1f} GB (the output needs about "
+                            f"{needed_bytes / 1e9:.1f} GB) or {fix}")
+    return PipellmError(f"{reason}: cannot write {where}; {fix}")
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def load_torch_file(path: Path, map_location="cpu", mmap: bool = False):

@@ -25,7 +25,7 @@ LOWER_BOUNDS = (
     ("save_steps", 0, ""), ("loss_chunk_tokens", 1, " (or null: no chunking)"), ("eval_steps", 0, ""),
     ("tokenize_workers", 1, ""), ("gpu_profile_interval_s", 0, " (0: off)"), ("max_nonfinite_steps", 1, ""),
     ("keep_last_n", 1, " (or absent: keep all)"), ("early_stopping.patience", 0, " (0: off)"),
-    ("early_stopping.min_delta", 0, ""), ("lr_schedule.warmup_steps", 0, ""),
+    ("early_stopping.min_delta", 0, ""), ("lr_schedule.warmup_steps", 0, ""), ("lock_stale_after_s", 1, ""),
 )
 
 

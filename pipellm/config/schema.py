@@ -163,6 +163,10 @@ class TrainConfig:
     collective_timeout_s: float = 1800.0
     """Seconds a collective or stage-to-stage transfer may wait for another rank before the run stops with an
     error naming the stage (a rank that died or hung otherwise stalls everyone silently)."""
+    lock_stale_after_s: float = 600.0
+    """The run lock (``save_path/run.lock``, one run per ``save_path``) of a run on another host counts as gone,
+    and is taken over, after this many seconds without its heartbeat (refreshed every tenth of it); a lock of
+    this host is taken over as soon as its process is gone."""
     peak_flops_per_gpu: float | None = None
     """Peak dense bf16/fp16 FLOP/s of one device, for MFU. Default: looked up from the device name (H100/H200:
     989e12, A100: 312e12); MFU is not reported when unknown (e.g. on CPU)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipellm.errors import PipellmError
-from pipellm.files import remove_stale_temporaries, temporary_path, write_failure
+from pipellm.files import disk_error, remove_stale_temporaries, temporary_path
 
 
 class Interrupted(KeyboardInterrupt):
@@ -65,27 +65,6 @@ def atomic_output_dir(save_path: Path, input_path: Path, overwrite: bool, needed
             save_path.unlink()
         tmp.rename(save_path)
     except (OSError, RuntimeError) as err:
-        raise disk_error(err, tmp, save_path, needed_bytes) from None
+        raise disk_error(err, tmp, save_path, needed_bytes, "choose another --save-path") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def disk_error(err: BaseException, tmp: Path, save_path: Path, needed_bytes: int) -> BaseException:
-    """The one-line ``PipellmError`` for a write that failed for want of disk; ``err`` itself otherwise."""
-    reason = write_failure(err)
-    if reason is None:
-        return err
-    where = Path(getattr(err, "filename", None) or save_path)
-    if where == tmp or tmp in where.parents:  # name the file as it was to be called
-        where = save_path / where.relative_to(tmp)
-    if reason in ("no space left on device", "disk quota exceeded"):
-        existing = next((p for p in (tmp, save_path.parent, *save_path.parents) if p.exists()), Path("/"))
-        usable = shutil.disk_usage(existing).free + directory_bytes(tmp)
-        short = max(needed_bytes - usable, 0) / 1e9
-        return PipellmError(f"{reason} writing {where}; free {max(short, 0.1):.1f} GB (the output needs about "
-                            f"{needed_bytes / 1e9:.1f} GB) or choose another --save-path")
-    return PipellmError(f"{reason}: cannot write {where}; choose another --save-path")
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

@@ -1,12 +1,15 @@
 """Checkpoints a run can be resumed from exactly: where to resume, atomic saves, ``latest``, ``best``, keep-last-N.
 
-**A save** at step N writes ``save_path/global_stepN.tmp/`` (the engine's files: for the pipeline DeepSpeed's
-per-layer ``layer_XX-model_states.pt`` and per-stage ``mp_rank_XX_model_states.pt`` with the optimizer and LR
-scheduler states; pipellm's ``pipellm_state.pt`` and one ``rng_state_rankR.pt`` per rank), then, once every rank
-is done, renames it to ``global_stepN/`` (each node's local rank 0 renames its own copy, so nodes without a
-shared file system work too) and only then moves ``latest`` (and ``best``) atomically. A run killed mid-save
-leaves a ``.tmp`` directory that resuming ignores and the next save removes; ``latest`` still names the previous
-complete checkpoint.
+**A save** at step N writes ``save_path/global_stepN.tmp-<host>-<pid>/`` (rank 0's host and pid; the engine's
+files: for the pipeline DeepSpeed's per-layer ``layer_XX-model_states.pt`` and per-stage
+``mp_rank_XX_model_states.pt`` with the optimizer and LR scheduler states; pipellm's ``pipellm_state.pt`` and one
+``rng_state_rankR.pt`` per rank), then, once every rank is done, renames it to ``global_stepN/`` (each node's
+local rank 0 renames its own copy, so nodes without a shared file system work too) and only then moves
+``latest`` (and ``best``) atomically. A run killed mid-save leaves a temporary directory that resuming ignores
+and the next run on ``save_path`` removes at its start (it holds the run lock, ``pipellm.training.run_lock``, so
+no other live run writes there); ``latest`` still names the previous complete checkpoint. A save that fails for
+want of disk (full, read-only) ends the run with one line naming the file and how much to free; ``latest``
+again still names the previous checkpoint.
 
 **Resuming** (``resume: auto`` or a path) restores the weights, the optimizer and LR scheduler states, the step
 (the data order is a pure function of seed and step, ``pipellm.data.batches.Schedule``, so the step is the data
@@ -29,8 +32,9 @@ import torch
 
 from pipellm.config import TrainConfig
 from pipellm.errors import PipellmError
-from pipellm.files import write_text_atomically
+from pipellm.files import HOST, directory_bytes, disk_error, write_text_atomically
 from pipellm.pipeline.layer_files import LATEST, copy_model_files, follow_latest
+from pipellm.training.distributed import RankFailure
 from pipellm.training.early_stopping import EarlyStoppingState
 from pipellm.training.rng import capture_rng, restore_rng, rng_file
 
@@ -113,9 +117,27 @@ class Checkpointer:
     ``restore`` and ``save`` together."""
 
     def __init__(self, cfg: TrainConfig, resume: ResumePoint | None):
+        import deepspeed.comm as dist
+
         self.save_path, self.model_path, self.keep_last_n = Path(cfg.save_path), Path(cfg.model_path), cfg.keep_last_n
         self.resume = resume
         self.node_leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        # Temporaries are named after rank 0's host and pid: every rank writes into the same one.
+        run = [f"{HOST}-{os.getpid()}"]
+        dist.broadcast_object_list(run, src=0)
+        self.tmp_suffix = f"{TMP_SUFFIX}-{run[0]}"
+        if self.node_leader:
+            self._remove_dead_runs_temporaries()
+
+    def _remove_dead_runs_temporaries(self) -> None:
+        """Partial saves of runs that were killed: this run holds the lock on ``save_path``
+        (``pipellm.training.run_lock``), so no live run writes any other temporary here."""
+        for leftover in sorted(self.save_path.glob(f"global_step*{TMP_SUFFIX}*")):
+            if leftover.is_dir() and not leftover.name.endswith(self.tmp_suffix):
+                _remove_tree(leftover)
+                if int(os.environ.get("RANK", "0")) == 0:
+                    print(f"pipellm: removed {leftover}, a partial checkpoint of a run that is gone",
+                          file=sys.stderr)
 
     def path_of(self, step: int) -> Path:
         return self.save_path / tag_of(step)
@@ -153,23 +175,21 @@ class Checkpointer:
 
     def save(self, step: int, engine, early_stopping: EarlyStoppingState, best: bool = False) -> Path:
         """The engine's files, the RNG states and (when the engine can resume) ``pipellm_state.pt``; ``best``:
-        point ``best`` here."""
+        point ``best`` here. A write that fails for want of disk raises ``RankFailure`` naming the file."""
         import deepspeed.comm as dist
 
-        final, tmp = self.path_of(step), self.save_path / (tag_of(step) + TMP_SUFFIX)
-        if self.node_leader:
-            # Partial saves of killed runs, and a checkpoint of this step left by a run resumed from an earlier one.
-            for leftover in [*self.save_path.glob(f"global_step*{TMP_SUFFIX}"), final]:
-                if leftover.is_dir():
-                    _remove_tree(leftover)
+        final, tmp = self.path_of(step), self.save_path / (tag_of(step) + self.tmp_suffix)
+        if self.node_leader and final.is_dir():  # left by a run resumed from an earlier checkpoint
+            _remove_tree(final)
         dist.barrier()
-        engine.save(self.save_path, tmp.name)  # ends with a barrier
-        torch.save(capture_rng(), tmp / rng_file(dist.get_rank()))
-        resume_state = engine.resume_state()
-        if self.node_leader and resume_state is not None:
-            torch.save(dict(resume_state, early_stopping=early_stopping.state_dict(), step=step), tmp / STATE_FILE)
-        if dist.get_rank() == 0:
-            copy_model_files(self.model_path, tmp)
+        try:
+            self._write(step, engine, early_stopping, tmp)
+        except (OSError, RuntimeError) as err:
+            previous = follow_latest(self.save_path)
+            failure = disk_error(err, tmp, final, directory_bytes(previous) if previous else 0, "change save_path")
+            if failure is err:
+                raise
+            raise RankFailure(str(failure)) from None
         dist.barrier()
         if self.node_leader:
             try:
@@ -185,6 +205,24 @@ class Checkpointer:
             self._delete_old(step)
         dist.barrier()
         return final
+
+    def _write(self, step: int, engine, early_stopping: EarlyStoppingState, tmp: Path) -> None:
+        """This rank's files of the checkpoint into ``tmp``."""
+        import deepspeed.comm as dist
+
+        engine.save(self.save_path, tmp.name)  # ends with a barrier
+        torch.save(capture_rng(), tmp / rng_file(dist.get_rank()))
+        resume_state = engine.resume_state()
+        if self.node_leader and resume_state is not None:
+            torch.save(dict(resume_state, early_stopping=early_stopping.state_dict(), step=step), tmp / STATE_FILE)
+        if dist.get_rank() == 0:
+            copy_model_files(self.model_path, tmp)
+
+    def last_good(self) -> str:
+        """Where the run can resume from, in words."""
+        latest = follow_latest(self.save_path)
+        return (f"the last good checkpoint is {latest} ({self.save_path / LATEST} names it)" if latest
+                else f"no checkpoint was saved in {self.save_path}")
 
     def _delete_old(self, step: int) -> None:
         """Keep the newest ``keep_last_n`` checkpoints up to ``step`` and the one ``best`` names. Checkpoints

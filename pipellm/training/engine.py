@@ -14,7 +14,6 @@ parameters by checkpoint name, ``pipellm.training.optim.deepspeed_optimizer`` bu
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -26,7 +25,7 @@ from pipellm.errors import PipellmError
 from pipellm.observe.metrics import peak_memory_gib
 from pipellm.pipeline.loss import Objective
 from pipellm.training.checkpointer import ResumePoint
-from pipellm.training.distributed import all_reduce
+from pipellm.training.distributed import StepWatch, all_reduce
 from pipellm.training.optim import deepspeed_optimizer
 from pipellm.training.parameters import NamedParameters, ParameterSet
 
@@ -47,17 +46,6 @@ class EngineSetup:
     """Work to finish before a stalled run exits (the GPU profile's files)."""
 
 
-class Unwatched:
-    """The stall watchdog's interface (``pipellm.training.distributed.StallWatchdog``) for an engine without one:
-    the process group's timeout covers its collectives."""
-
-    def watch_step(self, step: int):
-        return contextlib.nullcontext()
-
-    def enter(self, operation: str) -> None:
-        pass
-
-
 class Engine(abc.ABC):
     """A model spread over the ranks, trained by a DeepSpeed engine (``self.ds``). Subclasses build the model and
     call ``__init__``, then set ``replica``/``replicas`` (this rank's data-parallel block of a global batch) and
@@ -69,8 +57,9 @@ class Engine(abc.ABC):
     """Its checkpoints resume a run (``resume_state``, ``load``)."""
     export_hint: ClassVar[str]
     """How to get Hugging Face weights out of a save directory (``{save_path}`` is filled in)."""
-    watchdog = Unwatched()
-    """Times each step's operations; a stall ends the run with one line."""
+    watchdog: StepWatch
+    """Follows each step's operations: a peer that goes away (and in the pipeline a stall) ends the run with one
+    line."""
     replica: int
     replicas: int
     stage: int = 0
@@ -87,6 +76,7 @@ class Engine(abc.ABC):
         ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                                 config=ds_config)
+        self.watchdog = StepWatch()
 
     @abc.abstractmethod
     def train_step(self, micro_batches: list) -> float:

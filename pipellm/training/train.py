@@ -17,6 +17,7 @@ from pipellm.models import load_model_config
 from pipellm.pipeline.layer_files import layer_file_name, resolve_checkpoint_dir
 from pipellm.pipeline.partition import PipelineLayers
 from pipellm.training import trainer
+from pipellm.training.distributed import rendezvous_without_launcher
 
 DESCRIPTION = ("Train a model with DeepSpeed pipeline parallelism. Run it under the deepspeed launcher, which "
                "starts one process per GPU (stages x replicas = the config's model_topo dims), e.g. "
@@ -43,6 +44,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     if not cfg.from_scratch and Path(cfg.model_path).is_dir():
         # A training save directory works as a starting point too: start from its newest checkpoint.
         cfg.model_path = str(resolve_checkpoint_dir(cfg.model_path))
+    rendezvous_without_launcher(cfg, "train_ds.py")
     validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config, family = load_model_config(cfg.model_path)
     layers = PipelineLayers.of(family, hf_config)

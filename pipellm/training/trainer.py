@@ -1,14 +1,16 @@
 """The training loop of both engines (``train_ds.py``: the pipeline, ``train_ds_zero.py``: the ZeRO-3 baseline).
 
 1. The entry point checks the config and names the engine (``prepare``: before any process group, so a bad file
-   fails fast on every rank); the objective is built from the config's ``objective``.
+   fails fast on every rank); the objective is built from the config's ``objective``. The run takes the lock on
+   ``save_path`` before anything is written there (``pipellm.training.run_lock``: one run per save path).
 2. The data is tokenized once into the on-disk cache (memory-mapped by every rank; each step's global batch is
    known to all ranks).
 3. The process group starts; every rank checks it runs the same code, config and data. The engine builds its
    part of the model and loads its weights; the checkpointer restores the resume point, if any.
 4. Loop: one engine step per optimizer step; the cadence says when to log, evaluate and save; the run stops
    early on SIGTERM (all ranks agree after each step), when the eval loss stops improving, or after too many
-   non-finite steps in a row.
+   non-finite steps in a row. A failure one rank meets alone (a peer that died, a checkpoint write out of disk)
+   is one line from that rank naming the last good checkpoint, and exit code 2.
 """
 from __future__ import annotations
 
@@ -27,14 +29,15 @@ from pipellm.observe.sinks import open_sinks
 from pipellm.pipeline.loss import Objective
 from pipellm.training.cadence import Cadence
 from pipellm.training.checkpointer import Checkpointer, ResumePoint
-from pipellm.training.distributed import (config_hash, data_fingerprint, init_process_group, run_owns_process_group,
-                                          verify_same_run)
+from pipellm.training.distributed import (RankFailure, config_hash, data_fingerprint, init_process_group, peer_lost,
+                                          run_owns_process_group, verify_same_run)
 from pipellm.training.early_stopping import EarlyStoppingState
 from pipellm.training.engine import Engine, EngineSetup
 from pipellm.training.objective import build_objective
 from pipellm.training.optim import NonFiniteRun
 from pipellm.training.parameters import AllParameters
 from pipellm.training.preemption import StopOnSigterm
+from pipellm.training.run_lock import RunLock
 
 EngineFactory = Callable[[TrainConfig, EngineSetup], Engine]
 """Builds the run's engine once the process group exists (a ``PipelineEngine`` or ``ZeroEngine`` with the model
@@ -78,7 +81,22 @@ class Trainer:
         self.timer = StepTimer()
 
     def fit(self) -> None:
-        """Train from the start step to the end, or until a stop; every rank runs the same steps."""
+        """Train from the start step to the end, or until a stop; every rank runs the same steps. A failure of
+        this rank alone (``RankFailure``, a peer lost outside a step included) says where to resume from."""
+        watch = self.engine.watchdog
+        try:
+            self._train()
+        except (RankFailure, RuntimeError) as err:  # a peer lost outside the steps (a save's barrier): gloo's/NCCL's
+            failure = err if isinstance(err, RankFailure) else peer_lost(
+                err, f"{watch.who} lost its connection between steps", watch.peer_in(""))
+            if failure is None:
+                raise
+            self.log.close()
+            if self.gpu_profile:
+                self.gpu_profile.finish()
+            raise RankFailure(f"{failure}; {self.checkpointer.last_good()}") from None
+
+    def _train(self) -> None:
         # Resumed from the checkpoint an early stop saved: the run is already over.
         done, stop_reason = self.start_step, "early stopping" if self.early_stopping.should_stop else None
         for step in range(self.start_step, self.total_steps):
@@ -186,12 +204,18 @@ class Trainer:
 def main(prepare: Callable[[list[str] | None], tuple[TrainConfig, EngineFactory]], argv=None) -> None:
     """What ``train_ds.py`` and ``train_ds_zero.py`` run. ``prepare(argv)`` checks everything that can fail on bad
     input, before any process group, and names the engine; a ``PipellmError`` then or later ends the run with
-    one line from rank 0 and exit code 2."""
+    one line from rank 0 and exit code 2, a ``RankFailure`` with one line from each rank that met it."""
     try:
         with run_owns_process_group():
             cfg, build_engine = prepare(argv)
-            Trainer(cfg, build_engine, build_objective(cfg)).fit()
+            objective = build_objective(cfg)
+            with RunLock.hold(cfg, config_hash(dump_resolved(cfg))):
+                Trainer(cfg, build_engine, objective).fit()
     except PipellmError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RankFailure as failure:
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)  # the others may be blocked in a collective, which destroying the process group would wait for

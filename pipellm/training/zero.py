@@ -15,8 +15,10 @@ every labelled token of the global batch) and differ only in how the model is sp
 * Every ``model_type`` transformers has a causal-LM class for works; models that need remote code do not
   (pipellm never sets ``trust_remote_code``). The loss is the language-model loss only: a mixture-of-experts
   model's router load-balancing term, which the pipeline's mixtral adds, is not.
-* ZeRO-3 is data parallel only: ``model_topo.process_topology.dims`` must be ``[1, N]`` on N GPUs, which also
-  makes the YAML's batch sizes mean what they mean for the pipeline (train = micro x accumulation x N).
+* ZeRO-3 is data parallel only: ``model_topo.process_topology.dims`` is ``[1, N]`` on N GPUs, which also makes
+  the YAML's batch sizes mean what they mean for the pipeline (train = micro x accumulation x N). The pipeline's
+  own YAML works too: its pipeline keys (``dims`` with more than one stage, ``parts``) are ignored with a note,
+  and the run is data parallel over the launcher's processes with the file's global batch.
 * ``zero_optimization`` defaults to ``{stage: 3}``; its keys, ZeRO++ ones included
   (``zero_quantized_weights``, ``zero_hpz_partition_size``, ``zero_quantized_gradients``), pass through.
 * The optimizer is pipellm's (``pipellm.training.optim``: torch's fused AdamW, or Lion), stepped by ZeRO on each
@@ -33,17 +35,22 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
-from pipellm.config import TrainConfig, load_config, parse_launcher_args, validate_environment
+from pipellm.config import ModelTopo, TrainConfig, load_config, parse_launcher_args, validate_environment
+from pipellm.config.checks import complete_batch_sizes
+from pipellm.config.load import read_yaml
 from pipellm.errors import PipellmError
 from pipellm.training import trainer
+from pipellm.training.distributed import rendezvous_without_launcher
 
 DESCRIPTION = ("Train a Hugging Face model with DeepSpeed ZeRO-3 (the baseline). Run it under the deepspeed "
                "launcher, which starts one process per GPU, e.g. "
                "`deepspeed --num_gpus 2 train_ds_zero.py --config configs/ds_config_zero.yml`.")
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+BATCH_SIZE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 def read_hf_config(model_path: str):
@@ -63,6 +70,29 @@ def read_hf_config(model_path: str):
     return hf_config
 
 
+def ignore_pipeline_keys(cfg: TrainConfig, world_size: int) -> None:
+    """A pipeline YAML (more than one stage, or ``parts`` given) runs data parallel over the launcher's
+    ``world_size`` processes: ``dims`` becomes ``[1, world_size]``, ``parts`` is dropped and the batch sizes are
+    completed again from the ones the file gives (the global batch stays the file's), with a note."""
+    topology = cfg.model_topo.process_topology
+    default_parts = ModelTopo().parts
+    if cfg.pipe_degree == 1 and cfg.model_topo.parts == default_parts:
+        return
+    ignored = [f"`model_topo.process_topology.dims` {topology.dims}"] + (
+        [f"`model_topo.parts` {cfg.model_topo.parts}"] if cfg.model_topo.parts != default_parts else [])
+    topology.dims = [world_size if axis == "data" else 1 for axis in topology.axes]
+    cfg.model_topo.parts = default_parts
+    given = read_yaml(Path(cfg.source))
+    for name in BATCH_SIZE_KEYS:
+        if name not in given:
+            cfg.deepspeed.pop(name, None)
+    complete_batch_sizes(cfg, cfg.source)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pipellm zero3: note: ignored the pipeline keys {' and '.join(ignored)} of {cfg.source}; ZeRO-3 "
+              f"runs data parallel over the {world_size} process(es) started (dims {topology.dims})",
+              file=sys.stderr)
+
+
 def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     """Everything that can fail on bad input, done before any process group work; the engine to build."""
     args = parse_launcher_args(DESCRIPTION, argv)
@@ -76,9 +106,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
                 if any(model_path.glob("layer_*-model_states.pt")) else "")
         raise PipellmError(f"`model_path` {model_path} has no Hugging Face safetensors weights{hint}; point it at "
                            f"a Hugging Face model directory or set `from_scratch: true`")
-    if cfg.pipe_degree != 1:
-        raise PipellmError(f"`model_topo.process_topology.dims` is {cfg.model_topo.process_topology.dims}; "
-                           f"train_ds_zero.py is data parallel only: use [1, N] for N GPUs")
+    ignore_pipeline_keys(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.resume is not None or cfg.early_stopping.patience:
         raise PipellmError("`resume` and `early_stopping` are pipeline training's (train_ds.py); train_ds_zero.py "
                            "does not resume or stop early: remove them")
@@ -89,6 +117,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     if stage != 3:
         raise PipellmError(f"`zero_optimization.stage` is {stage}; train_ds_zero.py is the ZeRO-3 baseline: "
                            f"set it to 3 or remove it")
+    rendezvous_without_launcher(cfg, "train_ds_zero.py")
     validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config = read_hf_config(cfg.model_path)
     from pipellm.training.zero_engine import ZeroEngine  # imports deepspeed: after the checks
