@@ -164,7 +164,7 @@ def test_killed_and_preempted_runs_resume_into_the_uninterrupted_run(reference, 
     assert 5 <= step < 9 and stopped.group(2) == f"{save}/global_step{step}"
     assert (save / "latest").read_text() == f"global_step{step}"
     assert [r["step"] for r in metrics(save)] == list(range(1, step + 1))
-    assert not partial.exists()  # the first save cleaned it up
+    assert not partial.exists()  # the resumed run removed it at its start
 
     code, output = finish(start(tmp, "finished", config))
     assert code == 0, output[-3000:]
