@@ -25,6 +25,7 @@ setup(
         "transformers>=5,<6",
         "sentencepiece",
         "protobuf",
+        "psutil",  # the run lock tells a live holder from a reused pid (pipellm.training.run_lock)
         "tokenizers",
         "pyyaml",
         "safetensors",

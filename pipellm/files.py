@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import re
 import shutil
@@ -69,7 +70,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove the temporaries of ``path`` whose process is gone on this host (a killed conversion's); returns them.
     A temporary named without a host (older pipellm) counts as this host's."""
     removed = []
-    for candidate in sorted(path.parent.glob(f"{glob_escape(path.name)}.tmp-*")):
+    for candidate in sorted(path.parent.glob(f"{glob.escape(path.name)}.tmp-*")):
         match = TEMPORARY_RE.search(candidate.name[len(path.name):])
         if match and match.group("host") in (None, HOST) and not pid_alive(int(match.group("pid"))):
             if candidate.is_dir():
@@ -78,10 +79,6 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
                 candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 # What torch's writer says when the disk fills while it writes (it does not pass the OSError on).
