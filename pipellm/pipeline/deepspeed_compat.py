@@ -73,6 +73,11 @@ def is_pipeline_replicated(param: torch.nn.Parameter) -> bool:
     return bool(getattr(param, "ds_pipe_replicated", False))
 
 
+def report_grad_norm(optimizer, norm: float) -> None:
+    """Where DeepSpeed's engine reads a client optimizer's global gradient norm (``get_global_grad_norm``)."""
+    optimizer._global_grad_norm = norm
+
+
 def wrap_pipeline_instructions(engine, wrap) -> None:
     """Route every instruction of the engine's schedule (``ForwardPass``, ``SendActivation``, ...) through
     ``wrap(name, method) -> method``; the engine looks instructions up in this map on the instance."""

@@ -72,8 +72,8 @@ class FiniteStepGuard:
     """Mixin for a torch optimizer in plain fp32 pipeline training, doing what DeepSpeed's bf16/fp16/ZeRO
     wrappers do there: before each step, the global gradient norm; a non-finite norm skips the step (``overflow``
     tells the engine, which then leaves the schedule alone and counts it in ``skipped_steps``); otherwise the
-    gradients are clipped to ``max_norm`` (when > 0) and the step taken. The engine reads the norm from
-    ``_global_grad_norm``.
+    gradients are clipped to ``max_norm`` (when > 0) and the step taken. The engine reads the norm where
+    ``deepspeed_compat.report_grad_norm`` puts it.
 
     Each stage sums its own gradients' squares, a tied weight's copy on a later stage (``ds_pipe_replicated``)
     once; the pipeline group sums the stages' shares. Data-parallel replicas hold the same all-reduced gradients,
@@ -91,14 +91,16 @@ class FiniteStepGuard:
         self.overflow = False
 
     def step(self, closure=None):
+        from pipellm.pipeline.deepspeed_compat import report_grad_norm
+
         squares = torch.zeros((), dtype=torch.float32, device=self.guard_clip_params[0].device)
         for p in self.guard_norm_params:
             if p.grad is not None:
                 squares += p.grad.detach().float().pow(2).sum()
         dist.all_reduce(squares, group=self.guard_group)
         norm = squares.sqrt()
-        self._global_grad_norm = float(norm)
-        self.overflow = not math.isfinite(self._global_grad_norm)
+        report_grad_norm(self, float(norm))
+        self.overflow = not math.isfinite(float(norm))
         if self.overflow:
             return None
         if self.guard_max_norm > 0:
