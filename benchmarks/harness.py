@@ -42,6 +42,7 @@ PRESETS = {
     "7b": (4096, 11008, 32, 32, 32, 32000),
     "7b-16": (4096, 11008, 16, 32, 32, 32000),  # llama-7B's shape, half its layers: one stage of a 2-stage 7B
     "13b": (5120, 13824, 40, 40, 40, 32000),
+    "13b-20": (5120, 13824, 20, 40, 40, 32000),  # llama-13B's shape, half its layers (about a 2-stage 13B's stage)
 }
 WORDS = ("the of and to in is was for on are with as by at from this that have not but what all were when we "
          "there can an your which their said if will each about how up out them then she many some so these "
