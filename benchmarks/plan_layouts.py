@@ -74,8 +74,8 @@ def plan_rows(preset: str, args, work: Path) -> list[dict]:
                 "preset": preset, "stages": stages, "layout": name, "parts": json.dumps(plan.parts),
                 "seq": args.seq, "micro": args.micro, "micro_batches": micro_batches,
                 "stage_ms": json.dumps([round(stage.seconds * 1e3, 2) for stage in plan.stages]),
-                "slowest_stage_ms": round(slowest * 1e3, 2),
-                "step_s": round((micro_batches + stages - 1) * slowest, 3), "bubble": round(plan.bubble, 4),
+                "slowest_stage_ms": round(slowest * 1e3, 3),
+                "step_s": round((micro_batches + stages - 1) * slowest, 6), "bubble": round(plan.bubble, 4),
                 "peak_gib": json.dumps([round(stage.total / GIB, 1) for stage in plan.stages]),
                 "fits": plan.fits, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
         print(f"{preset} P={stages}: " + "; ".join(f"{r['layout']} {r['parts']} step {r['step_s']}s"
