@@ -62,6 +62,10 @@ BAD = {
     "eval twice": (dict(eval_ratio=0.1, eval_data_path=DATA), ["`eval_data_path` or `eval_ratio`, not both"]),
     "missing eval data": (dict(eval_data_path="/nonexistent/eval.jsonl"),
                           ["`eval_data_path` file /nonexistent/eval.jsonl does not exist"]),
+    "objective name": (dict(objective="toke_mean"), ["`objective` 'toke_mean' is not one of token_mean and not "
+                                                     "`module:attribute`; did you mean `token_mean`?"]),
+    "data_types not a mapping": (dict(data_types="fp32"), ["`data_types` must be a mapping like "
+                                                           "{grad_accum_dtype: fp32}, got 'fp32'"]),
     "loss chunk": (dict(loss_chunk_tokens=0), ["`loss_chunk_tokens` must be >= 1 (or null: no chunking), got 0"]),
     "zero stage": (dict(zero_optimization={"stage": "one"}), ["`zero_optimization.stage` must be one of 0, 1, 2, 3"]),
     "parts choice": (dict(model_topo={"parts": "even"}), ["`model_topo.parts` must be a list of layer counts, `uniform`"]),

@@ -331,8 +331,8 @@ def test_stale_temporaries_of_killed_conversions_are_removed(tmp_path, capsys):
     from pipellm.files import HOST
 
     _, hf_dir = make_model(tmp_path, tied=False)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(gone.stdout)
+    # A pid no process can have (above the kernel's limit): gone, and never reused while the test runs.
+    dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
     stale = [tmp_path / f"pp.tmp-{HOST}-{dead_pid}", tmp_path / f"pp.tmp-{dead_pid}"]
     alive = [tmp_path / f"pp.tmp-{HOST}-{os.getppid()}", tmp_path / f"pp.tmp-other-host-{dead_pid}"]
     for path in stale + alive:

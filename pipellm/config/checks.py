@@ -199,10 +199,10 @@ def try_construct(make, cls, where: str, source: str) -> None:
 
 def check_precision(cfg: TrainConfig, source: str) -> None:
     """The DeepSpeed keys pipellm reads (``DeepSpeedSettings``), each held to its field's type."""
-    for key in ("bf16", "fp16"):
+    examples = {"bf16": "{enabled: true}", "fp16": "{enabled: true}", "data_types": "{grad_accum_dtype: fp32}"}
+    for key, example in examples.items():
         if key in cfg.deepspeed and not isinstance(cfg.deepspeed[key], dict):
-            raise PipellmError(f"{source}: `{key}` must be a mapping like {{enabled: true}}, got "
-                               f"{cfg.deepspeed[key]!r}")
+            raise PipellmError(f"{source}: `{key}` must be a mapping like {example}, got {cfg.deepspeed[key]!r}")
     if len(DeepSpeedSettings.enabled_precisions(cfg.deepspeed)) > 1:
         raise PipellmError(f"{source}: `bf16` and `fp16` are both enabled; enable one of them")
     zero = cfg.deepspeed.get("zero_optimization") or {}
@@ -252,8 +252,19 @@ def complete_batch_sizes(cfg: TrainConfig, source: str) -> None:
     ds.update(zip(names, (train, micro, gas)))
 
 
+def check_objective(cfg: TrainConfig, source: str) -> None:
+    """A registered objective or the ``module:attribute`` form (the module itself is imported at start-up)."""
+    from pipellm.training.objective import OBJECTIVES
+
+    module, colon, attribute = cfg.objective.partition(":")
+    if cfg.objective not in OBJECTIVES and not (colon and module and attribute):
+        raise PipellmError(f"{source}: `objective` {cfg.objective!r} is not one of {', '.join(OBJECTIVES)} and not "
+                           f"`module:attribute`{suggest(cfg.objective, OBJECTIVES)}")
+
+
 SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
-                  check_optimizer_block, check_scheduler_block, check_precision, complete_batch_sizes)
+                  check_optimizer_block, check_scheduler_block, check_precision, check_objective,
+                  complete_batch_sizes)
 
 
 def check_config(cfg: TrainConfig) -> None:

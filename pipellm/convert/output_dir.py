@@ -57,6 +57,7 @@ def atomic_output_dir(save_path: Path, input_path: Path, overwrite: bool, needed
         for stale in remove_stale_temporaries(save_path):
             print(f"pipellm: removed {stale}, left by an interrupted conversion (its process is gone)",
                   file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run of this host that had our pid (containers reuse pids)
         tmp.mkdir()
         yield tmp
         if save_path.is_dir():

@@ -278,10 +278,12 @@ class TrainingData:
 
 def load_training_data(cfg, tokenizer, show_progress: bool = True) -> TrainingData:
     """Tokenize (or reuse the cache of) the config's data files and plan the epochs (``cfg``: a TrainConfig)."""
+    from pipellm.config.checks import expand_data_directories
     from pipellm.data.cache import pad_token_id, tokenize_file, tokenizer_fingerprint
     from pipellm.data.samples import DataOptions
     from pipellm.errors import PipellmError
 
+    expand_data_directories(cfg)  # done by validate_environment already; here for callers that skip it
     options = DataOptions(cfg.max_seq_len, cfg.template, cfg.overlong, cfg.skip_bad_records)
     fingerprint = tokenizer_fingerprint(tokenizer)
 

@@ -27,6 +27,9 @@ from pipellm.config import TrainConfig
 from pipellm.errors import PipellmError
 from pipellm.files import HOST, temporary_path, write_failure
 
+TAKEOVER_WAIT_S = 60.0
+"""How long ranks but 0 give rank 0 to take a crashed run's lock over before they call it another run's."""
+
 LOCK_FILE = "run.lock"
 
 
@@ -92,7 +95,7 @@ class RunLock:
         it (a stale one over) and keeps its heartbeat until the run ends."""
         lock = cls(cfg)
         if int(os.environ.get("RANK", "0")) != 0:
-            lock.refuse_another_run(lock.read(), mine=rendezvous())
+            lock.wait_for_this_run(mine=rendezvous())
             yield
             return
         created_save_path = not lock.save_path.exists()
@@ -116,13 +119,21 @@ class RunLock:
             raise PipellmError(f"{self.path} is not a pipellm run lock ({err}); if no run uses {self.save_path}, "
                                f"delete it") from None
 
-    def refuse_another_run(self, found: tuple[LockHolder, float] | None, mine: str) -> None:
-        """Raise when ``found`` is the lock of a live run other than the one at rendezvous ``mine``."""
-        if found is None:
-            return
-        holder, age = found
-        if holder.rendezvous != mine and holder.gone_because(age, self.stale_after_s) is None:
-            raise self.in_use(holder)
+    def wait_for_this_run(self, mine: str) -> None:
+        """Ranks but 0: stop when the lock belongs to a live run other than the one at rendezvous ``mine``. A
+        crashed run's lock on another host looks live until rank 0 (which can tell) has taken it over, so a lock
+        of another run is read again for up to ``TAKEOVER_WAIT_S`` before this rank refuses, in a line of its
+        own (rank 0's error is the only one printed otherwise)."""
+        from pipellm.training.distributed import RankFailure
+
+        deadline = time.monotonic() + min(TAKEOVER_WAIT_S, self.stale_after_s)
+        while (found := self.read()) is not None:
+            holder, age = found
+            if holder.rendezvous == mine or holder.gone_because(age, self.stale_after_s) is not None:
+                return
+            if time.monotonic() > deadline:
+                raise RankFailure(str(self.in_use(holder)))
+            time.sleep(0.5)
 
     def in_use(self, holder: LockHolder) -> PipellmError:
         return PipellmError(f"`save_path` {self.save_path} is in use by another run ({holder.describe()}; "
@@ -137,9 +148,9 @@ class RunLock:
             why = holder.gone_because(age, self.stale_after_s)
             if why is None:
                 raise self.in_use(holder)
+            self.set_aside(holder)
             print(f"pipellm: took over {self.path} from a run that is gone ({holder.describe()}: {why})",
                   file=sys.stderr)
-            self.path.unlink(missing_ok=True)
         tmp = temporary_path(self.path)
         try:
             self.save_path.mkdir(parents=True, exist_ok=True)
@@ -159,6 +170,23 @@ class RunLock:
         finally:
             tmp.unlink(missing_ok=True)
         return me
+
+    def set_aside(self, stale: LockHolder) -> None:
+        """Remove the stale lock ``stale`` unless another run took it over first (two runs may judge the same lock
+        stale at once): the lock is moved aside, and put back when it turns out to be someone else's new one."""
+        aside = temporary_path(self.path.with_name(self.path.name + ".stale"))
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # set aside by another run already: linking ours below tells who won
+        try:
+            moved = LockHolder(**json.loads(aside.read_text()))
+            if moved != stale:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, self.path)
+                raise self.in_use(moved)
+        finally:
+            aside.unlink(missing_ok=True)
 
     def _beat(self) -> None:
         while not self.stopped.wait(self.stale_after_s / 10):
