@@ -153,8 +153,6 @@ def _build_entry(path: Path, entry: Path, tokenizer, encoder: Encoder, options: 
     from tqdm import tqdm
 
     tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     size = path.stat().st_size
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"tokenizing {path.name}", file=sys.stderr,
                disable=not show_progress or size < (1 << 20), mininterval=1 if sys.stderr.isatty() else 30)
@@ -163,6 +161,8 @@ def _build_entry(path: Path, entry: Path, tokenizer, encoder: Encoder, options: 
     workers = num_workers if num_workers > 1 and size >= PARALLEL_MIN_BYTES else 0
     started = time.perf_counter()
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         with _chunk_results(path, tokenizer, encoder, options, workers, bar.update) as results:
             totals, offsets = _write_samples(tmp, results)
         bar.close()

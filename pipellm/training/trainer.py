@@ -57,8 +57,8 @@ class Trainer:
         self.gpu_profile = start_gpu_profile(cfg.save_path, cfg.gpu_profile_interval_s)
         self.data = load_training_data(cfg, load_tokenizer(cfg.model_path),
                                        show_progress=int(os.environ.get("LOCAL_RANK", "0")) == 0)
-        # The watchdog reports stalls inside steps first; the process group's timeout (a minute later) covers
-        # the collectives outside them (start-up checks, checkpoint saves).
+        # The pipeline's stall watchdog reports stalls inside steps first; the process group's timeout (a minute
+        # later) covers the collectives outside them (start-up checks, checkpoint saves) and the ZeRO engine's.
         init_process_group(cfg.collective_timeout_s + 60)
         data_key = data_fingerprint(cfg.data_paths)
         verify_same_run(config_hash(dump_resolved(cfg)), data_key)
@@ -91,9 +91,7 @@ class Trainer:
                 err, f"{watch.who} lost its connection between steps", watch.peer_in(""))
             if failure is None:
                 raise
-            self.log.close()
-            if self.gpu_profile:
-                self.gpu_profile.finish()
+            self._close()
             raise RankFailure(f"{failure}; {self.checkpointer.last_good()}") from None
 
     def _train(self) -> None:
@@ -107,7 +105,7 @@ class Trainer:
             self.log.step(record)
             if self.nonfinite.exhausted:  # on every rank alike: the skip decision and the loss are the same
                 self.checkpointer.save(done, self.engine, self.early_stopping)
-                self.log.close()
+                self._close()
                 raise PipellmError(self.nonfinite.stop_message(self.checkpointer.path_of(done)))
             stop_reason = "early stopping" if self.early_stopping.should_stop else "SIGTERM" if sigterm else None
             if self.cadence.save_due(done, improved=improved, stopping=stop_reason is not None):
@@ -172,10 +170,14 @@ class Trainer:
                            flops_per_token(hf_config, self.engine.num_parameters(), embedding, cfg.max_seq_len),
                            cfg.peak_flops_per_gpu or device_peak_flops())
 
-    def _finish(self, done: int, stop_reason: str | None) -> None:
+    def _close(self) -> None:
+        """The metrics log and the GPU profile, complete on disk: however the run ends."""
         self.log.close()
         if self.gpu_profile:
             self.gpu_profile.finish()
+
+    def _finish(self, done: int, stop_reason: str | None) -> None:
+        self._close()
         if not self.is_logger:
             return
         if stop_reason:
