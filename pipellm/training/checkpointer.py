@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -165,7 +164,7 @@ class Checkpointer:
 
         mine = str(self.resume.path) if self.resume else None
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (socket.gethostname(), mine))
+        dist.all_gather_object(everyone, (HOST, mine))
         for rank, (host, theirs) in enumerate(everyone):
             if theirs != mine:
                 raise PipellmError(f"`resume`: rank {dist.get_rank()} resumes from {mine or 'nothing'} but rank "
