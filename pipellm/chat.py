@@ -49,10 +49,11 @@ def hf_model_dir(path: str | Path, stack: contextlib.ExitStack) -> Path:
 class Chat:
     """A conversation with one model: its rounds so far, prompted through the training encoder."""
 
-    def __init__(self, model, tokenizer, template: str = "auto", max_new_tokens: int = 256):
+    def __init__(self, model, tokenizer, template: str = "auto", max_new_tokens: int = 256,
+                 system: str | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.encoder = Encoder(tokenizer, template)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.system = max_new_tokens, system
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.rounds: list[tuple[str, str]] = []
 
@@ -60,7 +61,7 @@ class Chat:
         """The prompt for ``ask`` after the kept rounds; drops the oldest rounds while it does not fit."""
         while True:
             record = {"type": "conversation", "rounds": [*self.rounds, ("ask", ask)]}
-            ids = self.encoder.prompt_ids(record)
+            ids = self.encoder.prompt_ids(record, self.system)
             if len(ids) + self.max_new_tokens <= self.context or not self.rounds:
                 break
             self.rounds = self.rounds[2:]  # one (ask, ans) round
@@ -86,7 +87,7 @@ class Chat:
         return answer
 
 
-def load_chat(model_dir: Path, template: str, max_new_tokens: int) -> Chat:
+def load_chat(model_dir: Path, template: str, max_new_tokens: int, system: str | None = None) -> Chat:
     """The model (on the GPU when there is one) and tokenizer of a Hugging Face directory, as a ``Chat``."""
     from transformers import AutoModelForCausalLM
 
@@ -96,7 +97,7 @@ def load_chat(model_dir: Path, template: str, max_new_tokens: int) -> Chat:
         raise PipellmError(f"--model {model_dir}: transformers cannot load it as a causal LM "
                            f"({str(err).splitlines()[0]}); pass an exported model directory") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Chat(model.to(device).eval(), load_tokenizer(model_dir), template, max_new_tokens)
+    return Chat(model.to(device).eval(), load_tokenizer(model_dir), template, max_new_tokens, system)
 
 
 def converse(chat: Chat, lines) -> None:
@@ -113,12 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipellm.chat", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="exported Hugging Face directory or pipeline checkpoint")
     parser.add_argument("--template", default="auto", choices=TEMPLATES, help="the training config's `template`")
+    parser.add_argument("--system", default=None, help="a system message (chat templates with a system role)")
     parser.add_argument("--prompt", default=None, help="answer this one message and exit")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     args = parser.parse_args(argv)
     try:
         with contextlib.ExitStack() as stack:
-            chat = load_chat(hf_model_dir(args.model, stack), args.template, args.max_new_tokens)
+            chat = load_chat(hf_model_dir(args.model, stack), args.template, args.max_new_tokens,
+                             args.system)
             if args.prompt is not None:
                 chat.reply(args.prompt)
             else:

@@ -10,6 +10,7 @@ import torch
 from pipellm.chat import Chat
 from pipellm.data.templates import Encoder
 from pipellm.data.tokenizer import load_tokenizer
+from pipellm.errors import PipellmError
 from pipellm.quickstart import REPO, TINY_LLAMA
 from test_data import CHATML, chat_tokenizer
 
@@ -37,6 +38,17 @@ def test_prompts_are_the_training_tokens(template):
     chat.rounds = [("ask", QUESTION), ("ans", ANSWER)]
     two = [("ask", QUESTION), ("ans", ANSWER), ("ask", "and 2 plus 2?"), ("ans", "4")]
     assert chat.prompt_ids("and 2 plus 2?") == training_prefix(encoder, two)
+
+
+def test_system_message_goes_in_front_of_the_chat_template():
+    tokenizer = chat_tokenizer(CHATML)
+    chat = Chat(fake_model(), tokenizer, "chat", max_new_tokens=8, system="Be brief.")
+    expected = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                             tokenize=False)
+    assert chat.prompt_ids(QUESTION) == tokenizer.encode(expected, add_special_tokens=False)
+    with pytest.raises(PipellmError, match="--system"):
+        Chat(fake_model(), tokenizer, "builtin", system="Be brief.").prompt_ids(QUESTION)
 
 
 def test_oldest_rounds_are_dropped_to_fit_the_context():

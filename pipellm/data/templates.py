@@ -178,12 +178,19 @@ class Encoder:
             trained += [is_trained] * len(piece)
         return ids, trained
 
-    def prompt_ids(self, record: dict) -> list[int]:
+    def prompt_ids(self, record: dict, system: str | None = None) -> list[int]:
         """Token ids that prompt the model for the answer to the record's last ask (the generation demo).
 
         ``record`` is checked like training data but may end with asks (a conversation-like record) or be an
         ``instruct`` record without ``output``. The ids are exactly what training put before that answer.
+        ``system`` (the chat CLI's ``--system``) is a system message in front, for chat templates with that role.
         """
+        if system is not None:
+            if self.template != "chat" or not self._chat.has_system_role:
+                raise PipellmError("--system needs a chat template with a system role; this model is prompted "
+                                   f"with the {self.template} template: drop --system")
+            messages = chat_messages(record, self._chat, for_generation=True)
+            return self._chat.prompt_ids([{"role": "system", "content": system}, *messages])
         if self.template == "builtin" or record["type"] == "pretrain":
             segments = builtin_segments(record, for_generation=True)
             ids, _ = self._encode_segments(segments)
