@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from pipellm.chat import load_chat
 from pipellm.config import load_config
 from pipellm.data import IGNORE_INDEX
 from pipellm.data.cache import build_dataset
-from pipellm.data.templates import Encoder
 from pipellm.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,24 +61,6 @@ def mean_token_loss(model_dir: str | Path, data_paths: list[str], max_seq_len: i
     return total / count
 
 
-def generate(model_dir: str | Path, record: dict | str, template: str = "auto", max_new_tokens: int = 32) -> str:
-    """The model's answer (greedy) to an instruction or to the last ask of a conversation-like record, prompted
-    exactly as training encoded such records (``template``: the training config's) and stopped at the EOS or
-    end-of-turn token that training taught it."""
-    from transformers import AutoModelForCausalLM
-
-    if isinstance(record, str):
-        record = {"type": "instruct", "instruct": record}
-    tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    encoder = Encoder(tokenizer, template)
-    input_ids = torch.tensor([encoder.prompt_ids(record)])
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                            do_sample=False, eos_token_id=encoder.stop_token_ids(),
-                            pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
-
-
 def launch_training(config: str | Path, num_processes: int) -> None:
     """``deepspeed --num_gpus N train_ds.py --config CONFIG`` from the repository root."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_processes),
@@ -109,7 +91,7 @@ def main(argv=None) -> None:
     print(f"4. loss on the training data: {before:.3f} before, {after:.3f} after training")
     question = "What is 3 plus 4?"
     print(f"   sample ({cfg.template} template): {question!r} -> "
-          f"{generate(hf_trained, question, cfg.template)!r}")
+          f"{load_chat(Path(hf_trained), cfg.template, max_new_tokens=32).reply(question, stream=False)!r}")
 
 
 if __name__ == "__main__":
