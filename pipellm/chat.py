@@ -20,13 +20,7 @@ import torch
 from pipellm.data.templates import TEMPLATES, Encoder
 from pipellm.data.tokenizer import load_tokenizer
 from pipellm.errors import PipellmError
-from pipellm.pipeline.layer_files import LAYER_FILE_RE, follow_latest
-
-
-def is_pipeline_checkpoint(path: Path) -> bool:
-    """Whether ``path`` holds pipeline layer files (itself, or the tag its ``latest`` names)."""
-    path = follow_latest(path) or path
-    return any(LAYER_FILE_RE.match(p.name) for p in path.iterdir())
+from pipellm.pipeline.layer_files import follow_latest, has_layer_files
 
 
 def hf_model_dir(path: str | Path, stack: contextlib.ExitStack) -> Path:
@@ -38,7 +32,7 @@ def hf_model_dir(path: str | Path, stack: contextlib.ExitStack) -> Path:
     if not path.is_dir():
         raise PipellmError(f"--model {path} does not exist or is not a directory; pass an exported Hugging Face "
                            f"directory or a pipeline checkpoint directory")
-    if is_pipeline_checkpoint(path):
+    if has_layer_files(follow_latest(path) or path):
         return pp_to_hg(path, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pipellm-chat-"))) / "hf")
     if not (path / "config.json").is_file():
         raise PipellmError(f"--model {path} has no config.json and no pipeline layer files; pass an exported "
@@ -71,21 +65,25 @@ class Chat:
         return ids
 
     @torch.no_grad()
+    def answer_ids(self, ask: str, streamer=None) -> list[int]:
+        """The ids the model generates (greedy) after the prompt for ``ask``, up to the stop token it was taught."""
+        prompt = torch.tensor([self.prompt_ids(ask)], device=self.model.device)
+        pad_id = self.tokenizer.pad_token_id
+        output = self.model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                     max_new_tokens=min(self.max_new_tokens, self.context - prompt.shape[1]),
+                                     do_sample=False, eos_token_id=self.encoder.stop_token_ids(),
+                                     pad_token_id=self.encoder.eos_id if pad_id is None else pad_id,
+                                     streamer=streamer)
+        return output[0, prompt.shape[1]:].tolist()
+
     def reply(self, ask: str, stream: bool = True) -> str:
         """The model's answer to ``ask`` (streamed to stdout when ``stream``); the round is kept."""
         from transformers import TextStreamer
 
-        prompt = torch.tensor([self.prompt_ids(ask)], device=self.model.device)
-        budget = min(self.max_new_tokens, self.context - prompt.shape[1])
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        output = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=budget,
-                                     do_sample=False, eos_token_id=self.encoder.stop_token_ids(),
-                                     pad_token_id=self.tokenizer.pad_token_id or self.encoder.eos_id,
-                                     streamer=streamer)
-        answer = self.tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+        answer = self.tokenizer.decode(self.answer_ids(ask, streamer), skip_special_tokens=True).strip()
         self.rounds += [("ask", ask), ("ans", answer)]
         return answer
-
 
 def load_chat(model_dir: Path, template: str, max_new_tokens: int, system: str | None = None) -> Chat:
     """The model (on the GPU when there is one) and tokenizer of a Hugging Face directory, as a ``Chat``."""

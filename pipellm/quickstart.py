@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     print(f"4. loss on the training data: {before:.3f} before, {after:.3f} after training")
     question = "What is 3 plus 4?"
     print(f"   sample ({cfg.template} template): {question!r} -> "
-          f"{load_chat(Path(hf_trained), cfg.template, max_new_tokens=32).reply(question, stream=False)!r}")
+          f"{load_chat(hf_trained, cfg.template, max_new_tokens=32).reply(question, stream=False)!r}")
 
 
 if __name__ == "__main__":

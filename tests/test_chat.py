@@ -93,10 +93,7 @@ def test_trained_model_answers_and_stops_at_eos(trained_checkpoint):
     hf_dir, _ = trained_checkpoint
     chat = Chat(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), load_tokenizer(hf_dir), "builtin",
                 max_new_tokens=40)
-    prompt = torch.tensor([chat.prompt_ids(QUESTION)])
-    output = chat.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
-                                 eos_token_id=chat.encoder.stop_token_ids(), pad_token_id=chat.encoder.eos_id)
-    new = output[0, prompt.shape[1]:].tolist()
+    new = chat.answer_ids(QUESTION)
     assert new[-1] == chat.encoder.eos_id and len(new) < 40  # stopped at the EOS training taught
     assert chat.reply(QUESTION, stream=False) == ANSWER
 

@@ -179,7 +179,7 @@ class Encoder:
         return ids, trained
 
     def prompt_ids(self, record: dict, system: str | None = None) -> list[int]:
-        """Token ids that prompt the model for the answer to the record's last ask (the generation demo).
+        """Token ids that prompt the model for the answer to the record's last ask (the chat CLI).
 
         ``record`` is checked like training data but may end with asks (a conversation-like record) or be an
         ``instruct`` record without ``output``. The ids are exactly what training put before that answer.

@@ -32,6 +32,11 @@ def layer_file_name(idx: int) -> str:
     return f"layer_{idx:02d}-model_states.pt"
 
 
+def has_layer_files(directory: Path) -> bool:
+    """Whether ``directory`` itself holds pipeline layer files."""
+    return any(LAYER_FILE_RE.match(p.name) for p in directory.iterdir())
+
+
 def follow_latest(save_dir: Path) -> Path | None:
     """The checkpoint directory that ``save_dir/latest`` names; None when ``save_dir`` has no ``latest`` file."""
     latest = save_dir / LATEST
@@ -56,7 +61,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
         raise PipellmError(f"checkpoint path {path} does not exist or is not a directory; pass the directory "
                            f"written by hg_to_pp or by training")
     path = follow_latest(path) or path
-    if not any(LAYER_FILE_RE.match(p.name) for p in path.iterdir()):
+    if not has_layer_files(path):
         raise PipellmError(f"no pipeline layer files ({layer_file_name(0)}, ...) in {path}; pass a directory "
                            f"written by hg_to_pp, a training save directory with a 'latest' file, or a tag "
                            f"directory such as global_step100")
