@@ -102,7 +102,7 @@ class TrainConfig:
     template: Template = "auto"
     """Prompt template: ``auto`` (the tokenizer's chat template if it has one, else the built-in templates),
     ``builtin`` or ``chat``; with ChatGLM3's tokenizer ``auto`` and ``chat`` mean ChatGLM3's own format
-    (``[gMASK]sop``, role tokens). The generation demo prompts with the same one."""
+    (``[gMASK]sop``, role tokens). The chat CLI prompts with the same one."""
     packing: bool = False
     """Pack several samples into each ``max_seq_len`` row; attention never crosses samples and positions restart
     per sample (per-token losses equal those of each sample alone). Otherwise one sample per padded row."""

@@ -1,5 +1,5 @@
 """From a checked record to token ids and an exact loss mask, through a built-in template or the tokenizer's own
-chat template. The generation demo builds its prompts with the same code, so a model is prompted exactly as it
+chat template. The chat CLI builds its prompts with the same code, so a model is prompted exactly as it
 was trained.
 
 ``template`` (config key):
