@@ -33,11 +33,13 @@ class RunShape:
     packed: bool
     compile_layers: bool
     loss_chunk_tokens: int | None = None
+    attention_backend: str = "auto"
 
     @classmethod
     def of(cls, cfg: TrainConfig, on_gpu: bool) -> RunShape:
         return cls(cfg.micro_batch_size, cfg.max_seq_len, cfg.deepspeed_settings.dtype, cfg.use_grad_ckpt, cfg.use_flash_attn,
-                   cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers, cfg.loss_chunk_tokens)
+                   cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers, cfg.loss_chunk_tokens,
+                   cfg.attention_backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +108,7 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
 
     layers = PipelineLayers.of(family, hf_config)
     specs = layer_specs(family, hf_config, shape.grad_ckpt,
-                        AttentionOptions(use_flash_attn=shape.flash_attn, packed=shape.packed), shape.compile_layers,
+                        AttentionOptions(shape.flash_attn, shape.packed, shape.attention_backend), shape.compile_layers,
                         shape.loss_chunk_tokens)
     embed_spec, decoder_spec = specs[layers.index("embed")], specs[layers.index("decoder", 0)]
     norm_spec, head_spec = specs[layers.index("norm")], specs[layers.index("head")]
