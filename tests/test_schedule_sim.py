@@ -1,6 +1,9 @@
 """The schedule simulator (``pipellm.plan.schedules``) against schedules worked by hand, and its command line."""
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 
 from pipellm.plan.__main__ import main as plan_main
@@ -62,3 +65,45 @@ def test_command_line_prints_table_and_order(capsys):
     with pytest.raises(SystemExit) as exit_info:
         plan_main(["--stage-costs", "1,1", "--micro-batches", "4"])
     assert exit_info.value.code == 2 and "give F,B,W milliseconds per stage" in capsys.readouterr().err
+
+
+def test_plan_feeds_measured_pass_costs_to_the_simulator(tmp_path, capsys):
+    import yaml
+
+    from conftest import REPO
+
+    config = {"model_path": str(REPO / "pipellm" / "assets" / "tiny_llama"), "save_path": str(tmp_path / "save"),
+              "data_path": str(tmp_path / "none.jsonl"), "from_scratch": True, "max_seq_len": 16,
+              "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [3, 3]},
+              "train_batch_size": 4, "train_micro_batch_size_per_gpu": 1}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    plan_main(["--config", str(tmp_path / "c.yml"), "--schedule", "zb-h1"])
+    out = capsys.readouterr().out
+    stage_ms = [float(re.match(r"\d\s+.+?\s{2,}(\d+\.\d+)\s", line)[1]) for line in out.splitlines()
+                if line.startswith(("0  ", "1  "))]
+    assert len(stage_ms) == 2
+    header = next(line for line in out.splitlines() if line.startswith("pipellm schedule: 2 stages, 4 micro"))
+    passes = [[float(x) for x in triple.split("/")] for triple in header.split("F/B/W ms: ")[1].split(", ")]
+    for measured, (forward, input_grad, weight_grad) in zip(stage_ms, passes):
+        # W is the rest of the measured backward (never below 0: timing noise can leave nothing to split).
+        assert forward > 0 and input_grad >= 0 and weight_grad >= 0
+        total = pytest.approx(measured, rel=0.01, abs=0.002)
+        assert forward + input_grad + weight_grad == total if weight_grad > 0 else forward + input_grad >= total
+    assert "  stage 1: F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3" in out
+
+
+def test_compiled_layers_take_the_eager_split_of_their_backward():
+    from pipellm.pipeline.partition import PipelineLayers
+    from pipellm.plan.profile import LayerCost, Profile
+
+    def cost(seconds, passes):
+        return LayerCost(seconds, 0, 0, 0, 0, PassCosts(*passes))
+
+    compiled = Profile("test", cost(1.0, (0.25, 0, 0.75)), cost(6.0, (2.0, 4.0, 0)), cost(3.0, (1.0, 2.0, 0)),
+                       PipelineLayers(num_decoders=2, tied=False), 0)
+    eager = Profile("test", cost(2.0, (0.5, 0, 1.5)), cost(9.0, (3.0, 3.0, 3.0)), cost(4.0, (1.0, 1.0, 2.0)),
+                    PipelineLayers(num_decoders=2, tied=False), 0)
+    split = compiled.with_backward_split_of(eager)
+    assert split.decoder.passes == PassCosts(2.0, 2.0, 2.0) and split.embed.passes == PassCosts(0.25, 0.0, 0.75)
+    assert dataclasses.astuple(split.head.passes) == pytest.approx((1.0, 2 / 3, 4 / 3))
+    assert split.stage_passes(0, 2) == PassCosts(2.25, 2.0, 2.75)  # embedding + first decoder

@@ -13,7 +13,7 @@ from pipellm.pipeline.partition import PipelineLayers
 from pipellm.plan import plan_run
 from pipellm.plan.memory import GIB
 from pipellm.plan.profile import device_memory_bytes, local_device
-from pipellm.plan.schedules import SCHEDULES, PassCosts, format_timelines, simulate
+from pipellm.plan.schedules import SCHEDULES, PassCosts, format_schedules
 
 NAMED_PARTS = ("auto", "uniform", "parameters")
 
@@ -74,12 +74,11 @@ def parse_stage_costs(texts: list[str], num_stages: int | None) -> list[PassCost
 def schedule_text(args: argparse.Namespace) -> str:
     """Both schedules simulated on ``--stage-costs`` (the order table of ``--schedule``)."""
     costs = parse_stage_costs(args.stage_costs, args.num_stages)
-    if not args.micro_batches or args.micro_batches < 1:
+    if args.micro_batches is None or args.micro_batches < 1:
         raise PipellmError("--micro-batches: give the micro batches per step (>= 1) with --stage-costs")
     if args.p2p_ms < 0:
         raise PipellmError(f"--p2p-ms must be >= 0, got {args.p2p_ms}")
-    timelines = [simulate(name, costs, args.micro_batches, args.p2p_ms) for name in SCHEDULES]
-    return format_timelines(timelines, costs, args.micro_batches, args.p2p_ms, show=args.schedule)
+    return format_schedules(costs, args.micro_batches, args.p2p_ms, args.schedule)
 
 
 def plan_text(args: argparse.Namespace) -> str:
@@ -108,7 +107,10 @@ def plan_text(args: argparse.Namespace) -> str:
     device = local_device()
     memory = args.device_memory_gib * GIB if args.device_memory_gib is not None else \
         device_memory_bytes(device, num_stages * cfg.data_degree)
-    return plan_run(cfg, hf_config, family, device, memory, num_stages, parts)[1]
+    if args.p2p_ms < 0:
+        raise PipellmError(f"--p2p-ms must be >= 0, got {args.p2p_ms}")
+    return plan_run(cfg, hf_config, family, device, memory, num_stages, parts, schedule=args.schedule,
+                    p2p_seconds=args.p2p_ms / 1e3)[1]
 
 
 def main(argv=None) -> None:

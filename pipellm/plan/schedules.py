@@ -144,12 +144,21 @@ def _after(end: float | None, p2p: float) -> float | None:
     return None if end is None else end + p2p
 
 
+def format_schedules(costs: list[PassCosts], micro_batches: int, p2p: float, show: str | None,
+                     scale: float = 1.0) -> str:
+    """Every schedule simulated on ``costs`` and printed (``format_timelines``), times multiplied by ``scale``
+    (1e3: seconds measured, milliseconds printed)."""
+    costs = [PassCosts(c.forward * scale, c.input_grad * scale, c.weight_grad * scale) for c in costs]
+    timelines = [simulate(name, costs, micro_batches, p2p * scale) for name in SCHEDULES]
+    return format_timelines(timelines, costs, micro_batches, p2p * scale, show=show)
+
+
 def format_timelines(timelines: list[Timeline], costs: list[PassCosts], micro_batches: int, p2p: float,
                      unit: str = "ms", show: str | None = None) -> str:
     """The table users choose by: each schedule's step time, bubble and peak micro batches held per stage; then
     the pass order of each stage for ``show`` (a schedule name)."""
     lines = [f"pipellm schedule: {len(costs)} stages, {micro_batches} micro batches, p2p {p2p:g} {unit}; per stage "
-             f"F/B/W {unit}: " + ", ".join(f"{c.forward:g}/{c.input_grad:g}/{c.weight_grad:g}" for c in costs)]
+             f"F/B/W {unit}: " + ", ".join(f"{c.forward:.4g}/{c.input_grad:.4g}/{c.weight_grad:.4g}" for c in costs)]
     rows = [("schedule", f"step time ({unit})", "bubble", "x compute", "peak micro batches held per stage")]
     for t in timelines:
         rows.append((t.schedule, f"{t.step_time:.4g}", f"{t.bubble:.1%}", f"{t.step_time / max(t.busy):.3f}",
