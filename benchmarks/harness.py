@@ -2,7 +2,8 @@
 
 * ``write_model`` -- a random-init llama ``config.json`` of a preset shape plus the embedded tokenizer (no
   download); both trainers start from it with ``from_scratch: true``.
-* ``write_data`` -- pretrain records long enough to fill every row (no padding, so every token is real work).
+* ``write_data`` -- pretrain records long enough to fill every row (no padding, so every token is real work);
+  ``write_sft_data`` -- variable-length records for packed rows.
 * ``Point`` -- one measurement: which trainer (``train_ds.py`` pipeline or ``train_ds_zero.py`` ZeRO-3), sequence
   length, batch sizes and switches; ``Point.config`` is its training YAML.
 * ``launch`` -- runs one point through the deepspeed launcher in its own process group (a hung or timed-out point
@@ -87,6 +88,19 @@ def write_data(path: Path, samples: int, seq: int) -> Path:
     with open(path, "w") as f:
         for _ in range(samples):
             f.write(json.dumps({"type": "pretrain", "text": " ".join(rng.choices(WORDS, k=seq))}) + "\n")
+    return path
+
+
+def write_sft_data(path: Path, rows: int, seq: int) -> Path:
+    """Variable-length records for packed rows (``packing: true``): seeded lengths of seq/16 .. seq/3 words (each
+    word at least one token), enough of them to fill at least ``rows`` packed rows."""
+    rng = random.Random(0)
+    low, high = max(seq // 16, 1), max(seq // 3, 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(2 * rows * seq // ((low + high) // 2) + 1):
+            f.write(json.dumps({"type": "pretrain", "text": " ".join(rng.choices(WORDS, k=rng.randint(low, high)))})
+                    + "\n")
     return path
 
 

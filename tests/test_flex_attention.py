@@ -17,6 +17,7 @@ from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
 from pipellm.models.attention import AttentionOptions
 from pipellm.models.flex_attention import check_attention_backend
+from pipellm.pipeline.loss import token_mean_loss
 from pipellm.pipeline.stages import layer_specs
 
 VOCAB, SEQ = 97, 40
@@ -122,3 +123,41 @@ def test_flex_backend_is_refused_for_training_on_cpu(tmp_path):
     path.write_text(path.read_text().replace("flex", "flexx"))
     with pytest.raises(PipellmError, match="attention_backend"):
         load_config(path)
+
+
+GPU_CASES = [(name, compiled) for name in ("llama", "bloom", "chatglm") for compiled in (False, True)] \
+    if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("name, compiled", GPU_CASES)
+def test_flex_gradients_equal_dense_mask_on_gpu(name, compiled, tmp_path):
+    """GPU only (FlexAttention's backward): loss and every parameter gradient of a packed micro batch equal those
+    of SDPA with the dense sample mask, eager and compiled layers, fp32."""
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS[name]))
+    config, family = load_model_config(tmp_path)
+    gen = torch.Generator().manual_seed(1)
+    samples = [torch.randint(4, VOCAB, (n,), generator=gen) for n in (9, 14, 6, 5)]
+    batch = rows([samples, samples[::-1]])
+    results = []
+    for backend in ("flex", "sdpa"):
+        specs = layer_specs(family, config, use_grad_ckpt=False, compile_layers=compiled,
+                            attention=AttentionOptions(packed=True, backend=backend))
+        with torch.device("cuda"):
+            model = torch.nn.ModuleList([spec.build() for spec in specs])
+        if results:
+            model.load_state_dict(results[0][2])
+        else:
+            torch.manual_seed(0)
+            for p in model.parameters():
+                torch.nn.init.normal_(p, std=0.2)
+        (inputs, labels), = micro_batches(*(t.cuda() for t in batch[:2]), 2, 0, 1, batch[2].cuda())
+        hidden = inputs
+        for layer in model[:-1]:
+            hidden = layer(hidden)
+        loss = token_mean_loss(model[-1](hidden), labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model.state_dict()))
+    (flex_loss, flex_grads, _), (dense_loss, dense_grads, _) = results
+    torch.testing.assert_close(flex_loss, dense_loss, rtol=1e-5, atol=1e-5)
+    for key, grad in dense_grads.items():
+        torch.testing.assert_close(flex_grads[key], grad, rtol=1e-4, atol=1e-5, msg=key)
