@@ -49,7 +49,8 @@ def parse_args(argv) -> argparse.Namespace:
                           help="milliseconds of one micro batch's forward, input-gradient and weight-gradient "
                                "passes: one triple per stage, or one for all --num-stages stages")
     schedule.add_argument("--micro-batches", type=int, default=None,
-                          help="micro batches per step (default: the config's gradient accumulation steps)")
+                          help="micro batches per step, with --stage-costs (with --config: its gradient "
+                               "accumulation steps)")
     schedule.add_argument("--p2p-ms", type=float, default=0.0, help="one stage-to-stage transfer, milliseconds")
     return parser.parse_args(argv)
 
@@ -87,6 +88,9 @@ def plan_text(args: argparse.Namespace) -> str:
         return schedule_text(args)
     if not args.config:
         raise PipellmError("give --config X.yml (plan a run) or --stage-costs F,B,W ... (simulate schedules)")
+    if args.micro_batches is not None:
+        raise PipellmError("--micro-batches goes with --stage-costs; with --config the micro batches are the "
+                           "config's gradient accumulation steps")
     cfg = load_config(args.config)
     model_dir = cfg.model_path
     if not cfg.from_scratch and Path(model_dir).is_dir():
