@@ -21,7 +21,8 @@ from pipellm.pipeline.loss import token_mean_loss
 from pipellm.pipeline.stages import layer_specs
 
 VOCAB, SEQ = 97, 40
-SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+# Head dims of 16: the smallest FlexAttention's GPU kernels take.
+SMALL = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 48, "num_attention_heads": 4,
          "num_hidden_layers": 2, "tie_word_embeddings": False, "initializer_range": 0.2}
 BAICHUAN = {"model_type": "baichuan", **SMALL, "hidden_act": "silu", "rms_norm_eps": 1e-6, "model_max_length": 64}
 CONFIGS = {  # config.json of each family, tiny; weights 10x the usual init so attention is far from uniform
@@ -30,10 +31,10 @@ CONFIGS = {  # config.json of each family, tiny; weights 10x the usual init so a
                 "num_local_experts": 4, "num_experts_per_tok": 2},
     "baichuan2-7b": {**BAICHUAN, "pipellm_position_embedding": "rope"},
     "baichuan2-13b": {**BAICHUAN, "pipellm_position_embedding": "alibi"},
-    "bloom": {"model_type": "bloom", "vocab_size": VOCAB, "hidden_size": 40, "n_layer": 2, "n_head": 5,
+    "bloom": {"model_type": "bloom", "vocab_size": VOCAB, "hidden_size": 80, "n_layer": 2, "n_head": 5,
               "tie_word_embeddings": False, "initializer_range": 0.2},
-    "chatglm": {"model_type": "chatglm", "num_layers": 2, "padded_vocab_size": VOCAB, "hidden_size": 32,
-                "ffn_hidden_size": 48, "kv_channels": 8, "num_attention_heads": 4, "multi_query_attention": True,
+    "chatglm": {"model_type": "chatglm", "num_layers": 2, "padded_vocab_size": VOCAB, "hidden_size": 64,
+                "ffn_hidden_size": 48, "kv_channels": 16, "num_attention_heads": 4, "multi_query_attention": True,
                 "multi_query_group_num": 2, "add_qkv_bias": True, "add_bias_linear": False,
                 "layernorm_epsilon": 1e-5, "rmsnorm": True, "post_layer_norm": True, "original_rope": True,
                 "rope_ratio": 3, "seq_length": 64, "tie_word_embeddings": False},
