@@ -4,6 +4,7 @@ whole row's logits equal SDPA's with the dense sample mask; ALiBi (bloom, baichu
 the dense ALiBi mask on unpacked rows too. CPU runs FlexAttention's reference implementation, forward only."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -162,3 +163,38 @@ def test_flex_gradients_equal_dense_mask_on_gpu(name, compiled, tmp_path):
     torch.testing.assert_close(flex_loss, dense_loss, rtol=1e-5, atol=1e-5)
     for key, grad in dense_grads.items():
         torch.testing.assert_close(flex_grads[key], grad, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_block_mask_equals_torch_create_block_mask():
+    """The block-level document mask (no dense seq x seq mask) has the blocks and the per-element mask torch's
+    ``create_block_mask`` derives from the dense one: packed rows (samples crossing block edges, a padded tail,
+    an empty row) and causal rows, a length that is not a multiple of the block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from pipellm.models.flex_attention import document_block_mask
+
+    seq = 300
+    lengths = [[130, 7, 1, 90, 50], [300], [5] * 40, []]
+    position_ids = torch.arange(seq).repeat(len(lengths), 1)
+    for r, row in enumerate(lengths):
+        at = 0
+        for n in row:
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        if 0 < at < seq:
+            position_ids[r, at:] = position_ids[r, at - 1] + 1 + torch.arange(seq - at)
+    for packed in (True, False):
+        ours = document_block_mask(position_ids.clone(), packed)
+        start = torch.arange(seq) - position_ids if packed else torch.zeros_like(position_ids)
+        reference = create_block_mask(lambda b, h, q, k: (k <= q) & (k >= start[b, q]), len(lengths), None, seq,
+                                      seq, device="cpu")
+        assert torch.equal(ours.to_dense(), reference.to_dense())
+        for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+            assert torch.equal(getattr(ours, name), getattr(reference, name)), name
+        for name in ("kv_indices", "full_kv_indices"):  # the visible blocks of each row, in the same order
+            counts = getattr(ours, name.replace("indices", "num_blocks"))
+            for b, q in itertools.product(range(len(lengths)), range(counts.shape[-1])):
+                n = int(counts[b, 0, q])
+                assert torch.equal(getattr(ours, name)[b, 0, q, :n], getattr(reference, name)[b, 0, q, :n]), name
+        assert torch.equal(ours.mask_mod(torch.tensor(0), 0, torch.arange(seq)[:, None], torch.arange(seq)),
+                           reference.mask_mod(torch.tensor(0), 0, torch.arange(seq)[:, None], torch.arange(seq)))

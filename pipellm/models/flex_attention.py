@@ -18,7 +18,7 @@ import functools
 import weakref
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from pipellm.errors import PipellmError
 
@@ -42,31 +42,53 @@ def compiled_flex_attention():
 
 
 _MASK_CACHE: list = [None]
+BLOCK_SIZE = 128
+"""FlexAttention's tile (queries x keys) of the block mask: its default."""
 
 
 @torch.compiler.disable
 def document_block_mask(position_ids: torch.Tensor, packed: bool) -> BlockMask:
     """The block mask of ``[batch, seq]`` rows: causal within each sample (``packed``), or causal alone.
 
+    Built from block-level bounds, never as a dense seq x seq mask (``create_block_mask`` materialises one: gigabytes
+    at 32k tokens). Query i sees keys ``[start_i, i]`` with ``start_i = i - position_ids[i]`` (0 unpacked), which
+    never decreases along a row (padding continues the last sample's positions). So for query block ``[q0, q1)``
+    and key block ``[k0, k1)`` some pair is visible iff ``k0 < q1`` and ``start[max(q0, k0)] < k1``, and every pair
+    is iff ``k1 - 1 <= q0`` and ``start[q1 - 1] <= k0`` (and neither block is cut short by the row's end); partly
+    visible blocks apply ``mask_mod`` per element.
     Every decoder layer of a stage receives the same ``position_ids`` tensor for a micro batch, so the mask is
     built once per tensor (outside any compiled graph: it is data, not code)."""
     cached = _MASK_CACHE[0]
     if cached is not None and cached[0]() is position_ids and cached[1] == packed:
         return cached[2]
     batch, seq = position_ids.shape
-    if packed:
-        sample_start = torch.arange(seq, device=position_ids.device) - position_ids  # [batch, seq]
+    device = position_ids.device
+    token = torch.arange(seq, device=device)
+    sample_start = token - position_ids if packed else torch.zeros_like(position_ids)  # [batch, seq]
+    lo = torch.arange(0, seq, BLOCK_SIZE, device=device)  # each block's first token
+    hi = (lo + BLOCK_SIZE).clamp(max=seq)  # one past its last
+    first_seen = torch.maximum(lo[:, None], lo[None, :]).clamp(max=seq - 1)  # [q block, kv block]
+    some = (lo[None, :] < hi[:, None]) & (sample_start[:, first_seen] < hi[None, None, :])
+    whole = hi - lo == BLOCK_SIZE  # a block cut by the row's end is never "full" (as create_block_mask has it)
+    every = ((hi[None, :] - 1 <= lo[:, None]) & whole[:, None] & whole[None, :]
+             & (sample_start[:, hi - 1, None] <= lo[None, None, :]))
+    partial = some & ~every
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (kv_idx >= sample_start[b, q_idx])
-    else:
-        batch = None
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx >= sample_start[b, q_idx])
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx
-    block_mask = create_block_mask(mask_mod, batch, None, seq, seq, device=position_ids.device)
+    block_mask = BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(every), BLOCK_SIZE=BLOCK_SIZE,
+                                          mask_mod=mask_mod, seq_lengths=(seq, seq))
     _MASK_CACHE[0] = (weakref.ref(position_ids), packed, block_mask)
     return block_mask
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(counts [batch, 1, q blocks], indices [batch, 1, q blocks, kv blocks])`` of a ``[batch, q, kv]`` bool block
+    map, each row's visible kv blocks first (``BlockMask``'s layout)."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts[:, None], indices[:, None]
 
 
 def alibi_score_mod(alibi_slopes: torch.Tensor):
