@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import pytest
 
 from pipellm.plan.__main__ import main as plan_main
+from pipellm.plan.profile import profile_layers
 from pipellm.plan.schedules import PassCosts, simulate
 
 UNIT = PassCosts(1, 1, 1)
@@ -67,11 +67,19 @@ def test_command_line_prints_table_and_order(capsys):
     assert exit_info.value.code == 2 and "give F,B,W milliseconds per stage" in capsys.readouterr().err
 
 
-def test_plan_feeds_measured_pass_costs_to_the_simulator(tmp_path, capsys):
+def test_plan_feeds_measured_pass_costs_to_the_simulator(tmp_path, capsys, monkeypatch):
     import yaml
 
+    import pipellm.plan
     from conftest import REPO
 
+    profiles = []
+
+    def recorded(*args, **kwargs):
+        profiles.append(profile_layers(*args, **kwargs))
+        return profiles[-1]
+
+    monkeypatch.setattr(pipellm.plan, "profile_layers", recorded)
     config = {"model_path": str(REPO / "pipellm" / "assets" / "tiny_llama"), "save_path": str(tmp_path / "save"),
               "data_path": str(tmp_path / "none.jsonl"), "from_scratch": True, "max_seq_len": 16,
               "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [3, 3]},
@@ -79,16 +87,19 @@ def test_plan_feeds_measured_pass_costs_to_the_simulator(tmp_path, capsys):
     (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
     plan_main(["--config", str(tmp_path / "c.yml"), "--schedule", "zb-h1"])
     out = capsys.readouterr().out
-    stage_ms = [float(re.match(r"\d\s+.+?\s{2,}(\d+\.\d+)\s", line)[1]) for line in out.splitlines()
-                if line.startswith(("0  ", "1  "))]
-    assert len(stage_ms) == 2
-    header = next(line for line in out.splitlines() if line.startswith("pipellm schedule: 2 stages, 4 micro"))
-    passes = [[float(x) for x in triple.split("/")] for triple in header.split("F/B/W ms: ")[1].split(", ")]
-    for measured, (forward, input_grad, weight_grad) in zip(stage_ms, passes):
-        # W is the rest of the measured backward (never below 0: timing noise can leave nothing to split).
+    profile, = profiles
+    for cost in (profile.embed, profile.decoder, profile.head):
+        # W is the rest of the measured backward, never below 0 (timing noise can leave nothing to split).
+        forward, input_grad, weight_grad = dataclasses.astuple(cost.passes)
         assert forward > 0 and input_grad >= 0 and weight_grad >= 0
-        total = pytest.approx(measured, rel=0.01, abs=0.002)
-        assert forward + input_grad + weight_grad == total if weight_grad > 0 else forward + input_grad >= total
+        if weight_grad > 0:
+            assert forward + input_grad + weight_grad == pytest.approx(cost.seconds, rel=1e-9)
+        else:
+            assert forward + input_grad >= cost.seconds * (1 - 1e-9)
+    assert profile.embed.passes.input_grad == 0  # token ids have no gradient: the embedding's backward is W
+    stages = [profile.stage_passes(0, 3), profile.stage_passes(3, 6)]  # parts [3, 3]
+    printed = ", ".join(f"{c.forward * 1e3:.4g}/{c.input_grad * 1e3:.4g}/{c.weight_grad * 1e3:.4g}" for c in stages)
+    assert f"pipellm schedule: 2 stages, 4 micro batches, p2p 0 ms; per stage F/B/W ms: {printed}" in out
     assert "  stage 1: F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3" in out
 
 

@@ -187,10 +187,11 @@ def _measure(layer: Callable, inputs: tuple, params: list[torch.Tensor], device:
         for t in inputs:
             t.grad = None
 
+    wanted = [t for t in inputs if t.requires_grad]  # none for the embedding (token ids): its backward is all W
+
     def input_grad(outputs):
-        tensors, wanted = [t for t in outputs if t.requires_grad], [t for t in inputs if t.requires_grad]
-        if wanted:
-            torch.autograd.grad(tensors, wanted, [torch.ones_like(t) for t in tensors], allow_unused=True)
+        tensors = [t for t in outputs if t.requires_grad]
+        torch.autograd.grad(tensors, wanted, [torch.ones_like(t) for t in tensors], allow_unused=True)
 
     for _ in range(WARMUP_STEPS):
         backward(forward())
@@ -198,7 +199,8 @@ def _measure(layer: Callable, inputs: tuple, params: list[torch.Tensor], device:
     passes = None
     if split_passes:
         forward_seconds = _median_seconds(forward, device)
-        input_grad_seconds = max(_median_seconds(lambda: input_grad(forward()), device) - forward_seconds, 0.0)
+        input_grad_seconds = max(_median_seconds(lambda: input_grad(forward()), device) - forward_seconds, 0.0) \
+            if wanted else 0.0
         passes = PassCosts(forward_seconds, input_grad_seconds,
                            max(seconds - forward_seconds - input_grad_seconds, 0.0))
     if device.type == "cuda":
