@@ -71,6 +71,7 @@ def test_plan_feeds_measured_pass_costs_to_the_simulator(tmp_path, capsys, monke
     import yaml
 
     import pipellm.plan
+    import pipellm.plan.profile
     from conftest import REPO
 
     profiles = []
@@ -80,6 +81,8 @@ def test_plan_feeds_measured_pass_costs_to_the_simulator(tmp_path, capsys, monke
         return profiles[-1]
 
     monkeypatch.setattr(pipellm.plan, "profile_layers", recorded)
+    monkeypatch.setattr(pipellm.plan.profile, "WARMUP_STEPS", 1)  # the figures are not under test: fewer passes
+    monkeypatch.setattr(pipellm.plan.profile, "TIMED_STEPS", 1)
     config = {"model_path": str(REPO / "pipellm" / "assets" / "tiny_llama"), "save_path": str(tmp_path / "save"),
               "data_path": str(tmp_path / "none.jsonl"), "from_scratch": True, "max_seq_len": 16,
               "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [3, 3]},
