@@ -22,6 +22,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from pipellm.errors import PipellmError
 
+
 def uses_flex(backend: str, query: torch.Tensor) -> bool:
     """Whether attention that needs a mask (packed rows, ALiBi) runs FlexAttention: ``flex`` always, ``auto`` on
     CUDA (where it compiles to a fused kernel), ``sdpa`` never (SDPA with a dense mask)."""
