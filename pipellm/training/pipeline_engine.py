@@ -36,8 +36,15 @@ class PipelineEngine(Engine):
             setup.resume.check_layout(self.checkpoint_layout())
         weights_dir = setup.resume.weights_dir if setup.resume is not None else (
             None if cfg.from_scratch else cfg.model_path)
-        if weights_dir is not None:
-            load_pipeline_weights(model, family, hf_config, weights_dir)
+        if setup.parameter_set.saves_frozen:
+            if weights_dir is not None:
+                load_pipeline_weights(model, family, hf_config, weights_dir)
+        else:  # the frozen base from model_path, what trains from the checkpoint (if any) once the set added it
+            if not cfg.from_scratch:
+                load_pipeline_weights(model, family, hf_config, cfg.model_path)
+            prepare_layers(model, family, hf_config, setup.parameter_set)
+            if setup.resume is not None and setup.resume.weights_dir is not None:
+                load_pipeline_weights(model, family, hf_config, setup.resume.weights_dir, strict=False)
         super().__init__(cfg, model, checkpoint_named_parameters(model, family, hf_config), cfg.deepspeed, setup)
         self.replica, self.replicas = model.data_parallel_rank, cfg.data_degree
         self.stage, self.num_stages = model.stage_id, model.num_stages
@@ -90,12 +97,24 @@ class PipelineEngine(Engine):
         # DeepSpeed's bf16 optimizer without ZeRO cannot read its state from the per-stage file (deepspeed_compat).
         bf16_without_zero = engine.bfloat16_enabled() and not engine.zero_optimization()
         path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
-                                         load_optimizer_states=not bf16_without_zero)
+                                         load_optimizer_states=not bf16_without_zero,
+                                         load_module_strict=self.parameter_set.saves_frozen)
         if path is None:
             raise PipellmError(f"`resume` {checkpoint}: DeepSpeed found no model states to load; the "
                                f"checkpoint is incomplete, resume from an earlier one")
         if bf16_without_zero:
             load_bf16_optimizer_state(engine, str(checkpoint.parent), checkpoint.name)
+
+
+def prepare_layers(model, family: ModelFamily, hf_config, parameter_set) -> None:
+    """The parameter set's changes to each of this stage's layers (LoRA: adapters into the decoders)."""
+    from pipellm.pipeline.partition import PipelineLayers
+    from pipellm.pipeline.weights import stage_modules
+
+    layers = PipelineLayers.of(family, hf_config)
+    for layer_index, module in stage_modules(model):
+        file_index = layers.file_index(layer_index)
+        parameter_set.prepare_layer(module, layers.kind(file_index)[0], file_index)
 
 
 def build_stage(cfg: TrainConfig, setup: EngineSetup, hf_config, family: ModelFamily):
