@@ -183,3 +183,142 @@ def test_every_family_matches_peft(dims, tmp_path):
     for c, case_results in zip(cases, results, strict=True):
         loss, grads = c["expected"]
         assert_matches_reference(case_results, loss, grads, set(grads))
+
+
+# --- Through the launcher: a stage with nothing to train, the checkpoint's contents, exact resume, exports ---
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def launcher_config(tmp, pp_model, save) -> dict:
+    """The tiny llama on 2 stages, the first holding only the (frozen) embedding: it trains nothing. 10 steps,
+    a save every 3."""
+    from test_resume import run_config
+
+    config = run_config(tmp, pp_model, save, n_epochs=2, eval_steps=0, eval_ratio=0.0, keep_last_n=None,
+                        early_stopping={"patience": 0, "min_delta": 0.0}, save_steps=3, use_grad_ckpt=True,
+                        lora={"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": TARGETS})
+    config["model_topo"]["parts"] = [1, 5]
+    return config
+
+
+def kill_after_a_step_past_a_checkpoint(launch, save) -> tuple[int, list[dict]]:
+    """SIGKILL the run at a moment when it has logged a step after its latest checkpoint (the process group is
+    stopped while that is checked, so the files cannot move on); ``(checkpoint step, records logged)``."""
+    import os
+    import signal
+    import time
+
+    from test_resume import metrics
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert launch.poll() is None, launch.communicate()[0][-3000:]
+        os.killpg(launch.pid, signal.SIGSTOP)
+        latest = save / "latest"
+        try:
+            checkpoint = int(latest.read_text().removeprefix("global_step")) if latest.is_file() else 0
+            records = metrics(save)
+        except (FileNotFoundError, ValueError):  # not written yet / a line half-written
+            records = []
+        if checkpoint and records and records[-1]["step"] > checkpoint:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
+            return checkpoint, records
+        os.killpg(launch.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError("the run never logged a step past a checkpoint")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_pp_model):
+    """A LoRA run SIGKILLed after a step past a checkpoint, then resumed (``resume: auto``) to its end:
+    ``(save dir, checkpoint step at the kill, the killed run's records)``."""
+    from test_resume import finish, start
+
+    tmp = tmp_path_factory.mktemp("lora")
+    save = tmp / "save"
+    config = launcher_config(tmp, tiny_pp_model[1], save)
+    checkpoint, killed = kill_after_a_step_past_a_checkpoint(start(tmp, "killed", config), save)
+    config["resume"] = "auto"
+    code, output = finish(start(tmp, "resumed", config))
+    assert code == 0, output[-3000:]
+    assert f"resumed from {save}/global_step{checkpoint} at step {checkpoint}" in output, output[-3000:]
+    return save, checkpoint, killed
+
+
+def test_frozen_stage_trains_and_resume_after_sigkill_is_exact(lora_run):
+    from test_resume import exact, metrics
+
+    save, checkpoint, killed = lora_run
+    records = metrics(save)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    # The steps the killed run logged after its checkpoint, replayed exactly by the resumed run.
+    assert exact(records[checkpoint:len(killed)]) == exact(killed[checkpoint:])
+    assert exact(records[:checkpoint]) == exact(killed[:checkpoint])
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_checkpoint_holds_only_adapters_and_their_optimizer_state(lora_run, tiny_pp_model):
+    import json
+
+    from pipellm.pipeline.layer_files import layer_file_name
+
+    save, _, _ = lora_run
+    ckpt = save / "global_step10"
+    assert json.loads((ckpt / "lora.json").read_text())["base_model_path"] == str(tiny_pp_model[1].resolve())
+    assert torch.load(ckpt / layer_file_name(0), weights_only=True) == {}  # the frozen embedding: nothing
+    adapters = {}
+    for index in range(1, 5):
+        layer = torch.load(ckpt / layer_file_name(index), weights_only=True)
+        assert sorted(layer) == sorted(f"{module}.lora_{ab}.default.weight" for module in
+                                       ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj") for ab in "AB")
+        adapters.update({f"{index}.{k}": v for k, v in layer.items()})
+    for index in (5, 6):  # the final norm and the head: frozen, nothing saved
+        assert torch.load(ckpt / layer_file_name(index), weights_only=True) == {}
+    # Each stage's optimizer state: AdamW's moments of each adapter; stage 0 its placeholder's, which stay zero.
+    states = [torch.load(ckpt / f"mp_rank_{stage:02d}_model_states.pt", weights_only=False)["optimizer"]["state"]
+              for stage in (0, 1)]
+    assert [tuple(s["exp_avg"].shape) for s in states[0].values()] == [(1,)]
+    assert not any(s[moment].any() for s in states[0].values() for moment in ("exp_avg", "exp_avg_sq"))
+    assert sorted(tuple(s["exp_avg"].shape) for s in states[1].values()) == \
+        sorted(tuple(t.shape) for t in adapters.values())
+
+
+def test_exports_merge_like_peft_and_load_as_a_peft_adapter(lora_run, tiny_pp_model, tmp_path):
+    """The merged export equals peft's ``merge_and_unload()`` of the adapter export, bit for bit (fp32); the
+    adapter export holds the checkpoint's adapters under peft's names and loads with ``PeftModel``."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipellm.convert.converters import main as convert_main
+    from pipellm.pipeline.layer_files import layer_file_name
+
+    save, _, _ = lora_run
+    convert_main(["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "merged")])
+    convert_main(["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "adapter"),
+                  "--lora-export", "adapter"])
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+    exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    layer = torch.load(save / "global_step10" / layer_file_name(2), weights_only=True)  # decoder 1
+    for key, tensor in layer.items():
+        assert torch.equal(exported[f"base_model.model.model.layers.1.{key.replace('.default.', '.')}"], tensor)
+    assert len(exported) == 4 * len(layer)
+
+    hf_base = tiny_pp_model[0]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_base), tmp_path / "adapter")
+    ids = torch.randint(0, 1017, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        peft_logits = peft_model.eval()(ids).logits
+        by_peft = peft_model.merge_and_unload().state_dict()
+        merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged_model(ids).logits, peft_logits, rtol=1e-5, atol=1e-5)
+    ours = load_file(tmp_path / "merged" / "model.safetensors")
+    assert ours.keys() == load_file(hf_base / "model.safetensors").keys()
+    for key, tensor in ours.items():
+        assert torch.equal(tensor, by_peft[key]), key
+    changed = [key for key, tensor in ours.items() if not torch.equal(tensor, load_file(hf_base / "model.safetensors")[key])]
+    assert sorted(changed) == sorted(f"model.layers.{i}.{m}.weight" for i in range(4)
+                                     for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))

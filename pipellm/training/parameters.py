@@ -77,7 +77,7 @@ def nothing_to_train(model: nn.Module) -> NamedParameters:
     """A stage that trains nothing (a LoRA stage holding only the frozen embedding) still takes part in every
     step's collectives (gradient norm, data-parallel all-reduce, the optimizer's own), which need an optimizer,
     and torch refuses one without parameters (DeepSpeed issue 5071). It gets one placeholder parameter, a zero
-    that no forward uses: its gradient stays None (zero where DeepSpeed all-reduces), so it never changes."""
+    that no forward uses: its gradient is None or zero and it has no weight to decay, so it stays zero."""
     device = next(iter(model.parameters()), torch.zeros(())).device
     placeholder = nn.Parameter(torch.zeros(1, device=device))
     model.register_parameter(NOTHING_TO_TRAIN, placeholder)
