@@ -185,6 +185,29 @@ def test_every_family_matches_peft(dims, tmp_path):
         assert_matches_reference(case_results, loss, grads, set(grads))
 
 
+
+BAD_LORA = {
+    "unknown target": (dict(lora={"target_modules": ["q_proj", "query_key_value"]}),
+                       ["`lora.target_modules` ['query_key_value'] are not linear modules of llama's decoder layers; "
+                        "they are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"]),
+    "rank": (dict(lora={"r": 0}), ["`lora.r` 0 is not valid: give a positive rank"]),
+    "dropout": (dict(lora={"dropout": 1.0}), ["`lora.dropout` 1.0 is not valid"]),
+    "misspelt": (dict(lora={"alpah": 8}), ["unknown key `lora.alpah`; did you mean `alpha`?"]),
+    "nf4 without lora": (dict(quantize_base="nf4"), ["`quantize_base: nf4` quantizes the frozen base of a LoRA run"]),
+    "nf4 without bitsandbytes": (dict(lora={"r": 8}, quantize_base="nf4"),
+                                 ["`quantize_base: nf4` needs bitsandbytes' 4-bit kernels, and this machine lacks "]),
+    "quantize type": (dict(lora={"r": 8}, quantize_base="int8"), ["`quantize_base` must be one of nf4"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LORA))
+def test_bad_lora_settings_fail_with_one_line(case, tmp_path, tiny_pp_model, capsys, monkeypatch):
+    from test_config import assert_fails, write_config
+
+    overrides, expected = BAD_LORA[case]
+    assert_fails(capsys, monkeypatch, tmp_path, write_config(tmp_path, tiny_pp_model, **overrides), *expected)
+
+
 # --- Through the launcher: a stage with nothing to train, the checkpoint's contents, exact resume, exports ---
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
