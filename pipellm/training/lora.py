@@ -138,7 +138,11 @@ class LoraParameters:
         from peft import inject_adapter_in_model
 
         torch.manual_seed(self.seed)
-        return inject_adapter_in_model(peft_config(self.lora), model)
+        try:
+            return inject_adapter_in_model(peft_config(self.lora), model)
+        except ValueError as err:  # e.g. mixtral's experts, which transformers fuses into one tensor
+            raise PipellmError(f"`lora.target_modules` {self.lora.target_modules} on transformers' "
+                               f"{type(model).__name__}: {str(err).splitlines()[0]}") from None
 
     def trains(self, name: str) -> bool:
         """An adapter, or a parameter of a layer kind of ``modules_to_save``."""
