@@ -12,6 +12,8 @@ that weight's gradient G.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -345,3 +347,40 @@ def test_exports_merge_like_peft_and_load_as_a_peft_adapter(lora_run, tiny_pp_mo
     changed = [key for key, tensor in ours.items() if not torch.equal(tensor, load_file(hf_base / "model.safetensors")[key])]
     assert sorted(changed) == sorted(f"model.layers.{i}.{m}.weight" for i in range(4)
                                      for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+
+
+def test_plan_memory_model_of_lora_equals_hand_calculation():
+    """The tiny llama (hidden 64, 2 key/value heads of 16, MLP 172), LoRA r=8 on q_proj, v_proj, down_proj."""
+    from test_plan import DECODER_PARAMS, EMBED_PARAMS, HEAD_PARAMS, TINY
+    from pipellm.models import load_model_config
+    from pipellm.plan.lora_memory import with_lora
+    from pipellm.plan.memory import estimate_stage, state_bytes
+    from pipellm.plan.profile import LayerCost, Profile
+    from pipellm.pipeline.partition import PipelineLayers
+
+    hf_config, family = load_model_config(TINY)
+
+    def cost(params):
+        return LayerCost(seconds=1.0, held_bytes=0, working_bytes=0, input_bytes=0, params=params)
+    profile = Profile(device="test", embed=cost(EMBED_PARAMS), decoder=cost(DECODER_PARAMS), head=cost(HEAD_PARAMS),
+                      layers=PipelineLayers.of(family, hf_config), tied_params=0)
+    adapters = 8 * (64 + 64) + 8 * (64 + 32) + 8 * (172 + 64)  # r * (in + out) of q_proj, v_proj, down_proj
+    linear_weights = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 172  # q, o; k, v; gate, up, down
+    assert DECODER_PARAMS == linear_weights + 2 * 64  # and the two norms
+    bf16 = state_bytes({"bf16": {"enabled": True}}, data_degree=1)  # 2 + 4 + 12 B per trained parameter, step 4
+    lora = Lora(r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+
+    plain = with_lora(profile, lora, None, family, hf_config, torch.bfloat16)
+    last = estimate_stage(plain, bf16, 1, 3, 6, num_stages=2, micro_batches=4, allowance=0)
+    assert last.weights == (2 * DECODER_PARAMS + HEAD_PARAMS) * 2 + 2 * adapters * 2
+    assert (last.grads, last.optimizer, last.step) == (2 * adapters * 4, 2 * adapters * 12, 2 * adapters * 4)
+    first = estimate_stage(plain, bf16, 0, 0, 1, num_stages=2, micro_batches=4, allowance=0)
+    assert (first.weights, first.grads, first.optimizer) == (EMBED_PARAMS * 2, 0, 0)  # the frozen embedding
+
+    # QLoRA: the decoder's linear weights in NF4 (4 bits + an fp32 scale per 64); modules_to_save trains the head.
+    qlora = with_lora(profile, dataclasses.replace(lora, modules_to_save=["head"]), "nf4", family, hf_config,
+                      torch.bfloat16)
+    last = estimate_stage(qlora, bf16, 1, 3, 6, num_stages=2, micro_batches=4, allowance=0)
+    trained = 2 * adapters + HEAD_PARAMS
+    assert last.weights == 2 * (linear_weights * (0.5 + 4 / 64) + 2 * 64 * 2) + trained * 2
+    assert (last.grads, last.optimizer) == (trained * 4, trained * 12)
