@@ -217,12 +217,13 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 def launcher_config(tmp, pp_model, save) -> dict:
     """The tiny llama on 2 stages, the first holding only the (frozen) embedding: it trains nothing. 10 steps,
-    a save every 3."""
+    a save every 3; bf16 with ZeRO-1 (DeepSpeed's optimizer wrapper, which needs a gradient on every stage)."""
     from test_resume import run_config
 
     config = run_config(tmp, pp_model, save, n_epochs=2, eval_steps=0, eval_ratio=0.0, keep_last_n=None,
                         early_stopping={"patience": 0, "min_delta": 0.0}, save_steps=3, use_grad_ckpt=True,
-                        lora={"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": TARGETS})
+                        lora={"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": TARGETS},
+                        bf16={"enabled": True}, zero_optimization={"stage": 1})
     config["model_topo"]["parts"] = [1, 5]
     return config
 
@@ -301,13 +302,20 @@ def test_checkpoint_holds_only_adapters_and_their_optimizer_state(lora_run, tiny
         adapters.update({f"{index}.{k}": v for k, v in layer.items()})
     for index in (5, 6):  # the final norm and the head: frozen, nothing saved
         assert torch.load(ckpt / layer_file_name(index), weights_only=True) == {}
-    # Each stage's optimizer state: AdamW's moments of each adapter; stage 0 its placeholder's, which stay zero.
-    states = [torch.load(ckpt / f"mp_rank_{stage:02d}_model_states.pt", weights_only=False)["optimizer"]["state"]
-              for stage in (0, 1)]
-    assert [tuple(s["exp_avg"].shape) for s in states[0].values()] == [(1,)]
-    assert not any(s[moment].any() for s in states[0].values() for moment in ("exp_avg", "exp_avg_sq"))
-    assert sorted(tuple(s["exp_avg"].shape) for s in states[1].values()) == \
-        sorted(tuple(t.shape) for t in adapters.values())
+    # ZeRO-1's flat fp32 partition and AdamW moments per stage cover exactly the adapters (stage 0: the
+    # placeholder, which stays zero), as the stage's recorded parameter shapes say.
+    for stage, expected in ((0, {"pipellm_nothing_to_train": 1}),
+                            (1, {f"{k}": v.numel() for k, v in adapters.items()})):
+        shapes = torch.load(ckpt / f"mp_rank_{stage:02d}_model_states.pt", weights_only=False)["param_shapes"]
+        assert sorted(n.numel() for group in shapes for n in group.values()) == sorted(expected.values())
+        optimizer = torch.load(ckpt / f"bf16_zero_pp_rank_0_mp_rank_{stage:02d}_optim_states.pt",
+                               weights_only=False)["optimizer_state_dict"]
+        (flat,) = optimizer["single_partition_of_fp32_groups"]
+        (moments,) = optimizer["base_optimizer_state"]["state"].values()
+        # ZeRO pads its buffers (to an even size and alignment), so a few elements more than the parameters.
+        assert sum(expected.values()) <= flat.numel() <= moments["exp_avg"].numel() < sum(expected.values()) + 8
+        if stage == 0:
+            assert not flat.any() and not moments["exp_avg"].any() and not moments["exp_avg_sq"].any()
 
 
 def test_exports_merge_like_peft_and_load_as_a_peft_adapter(lora_run, tiny_pp_model, tmp_path):

@@ -27,7 +27,7 @@ from pipellm.pipeline.loss import Objective
 from pipellm.training.checkpointer import ResumePoint
 from pipellm.training.distributed import StepWatch, all_reduce
 from pipellm.training.optim import deepspeed_optimizer
-from pipellm.training.parameters import NamedParameters, ParameterSet, nothing_to_train
+from pipellm.training.parameters import NamedParameters, ParameterSet, nothing_to_train, optional_hook
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +124,9 @@ class Engine(abc.ABC):
         """This rank's files of a checkpoint into ``save_dir/tag`` (all ranks; ends with a barrier)."""
         self.ds.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
                                 exclude_frozen_parameters=not self.parameter_set.saves_frozen)
-        if self.ds.global_rank == 0:
-            self.parameter_set.write_files(save_dir / tag)
+        write_files = optional_hook(self.parameter_set, "write_files")
+        if write_files is not None and self.ds.global_rank == 0:
+            write_files(save_dir / tag)
 
     def resume_state(self) -> dict | None:
         """What ``pipellm_state.pt`` holds of the engine; None: its checkpoints do not resume."""

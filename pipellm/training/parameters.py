@@ -9,7 +9,6 @@ checkpoint holds is what ``convert_model.py pp_to_hg`` exports (it reads the che
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -28,14 +27,11 @@ class ParameterSet(Protocol):
     def trainable(self, named_parameters: NamedParameters) -> NamedParameters:
         """The parameters the optimizer updates, by checkpoint name; it sets ``requires_grad`` of all of them."""
 
-    def prepare_layer(self, module: nn.Module, kind: str, file_index: int) -> None:
-        """Change a pipeline layer (``kind`` ``embed``/``decoder``/``norm``/``head``) once its weights are loaded."""
-
-    def prepare_transformers_model(self, model: nn.Module) -> nn.Module:
-        """The same for a whole transformers model (``train_ds_zero.py``)."""
-
-    def write_files(self, checkpoint_dir: Path) -> None:
-        """Files of the set's own in a checkpoint directory (rank 0)."""
+    # Optional (a set without them changes no module and writes no file; ``optional_hook`` looks them up):
+    # prepare_layer(module, kind, file_index): change a pipeline layer (kind embed/decoder/norm/head) once its
+    #     weights are loaded and before its parameters are named;
+    # prepare_transformers_model(model) -> model: the same for a whole transformers model (train_ds_zero.py);
+    # write_files(checkpoint_dir): files of the set's own in each checkpoint directory (rank 0).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +46,11 @@ class AllParameters:
             param.requires_grad_(True)
         return list(named_parameters)
 
-    def prepare_layer(self, module: nn.Module, kind: str, file_index: int) -> None:
-        pass
 
-    def prepare_transformers_model(self, model: nn.Module) -> nn.Module:
-        return model
 
-    def write_files(self, checkpoint_dir: Path) -> None:
-        pass
+def optional_hook(parameter_set: ParameterSet, name: str, default=None):
+    """The set's optional method ``name`` (``ParameterSet``'s comment), or ``default``."""
+    return getattr(parameter_set, name, default)
 
 
 def parameter_set(cfg) -> ParameterSet:
@@ -77,8 +70,21 @@ def nothing_to_train(model: nn.Module) -> NamedParameters:
     """A stage that trains nothing (a LoRA stage holding only the frozen embedding) still takes part in every
     step's collectives (gradient norm, data-parallel all-reduce, the optimizer's own), which need an optimizer,
     and torch refuses one without parameters (DeepSpeed issue 5071). It gets one placeholder parameter, a zero
-    that no forward uses: its gradient is None or zero and it has no weight to decay, so it stays zero."""
+    added times 0 to the output of the stage's first layer: every backward gives it a zero gradient (DeepSpeed's
+    bf16 optimizer needs one gradient at least) and the forward's values stay exactly what they were."""
     device = next(iter(model.parameters()), torch.zeros(())).device
     placeholder = nn.Parameter(torch.zeros(1, device=device))
     model.register_parameter(NOTHING_TO_TRAIN, placeholder)
+    first = next(layer for layer in model.forward_funcs if isinstance(layer, nn.Module))
+    first.register_forward_hook(lambda module, inputs, output: _plus_zero_times(output, placeholder))
     return [(NOTHING_TO_TRAIN, placeholder)]
+
+
+def _plus_zero_times(output, placeholder: nn.Parameter):
+    """``output`` (a tensor or a tuple starting with one) with ``0 * placeholder`` added to its first tensor."""
+    if not torch.is_grad_enabled():
+        return output
+    if isinstance(output, tuple):
+        return (_plus_zero_times(output[0], placeholder), *output[1:])
+    return output + 0 * placeholder.to(output.dtype) if torch.is_tensor(output) and output.is_floating_point() \
+        else output

@@ -19,6 +19,7 @@ from pipellm.pipeline.deepspeed_compat import (is_pipeline_replicated, load_bf16
 from pipellm.pipeline.schedule import OneForwardOneBackward, PipelineSchedule
 from pipellm.training.distributed import StallWatchdog, all_reduce
 from pipellm.training.engine import Engine, EngineSetup
+from pipellm.training.parameters import optional_hook
 
 
 class PipelineEngine(Engine):
@@ -111,10 +112,12 @@ def prepare_layers(model, family: ModelFamily, hf_config, parameter_set) -> None
     from pipellm.pipeline.partition import PipelineLayers
     from pipellm.pipeline.weights import stage_modules
 
+    prepare = optional_hook(parameter_set, "prepare_layer")
     layers = PipelineLayers.of(family, hf_config)
     for layer_index, module in stage_modules(model):
         file_index = layers.file_index(layer_index)
-        parameter_set.prepare_layer(module, layers.kind(file_index)[0], file_index)
+        if prepare is not None:
+            prepare(module, layers.kind(file_index)[0], file_index)
 
 
 def build_stage(cfg: TrainConfig, setup: EngineSetup, hf_config, family: ModelFamily):
