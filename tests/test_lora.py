@@ -392,3 +392,17 @@ def test_plan_memory_model_of_lora_equals_hand_calculation():
     trained = 2 * adapters + HEAD_PARAMS
     assert last.weights == 2 * (linear_weights * (0.5 + 4 / 64) + 2 * 64 * 2) + trained * 2
     assert (last.grads, last.optimizer) == (trained * 4, trained * 12)
+
+
+def test_mfu_counts_frozen_parameters_without_weight_gradients():
+    """4 FLOPs per token for a frozen base parameter, 6 for a trained one (the embedding a lookup)."""
+    from types import SimpleNamespace
+
+    from pipellm.observe.metrics import ModelFlops
+
+    config = SimpleNamespace(num_hidden_layers=2, hidden_size=8)
+    total, embedding, adapters = 10_000, 800, 300
+    assert ModelFlops.of(config, total, embedding).per_token == 6 * (total - embedding)
+    frozen = total - adapters
+    lora = ModelFlops.of(config, total, embedding, frozen_params=frozen)
+    assert (lora.per_token, lora.per_pair) == (4 * (frozen - embedding) + 6 * adapters, 12 * 2 * 8)

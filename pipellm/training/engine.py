@@ -88,8 +88,9 @@ class Engine(abc.ABC):
         """The global batch's loss, without gradients."""
 
     @abc.abstractmethod
-    def num_parameters(self) -> int:
-        """Parameters of the whole model (a tied weight once), the same on every rank."""
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameters of the whole model (a tied weight once; with ``trainable_only`` those that train), the same
+        on every rank."""
 
     @abc.abstractmethod
     def run_layout(self) -> dict:

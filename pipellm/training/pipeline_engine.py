@@ -19,7 +19,7 @@ from pipellm.pipeline.deepspeed_compat import (is_pipeline_replicated, load_bf16
 from pipellm.pipeline.schedule import OneForwardOneBackward, PipelineSchedule
 from pipellm.training.distributed import StallWatchdog, all_reduce
 from pipellm.training.engine import Engine, EngineSetup
-from pipellm.training.parameters import optional_hook
+from pipellm.training.parameters import NOTHING_TO_TRAIN, optional_hook
 
 
 class PipelineEngine(Engine):
@@ -57,9 +57,11 @@ class PipelineEngine(Engine):
     def eval_step(self, micro_batches: list) -> float:
         return float(self.schedule.eval_batch(self.ds, micro_batches))
 
-    def num_parameters(self) -> int:
-        """Each stage counts its own (a tied copy once), replica 0 only."""
-        local = sum(p.numel() for p in self.model.parameters() if not is_pipeline_replicated(p))
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Each stage counts its own (a tied copy once; not a placeholder), replica 0 only."""
+        local = sum(p.numel() for name, p in self.model.named_parameters()
+                    if not is_pipeline_replicated(p) and name != NOTHING_TO_TRAIN and
+                    (p.requires_grad or not trainable_only))
         return int(all_reduce(torch.tensor([local if self.replica == 0 else 0], dtype=torch.float64))[0])
 
     def run_layout(self) -> dict:

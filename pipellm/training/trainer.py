@@ -168,8 +168,10 @@ class Trainer:
     def _step_figures(self) -> StepFigures:
         cfg, hf_config = self.cfg, self.engine.hf_config
         embedding = hf_config.vocab_size * hf_config.hidden_size
+        total = self.engine.num_parameters()
         return StepFigures(cfg.global_batch_size, cfg.max_seq_len, cfg.pipe_degree * cfg.data_degree,
-                           ModelFlops.of(hf_config, self.engine.num_parameters(), embedding),
+                           ModelFlops.of(hf_config, total, embedding,
+                                         frozen_params=total - self.engine.num_parameters(trainable_only=True)),
                            cfg.peak_flops_per_gpu or device_peak_flops())
 
     def _close(self) -> None:

@@ -114,9 +114,10 @@ class ZeroEngine(Engine):
             total += loss.detach().float()
         return float(all_reduce(total.reshape(1))[0]) / (len(micro_batches) * self.replicas)
 
-    def num_parameters(self) -> int:
+    def num_parameters(self, trainable_only: bool = False) -> int:
         # ZeRO-3 leaves each rank a slice of every parameter; ds_numel is the whole parameter's size.
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters()
+                   if p.requires_grad or not trainable_only)
 
     def run_layout(self) -> dict:
         return {"layout": {"zero_stage": 3, "dims": self.dims}, "coordinates": {"replica": self.replica}}
