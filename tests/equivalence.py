@@ -117,17 +117,19 @@ def run_pipelines(family_name: str, cases: list[tuple], dims, gas, out_dir: Path
     return [list(ranks) for ranks in zip(*per_rank)]
 
 
-def cases_rank(rank, cases, dims, out_dir):
-    """Every case (``dict(family, config, state_dict, batch, gas[, loss_chunk_tokens][, lora])``) in this process."""
-    results = [_train_batch(c["family"], c["config"], c["state_dict"], c["batch"], dims, c["gas"],
+def cases_rank(rank, cases, out_dir):
+    """Every case (``dict(family, config, state_dict, batch, dims, gas[, loss_chunk_tokens][, lora])``) in this
+    process."""
+    results = [_train_batch(c["family"], c["config"], c["state_dict"], c["batch"], c["dims"], c["gas"],
                             c.get("loss_chunk_tokens"), c.get("lora")) for c in cases]
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-def run_cases(cases: list[dict], dims, out_dir: Path) -> list[list[dict]]:
-    """``run_pipelines`` for cases of any families and accumulation steps, in one spawn of the process group."""
-    world = dims[0] * dims[1]
-    run_distributed(world, cases_rank, cases, dims, str(out_dir))
+def run_cases(cases: list[dict], out_dir: Path) -> list[list[dict]]:
+    """``run_pipelines`` for cases of any families, grids (of one world size) and accumulation steps, in one spawn
+    of the process group."""
+    world = cases[0]["dims"][0] * cases[0]["dims"][1]
+    run_distributed(world, cases_rank, cases, str(out_dir))
     per_rank = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
     return [list(ranks) for ranks in zip(*per_rank)]
 

@@ -1,5 +1,7 @@
 """LoRA (``lora:``): the pipeline's loss and every adapter gradient equal peft's LoRA on the transformers model
-with the same weights and adapters (fp32, 1 and 2 stages), for every family; bad LoRA settings are one line.
+with the same weights and adapters (fp32; 2 stages, and 1 stage with 2 data-parallel replicas), for every family.
+Through the launcher: a stage with nothing to train, the checkpoint's contents, exact resume after SIGKILL and the
+exports; the planner's LoRA memory model and the LoRA MFU formula; bad LoRA settings are one line.
 
 The adapters' ``lora_B`` start random here (peft starts them at zero, which would leave ``lora_A`` without a
 gradient and the check trivial). Where a family's checkpoint fuses modules that the transformers reference keeps
@@ -66,12 +68,12 @@ def run_reference(reference, batch, **kwargs):
     return loss, grads, {k: v.detach().clone() for k, v in reference.state_dict().items()}
 
 
-def case(family, config, state_dict, loss, grads, targets, batch, gas, **extra):
-    return dict(family=family, config=config, state_dict=state_dict, batch=batch, gas=gas,
+def case(family, config, state_dict, loss, grads, targets, batch, gas, dims, **extra):
+    return dict(family=family, config=config, state_dict=state_dict, batch=batch, gas=gas, dims=dims,
                 lora=Lora(r=RANK, alpha=ALPHA, target_modules=targets), expected=(loss, grads), **extra)
 
 
-def llama_cases(dims):
+def llama_cases(dims, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     targets = QKV + ["o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -83,12 +85,12 @@ def llama_cases(dims):
                              tie_word_embeddings=tied, pad_token_id=0)
         batch = make_batch(MICRO_BATCH * 2 * dims[1], torch.Generator().manual_seed(1))
         loss, grads, state = run_reference(with_adapters(LlamaForCausalLM(config), targets), batch)
-        cases.append(case("llama", config, state, loss, grads, targets, batch, gas=2))
+        cases.append(case("llama", config, state, loss, grads, targets, batch, gas=2, dims=dims))
     cases.append(dict(cases[-1], loss_chunk_tokens=5))  # tied, and the loss a chunk of tokens at a time
     return cases
 
 
-def bloom_case(dims):
+def bloom_case(dims, tmp_path):
     from transformers import BloomConfig, BloomForCausalLM
 
     torch.manual_seed(0)
@@ -96,7 +98,7 @@ def bloom_case(dims):
     targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
     batch = make_batch(MICRO_BATCH * dims[1], torch.Generator().manual_seed(1))
     loss, grads, state = run_reference(with_adapters(BloomForCausalLM(config), targets), batch)
-    return case("bloom", config, state, loss, grads, targets, batch, gas=1)
+    return case("bloom", config, state, loss, grads, targets, batch, gas=1, dims=dims)
 
 
 def baichuan_case(dims, tmp_path):
@@ -110,8 +112,9 @@ def baichuan_case(dims, tmp_path):
     state = llama_to_baichuan(fuse_adapters(state, QKV, "W_pack", gradients=False))
     grads = llama_to_baichuan(fuse_adapters(grads, QKV, "W_pack", gradients=True))
     base = {k: v for k, v in state.items() if ".lora_" not in k}
-    config, _ = load_model_config(write_checkpoint(tmp_path / f"baichuan{dims[0]}", baichuan_config(), base))
-    return case("baichuan", config, state, loss, grads, ["W_pack", "o_proj", "down_proj"], batch, gas=1)
+    config, _ = load_model_config(write_checkpoint(tmp_path / "baichuan", baichuan_config(), base))
+    return case("baichuan", config, state, loss, grads, ["W_pack", "o_proj", "down_proj"], batch, gas=1,
+                dims=dims)
 
 
 def chatglm_case(dims, tmp_path):
@@ -122,8 +125,8 @@ def chatglm_case(dims, tmp_path):
 
     torch.manual_seed(0)
     glm = GlmForCausalLM(tiny_glm())
-    write_chatglm_checkpoint(glm, tmp_path / f"chatglm{dims[0]}")
-    config, _ = load_model_config(tmp_path / f"chatglm{dims[0]}")
+    write_chatglm_checkpoint(glm, tmp_path / "chatglm")
+    config, _ = load_model_config(tmp_path / "chatglm")
     reference = with_adapters(glm, QKV + ["o_proj", "gate_up_proj", "down_proj"], shared_a=tuple(QKV))
     batch = make_batch(MICRO_BATCH * dims[1], torch.Generator().manual_seed(1))
     loss, grads, state = run_reference(reference, batch)
@@ -131,10 +134,10 @@ def chatglm_case(dims, tmp_path):
     state = to_chatglm(fuse_adapters(state, [f"self_attn.{p}" for p in QKV], fused, gradients=False))
     grads = to_chatglm(fuse_adapters(grads, [f"self_attn.{p}" for p in QKV], fused, gradients=True))
     return case("chatglm", config, state, loss, grads, ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-                batch, gas=1)
+                batch, gas=1, dims=dims)
 
 
-def mixtral_case(dims):
+def mixtral_case(dims, tmp_path):
     """Attention adapters by peft on transformers' Mixtral; expert adapters through the merged weights' gradient
     (module docstring). One micro batch: the loss, router term included, is transformers' own."""
     from transformers import MixtralForCausalLM
@@ -163,8 +166,14 @@ def mixtral_case(dims):
             mlp.experts.down_proj.requires_grad_(True)
     batch = make_batch(MICRO_BATCH * dims[1], torch.Generator().manual_seed(1))
     input_ids, _, labels = batch
-    loss, grads, _ = run_reference(reference, (input_ids, None, labels), output_router_logits=True)
-    grads = to_file_layout(grads)
+    # Several micro batches: the documented convention, the mean of each micro batch's load-balancing term
+    # (tests/test_mixtral.py); one: transformers' loss itself.
+    loss = reference(input_ids=input_ids, labels=labels, output_router_logits=dims[1] == 1).loss
+    if dims[1] > 1:
+        aux = [reference(input_ids=rows, output_router_logits=True).aux_loss for rows in input_ids.split(MICRO_BATCH)]
+        loss = loss + config.router_aux_loss_coef * torch.stack(aux).mean()
+    loss.backward()
+    grads = to_file_layout({name: p.grad for name, p in reference.named_parameters() if p.requires_grad})
     state = {k: v for k, v in to_file_layout(reference.state_dict()).items() if ".experts." not in k}
     for name, (a, b) in experts.items():
         module = name.removesuffix(".weight")
@@ -173,19 +182,22 @@ def mixtral_case(dims):
         merged_grad = grads.pop(name)
         grads.update({f"{module}.lora_A.default.weight": SCALE * b.T @ merged_grad,
                       f"{module}.lora_B.default.weight": SCALE * merged_grad @ a.T})
-    return case("mixtral", config, state, loss, grads, QKV + ["o_proj", "w1", "w2", "w3"], batch, gas=1)
+    return case("mixtral", config, state, loss, grads, QKV + ["o_proj", "w1", "w2", "w3"], batch, gas=1, dims=dims)
 
 
-@pytest.mark.parametrize("dims", [[1, 1], [2, 1]], ids=["1stage", "2stage"])
-def test_every_family_matches_peft(dims, tmp_path):
-    """One spawn of the process group per stage count for every family's cases."""
-    cases = [*llama_cases(dims), bloom_case(dims), baichuan_case(dims, tmp_path), chatglm_case(dims, tmp_path),
-             mixtral_case(dims)]
-    results = run_cases([{k: v for k, v in c.items() if k != "expected"} for c in cases], dims, tmp_path)
+def test_every_family_matches_peft(tmp_path):
+    """Every family on 2 stages, and on 1 stage with 2 data-parallel replicas (each rank the whole model and half
+    the global batch), in one spawn of the process group."""
+    cases = []
+    for dims in ([2, 1], [1, 2]):
+        (tmp_path / f"{dims[0]}x{dims[1]}").mkdir()
+        cases += [family_case(dims, tmp_path / f"{dims[0]}x{dims[1]}")
+                  for family_case in (llama_cases, bloom_case, baichuan_case, chatglm_case, mixtral_case)]
+    cases = [c for group in cases for c in (group if isinstance(group, list) else [group])]
+    results = run_cases([{k: v for k, v in c.items() if k != "expected"} for c in cases], tmp_path)
     for c, case_results in zip(cases, results, strict=True):
         loss, grads = c["expected"]
         assert_matches_reference(case_results, loss, grads, set(grads))
-
 
 
 BAD_LORA = {
