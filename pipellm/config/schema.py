@@ -76,6 +76,30 @@ class LRSchedule:
 
 
 @dataclasses.dataclass
+class Lora:
+    """LoRA (peft's LoRA layers): the base model is frozen and only low-rank adapters on the decoder's linear
+    modules train, plus the modules of ``modules_to_save``. Checkpoints hold the adapters, their optimizer state
+    and the base model's path; ``convert_model.py pp_to_hg`` merges them into the base or, with
+    ``--lora-export adapter``, writes a PEFT adapter directory."""
+
+    r: int = 16
+    """The adapters' rank (> 0)."""
+    alpha: float = 32.0
+    """The scale: an adapter adds ``alpha / r * B @ A`` to its module's weight (peft's ``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on an adapter's input (peft's ``lora_dropout``), in [0, 1)."""
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Decoder linear modules that get an adapter, by their name in the family's checkpoint keys (llama
+    ``q_proj`` ... ``down_proj``; bloom and chatglm ``query_key_value``, ``dense``, ``dense_h_to_4h``,
+    ``dense_4h_to_h``; baichuan ``W_pack``, ``o_proj``, ...; mixtral ``q_proj`` ... and the experts' ``w1``,
+    ``w2``, ``w3``). A name the family's decoder does not have is an error listing the ones it has."""
+    modules_to_save: list[Literal["embed", "norm", "head"]] = dataclasses.field(default_factory=list)
+    """Pipeline layers trained fully besides the adapters: ``embed``, ``norm`` (the final norm), ``head``. With
+    tied embeddings ``embed`` and ``head`` are the one shared weight."""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """pipellm's keys of the training YAML. DeepSpeed's keys are kept apart in ``deepspeed``."""
 
@@ -198,6 +222,11 @@ class TrainConfig:
     and stop with an error (a skipped step changes nothing: weights, optimizer state and schedule stay)."""
     deepspeed: dict = dataclasses.field(default_factory=dict)
     """The DeepSpeed keys of the file, passed to ``deepspeed.initialize`` (batch sizes completed)."""
+    lora: Lora | None = None
+    """LoRA fine-tuning (see ``Lora``); null (default): every parameter trains."""
+    quantize_base: Literal["nf4"] | None = None
+    """With ``lora``: ``nf4`` stores the frozen base's decoder linear weights in 4 bits (QLoRA, bitsandbytes'
+    ``Linear4bit``; needs a GPU where bitsandbytes runs). null: the base keeps the run's precision."""
     source: ClassVar[str] = "the training YAML"
     """The file the config was read from (``load_config`` sets it; not a key), named by errors found later."""
 

@@ -49,17 +49,20 @@ class ModelFlops:
     """12 x L x d: attention scores and values, forward + backward, per (query, key) pair."""
 
     @classmethod
-    def of(cls, hf_config, num_params: int, embedding_params: int) -> ModelFlops:
+    def of(cls, hf_config, num_params: int, embedding_params: int, frozen_params: int = 0) -> ModelFlops:
         """N_active = N − N_embedding − N_unrouted. N_unrouted is zero for dense models. In a mixture of experts
         (``num_local_experts`` E experts of ``num_experts_per_tok`` k per token, as Mixtral) a token passes
         through k experts, so the E − k others of every layer are left out: N_unrouted = L·(E − k)·3·d·d_ff
-        (gate, up and down projections, no biases)."""
+        (gate, up and down projections, no biases). ``frozen_params`` (LoRA's base, the embedding and the
+        unrouted experts among them) compute no weight gradient: 4 FLOPs per token instead of 6, so per_token is
+        6·N_active − 2·N_frozen_active with N_frozen_active = N_frozen − N_embedding − N_unrouted."""
         layers, hidden = hf_config.num_hidden_layers, hf_config.hidden_size
         experts = getattr(hf_config, "num_local_experts", None)
         unrouted = 0
         if experts:
             unrouted = layers * (experts - hf_config.num_experts_per_tok) * 3 * hidden * hf_config.intermediate_size
-        return cls(6 * (num_params - embedding_params - unrouted), 12 * layers * hidden)
+        frozen_active = max(0, frozen_params - embedding_params - unrouted) if frozen_params else 0
+        return cls(6 * (num_params - embedding_params - unrouted) - 2 * frozen_active, 12 * layers * hidden)
 
     def of_step(self, tokens: int, pairs: int) -> float:
         return self.per_token * tokens + self.per_pair * pairs

@@ -33,7 +33,12 @@ from pipellm.pipeline.weights import stage_modules
 class EmbedStage:
     def forward(self, inputs):
         input_ids, position_ids = inputs
-        return super().forward(input_ids), position_ids
+        hidden = super().forward(input_ids)
+        if torch.is_grad_enabled() and not hidden.requires_grad:
+            # A frozen embedding (LoRA): the pipeline engine calls backward on every stage's output, which a
+            # stage of only the embedding could not do on a tensor that does not require a gradient.
+            hidden.requires_grad_()
+        return hidden, position_ids
 
 
 @functools.cache

@@ -45,6 +45,10 @@ def plan_run(cfg: TrainConfig, hf_config, family: ModelFamily, device: torch.dev
     shape = RunShape.of(cfg, device.type == "cuda")
     state = state_bytes(cfg.deepspeed, cfg.data_degree)
     profile = profile_layers(family, hf_config, shape, device, split_passes=schedule is not None)
+    if cfg.lora is not None:
+        from pipellm.plan.lora_memory import with_lora
+
+        profile = with_lora(profile, cfg.lora, cfg.quantize_base, family, hf_config, shape.dtype)
     counts = None if parts == "auto" else Partition.of_parts(parts, family, hf_config, num_stages).parts
     plan = make_plan(profile, state, num_stages, cfg.gradient_accumulation_steps, device_memory, counts,
                      must_fit=must_fit)

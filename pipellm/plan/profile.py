@@ -60,6 +60,10 @@ class LayerCost:
     """Parameters the layer holds (the head: final norm + output projection, or the tied embedding's replica)."""
     passes: PassCosts | None = None
     """``seconds`` split into forward, input-gradient and weight-gradient passes (``split_passes``), else None."""
+    trainable: int | None = None
+    """Of ``params``, those that train (LoRA: ``pipellm.plan.lora_memory``); None: all."""
+    frozen_bytes: float = 0.0
+    """What the frozen ones of ``params`` take (weights only)."""
 
 
 @dataclasses.dataclass(frozen=True)

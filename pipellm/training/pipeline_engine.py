@@ -19,6 +19,7 @@ from pipellm.pipeline.deepspeed_compat import (is_pipeline_replicated, load_bf16
 from pipellm.pipeline.schedule import OneForwardOneBackward, PipelineSchedule
 from pipellm.training.distributed import StallWatchdog, all_reduce
 from pipellm.training.engine import Engine, EngineSetup
+from pipellm.training.parameters import NOTHING_TO_TRAIN, optional_hook
 
 
 class PipelineEngine(Engine):
@@ -36,8 +37,15 @@ class PipelineEngine(Engine):
             setup.resume.check_layout(self.checkpoint_layout())
         weights_dir = setup.resume.weights_dir if setup.resume is not None else (
             None if cfg.from_scratch else cfg.model_path)
-        if weights_dir is not None:
-            load_pipeline_weights(model, family, hf_config, weights_dir)
+        if setup.parameter_set.saves_frozen:
+            if weights_dir is not None:
+                load_pipeline_weights(model, family, hf_config, weights_dir)
+        else:  # the frozen base from model_path, what trains from the checkpoint (if any) once the set added it
+            if not cfg.from_scratch:
+                load_pipeline_weights(model, family, hf_config, cfg.model_path)
+            prepare_layers(model, family, hf_config, setup.parameter_set)
+            if setup.resume is not None and setup.resume.weights_dir is not None:
+                load_pipeline_weights(model, family, hf_config, setup.resume.weights_dir, strict=False)
         super().__init__(cfg, model, checkpoint_named_parameters(model, family, hf_config), cfg.deepspeed, setup)
         self.replica, self.replicas = model.data_parallel_rank, cfg.data_degree
         self.stage, self.num_stages = model.stage_id, model.num_stages
@@ -49,9 +57,11 @@ class PipelineEngine(Engine):
     def eval_step(self, micro_batches: list) -> float:
         return float(self.schedule.eval_batch(self.ds, micro_batches))
 
-    def num_parameters(self) -> int:
-        """Each stage counts its own (a tied copy once), replica 0 only."""
-        local = sum(p.numel() for p in self.model.parameters() if not is_pipeline_replicated(p))
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Each stage counts its own (a tied copy once; not a placeholder), replica 0 only."""
+        local = sum(p.numel() for name, p in self.model.named_parameters()
+                    if not is_pipeline_replicated(p) and name != NOTHING_TO_TRAIN and
+                    (p.requires_grad or not trainable_only))
         return int(all_reduce(torch.tensor([local if self.replica == 0 else 0], dtype=torch.float64))[0])
 
     def run_layout(self) -> dict:
@@ -90,12 +100,26 @@ class PipelineEngine(Engine):
         # DeepSpeed's bf16 optimizer without ZeRO cannot read its state from the per-stage file (deepspeed_compat).
         bf16_without_zero = engine.bfloat16_enabled() and not engine.zero_optimization()
         path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
-                                         load_optimizer_states=not bf16_without_zero)
+                                         load_optimizer_states=not bf16_without_zero,
+                                         load_module_strict=self.parameter_set.saves_frozen)
         if path is None:
             raise PipellmError(f"`resume` {checkpoint}: DeepSpeed found no model states to load; the "
                                f"checkpoint is incomplete, resume from an earlier one")
         if bf16_without_zero:
             load_bf16_optimizer_state(engine, str(checkpoint.parent), checkpoint.name)
+
+
+def prepare_layers(model, family: ModelFamily, hf_config, parameter_set) -> None:
+    """The parameter set's changes to each of this stage's layers (LoRA: adapters into the decoders)."""
+    from pipellm.pipeline.partition import PipelineLayers
+    from pipellm.pipeline.weights import stage_modules
+
+    prepare = optional_hook(parameter_set, "prepare_layer")
+    layers = PipelineLayers.of(family, hf_config)
+    for layer_index, module in stage_modules(model):
+        file_index = layers.file_index(layer_index)
+        if prepare is not None:
+            prepare(module, layers.kind(file_index)[0], file_index)
 
 
 def build_stage(cfg: TrainConfig, setup: EngineSetup, hf_config, family: ModelFamily):

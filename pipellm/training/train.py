@@ -18,6 +18,7 @@ from pipellm.pipeline.layer_files import layer_file_name, resolve_checkpoint_dir
 from pipellm.pipeline.partition import PipelineLayers
 from pipellm.training import trainer
 from pipellm.training.distributed import rendezvous_without_launcher
+from pipellm.training.lora import check_lora_model
 
 DESCRIPTION = ("Train a model with DeepSpeed pipeline parallelism. Run it under the deepspeed launcher, which "
                "starts one process per GPU (stages x replicas = the config's model_topo dims), e.g. "
@@ -53,6 +54,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     check_pipeline_settings(cfg.deepspeed)
     check_attention_backend(cfg)
     check_layer_files(cfg, layers)
+    check_lora_model(cfg.lora, cfg.quantize_base, family, hf_config, cfg.source)
     from pipellm.training.pipeline_engine import PipelineEngine  # imports deepspeed: after the checks
 
     return cfg, functools.partial(PipelineEngine, hf_config=hf_config, family=family)

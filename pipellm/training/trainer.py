@@ -36,7 +36,7 @@ from pipellm.training.early_stopping import EarlyStoppingState
 from pipellm.training.engine import Engine, EngineSetup
 from pipellm.training.objective import build_objective
 from pipellm.training.optim import NonFiniteRun
-from pipellm.training.parameters import AllParameters
+from pipellm.training.parameters import parameter_set
 from pipellm.training.preemption import StopOnSigterm
 from pipellm.training.run_lock import RunLock
 
@@ -66,7 +66,7 @@ class Trainer:
         self.order = Schedule(self.data.plan, cfg.n_epochs, cfg.max_steps)
         self.total_steps = self.order.total_steps
         self.cadence = Cadence.of(cfg, self.total_steps, has_eval=bool(self.data.eval_rows))
-        self.engine = build_engine(cfg, EngineSetup(resume, self.total_steps, objective, AllParameters(),
+        self.engine = build_engine(cfg, EngineSetup(resume, self.total_steps, objective, parameter_set(cfg),
                                                     self.gpu_profile.finish if self.gpu_profile else None))
         # After the engine: run_info's hash is of the config as run, with the split `parts: auto` chose.
         write_run_info(cfg, self.data, config_digest=config_hash(dump_resolved(cfg)), data_key=data_key,
@@ -168,8 +168,10 @@ class Trainer:
     def _step_figures(self) -> StepFigures:
         cfg, hf_config = self.cfg, self.engine.hf_config
         embedding = hf_config.vocab_size * hf_config.hidden_size
+        total = self.engine.num_parameters()
         return StepFigures(cfg.global_batch_size, cfg.max_seq_len, cfg.pipe_degree * cfg.data_degree,
-                           ModelFlops.of(hf_config, self.engine.num_parameters(), embedding),
+                           ModelFlops.of(hf_config, total, embedding,
+                                         frozen_params=total - self.engine.num_parameters(trainable_only=True)),
                            cfg.peak_flops_per_gpu or device_peak_flops())
 
     def _close(self) -> None:
