@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import REPO
 from distributed import run_distributed
 from equivalence import CHUNK_TOKENS, GradCapture
 
@@ -157,3 +159,176 @@ def test_dpo_loss_and_grads_match_transformers(layout, tmp_path):
             assert figures["rewards/accuracies"] == float((rewards[0::2] > rewards[1::2]).float().mean())
             torch.testing.assert_close(figures["logps/rejected"], float(policy.detach()[1::2].mean()), rtol=1e-5, atol=1e-6)
         assert seen == set(grads), packed_kind_chunk
+
+
+# ----- the launcher on the shipped preference data -----
+
+PREFERENCE_DATA = Path(__file__).resolve().parent.parent / "pipellm" / "assets" / "data" / "preference.jsonl"
+
+
+def dpo_config(tmp_path: Path, model_path: Path) -> dict:
+    return {"model_path": str(model_path), "save_path": str(tmp_path / "save"), "data_path": str(PREFERENCE_DATA),
+            "objective": "dpo", "dpo": {"beta": 0.1}, "eval_ratio": 0.2, "max_seq_len": 48, "n_epochs": 2,
+            "log_steps": 1, "seed": 3, "use_tensorboard": False, "template": "builtin",
+            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}},
+            "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4,
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.0}},
+            "gradient_clipping": 1.0, "data_cache_dir": str(tmp_path / "data_cache")}
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_pp_model):
+    from equivalence import launch_training
+
+    tmp_path = tmp_path_factory.mktemp("dpo_run")
+    config = dpo_config(tmp_path, tiny_pp_model[1])
+    return config, launch_training(config, tmp_path / "config.yml"), tmp_path
+
+
+def test_dpo_through_launcher_learns_the_preference(dpo_run):
+    """Step 1 starts at log 2 exactly (policy = reference); the rewards' accuracy rises well above 0.5; the
+    exported model gives the chosen answers of held-out pairs the higher log-prob."""
+    from transformers import AutoTokenizer
+
+    from pipellm.convert.converters import pp_to_hg
+    from pipellm.data.batches import SampleStore, split_eval
+    from pipellm.data.cache import tokenize_file
+    from pipellm.data.samples import DataOptions
+
+    config, records, tmp_path = dpo_run
+    first, last = records[0], records[-1]
+    assert first["loss"] == float(torch.tensor(math.log(2), dtype=torch.float32))
+    assert first["rewards/margins"] == 0.0 and first["rewards/accuracies"] == 0.0
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(first)
+    assert last["eval_rewards/accuracies"] >= 0.9 and last["eval_loss"] < 0.6
+    assert np.mean([r["rewards/accuracies"] for r in records[-3:]]) >= 0.9
+
+    exported = pp_to_hg(Path(config["save_path"]), tmp_path / "hf_out")
+    model = LlamaForCausalLM.from_pretrained(exported).float().eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    options = DataOptions(config["max_seq_len"], "builtin", pairs=True)
+    store = SampleStore([tokenize_file(PREFERENCE_DATA, tokenizer, options, cache_dir=tmp_path / "data_cache",
+                                       show_progress=False)])
+    _, held_out = split_eval(store, config["eval_ratio"], config["seed"], group=2)
+    samples = [store.sample(int(s)) for u in held_out for s in (2 * u, 2 * u + 1)]
+    with torch.no_grad():
+        logps = reference_logps(model, [(ids, trained.astype(bool)) for ids, trained in samples])
+    assert len(held_out) == 12 and bool((logps[0::2] > logps[1::2]).all())
+
+
+def test_reference_cache_is_keyed_by_weights_data_and_layout(dpo_run, tiny_pp_model):
+    """The run cached its reference log-probs under the key a rerun computes; other weights, data or layout
+    give other keys."""
+    import copy
+    import os
+
+    from pipellm.config import load_config
+    from pipellm.data.batches import load_training_data
+    from pipellm.data.tokenizer import load_tokenizer
+    from pipellm.training.reference import cache_key
+
+    config, _, tmp_path = dpo_run
+    cfg = load_config(tmp_path / "config.yml")
+    data = load_training_data(cfg, load_tokenizer(cfg.model_path), show_progress=False, pairs=True)
+    key = cache_key(cfg, data)
+    stored = np.load(Path(cfg.save_path) / "reference_logps" / f"{key}.npz")
+    assert len(stored["train"]) == len(data.store) and np.isfinite(stored["train"]).all()
+    assert (stored["train"] < 0).all()
+    changed = copy.deepcopy(cfg)
+    changed.seed += 1
+    assert cache_key(changed, data) != key
+    changed = copy.deepcopy(cfg)
+    changed.dpo.reference = str(tmp_path / "save")  # the trained weights
+    assert cache_key(changed, data) != key
+    layer = next(Path(cfg.model_path).glob("layer_01-*"))
+    stat = layer.stat()
+    os.utime(layer, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    try:
+        assert cache_key(cfg, data) != key
+    finally:
+        os.utime(layer, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    data.store.files[0].meta["cache_key"] = "other data"
+    assert cache_key(cfg, data) != key
+
+
+# ----- preference records -----
+
+BAD_RECORDS = [
+    ({"type": "preference", "rounds": [["ask", "Hi?"]], "rejected": "No."}, "chosen", "missing"),
+    ({"type": "preference", "rounds": [["ask", "Hi?"]], "chosen": "Hello."}, "rejected", "missing"),
+    ({"type": "preference", "rounds": [["ask", "Hi?"]], "chosen": "Hello.", "rejected": " Hello."}, "rejected",
+     "same text"),
+    ({"type": "preference", "rounds": [["ask", "Hi?"], ["ans", "Hello."]], "chosen": "A", "rejected": "B"},
+     "rounds[1]", "must be an ask"),
+    ({"type": "preference", "rounds": [["ask", "Hi?"]], "chosen": "", "rejected": "B"}, "chosen", "empty"),
+    ({"type": "preference", "rounds": [["ask", "Hi?"]], "chosen": "A", "rejected": 3}, "rejected",
+     "must be a string"),
+    ({"type": "preference", "rounds": [["ask", "word " * 40]], "chosen": "A", "rejected": "B"}, "chosen",
+     "nothing left to train on"),
+    ({"type": "conversation", "rounds": [["ask", "Hi?"], ["ans", "Hello."]]}, "type", "preference records only"),
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_RECORDS)))
+def test_bad_preference_record_named_by_file_line_and_field(index, tmp_path):
+    import json
+
+    from pipellm.data.samples import DataOptions, tokenize_chunk
+    from pipellm.data.templates import Encoder
+    from pipellm.data.tokenizer import load_tokenizer
+    from pipellm.errors import PipellmError
+
+    record, field, problem = BAD_RECORDS[index]
+    good = {"type": "preference", "rounds": [["ask", "Hi?"]], "chosen": "Hello.", "rejected": "Go away."}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    from pipellm.data.samples import chunks
+
+    tokenizer = load_tokenizer(REPO / "pipellm" / "assets" / "tiny_llama")
+    encoder = Encoder(tokenizer, "builtin")
+    with pytest.raises(PipellmError) as error:
+        for chunk in chunks(path, lambda n: None):
+            tokenize_chunk(encoder, chunk, DataOptions(24, "builtin", pairs=True))
+    assert f"{path} line 2: field \"{field}\"" in str(error.value) and problem in str(error.value)
+
+
+def test_preference_records_need_a_pairwise_objective(tmp_path):
+    from pipellm.data.cache import build_dataset
+    from pipellm.data.tokenizer import load_tokenizer
+    from pipellm.errors import PipellmError
+
+    with pytest.raises(PipellmError, match=r"preference\.jsonl line 1: field \"type\": preference records train "
+                                           r"with `objective: dpo`"):
+        build_dataset(PREFERENCE_DATA, load_tokenizer(REPO / "pipellm" / "assets" / "tiny_llama"), 64)
+
+
+@pytest.mark.parametrize("template", ["builtin", "chat"])
+def test_pair_samples_train_only_the_final_answer(template):
+    """Chosen and rejected share the prompt tokens; only each final answer (+ EOS / end of turn) is trained."""
+    from pipellm.data.preference import answer_records, final_answer_only
+    from pipellm.data.templates import Encoder
+
+    tokenizer = chat_tokenizer() if template == "chat" else None
+    if tokenizer is None:
+        from pipellm.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(REPO / "pipellm" / "assets" / "tiny_llama")
+    encoder = Encoder(tokenizer, template)
+    record = {"type": "preference", "rounds": [("ask", "Hi"), ("ans", "Hello! How can I help?"), ("ask", "2+2?")],
+              "chosen": "It is 4.", "rejected": "No idea."}
+    for rendered, answer in zip(answer_records(record), ("It is 4.", "No idea.")):
+        ids, trained = encoder.encode_many([rendered])[0]
+        trained = final_answer_only(trained)
+        text = tokenizer.decode(ids[trained])
+        assert text.startswith(answer) and "Hello" not in text
+        prompt = tokenizer.decode(ids[:np.flatnonzero(trained)[0]])
+        assert "2+2?" in prompt and "Hello! How can I help?" in prompt
+
+
+def chat_tokenizer():
+    from pipellm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(REPO / "pipellm" / "assets" / "tiny_llama")
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tokenizer
