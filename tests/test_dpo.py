@@ -168,7 +168,7 @@ PREFERENCE_DATA = Path(__file__).resolve().parent.parent / "pipellm" / "assets" 
 
 def dpo_config(tmp_path: Path, model_path: Path) -> dict:
     return {"model_path": str(model_path), "save_path": str(tmp_path / "save"), "data_path": str(PREFERENCE_DATA),
-            "objective": "dpo", "dpo": {"beta": 0.1}, "eval_ratio": 0.2, "max_seq_len": 48, "n_epochs": 2,
+            "objective": "dpo", "dpo": {"beta": 0.1}, "eval_ratio": 0.2, "max_seq_len": 128, "n_epochs": 2,
             "log_steps": 1, "seed": 3, "use_tensorboard": False, "template": "builtin",
             "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}},
             "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4,
@@ -223,7 +223,7 @@ def test_reference_cache_is_keyed_by_weights_data_and_layout(dpo_run, tiny_pp_mo
     import os
 
     from pipellm.config import load_config
-    from pipellm.data.batches import load_training_data
+    from pipellm.data.batches import expand, load_training_data
     from pipellm.data.tokenizer import load_tokenizer
     from pipellm.training.reference import cache_key
 
@@ -232,8 +232,10 @@ def test_reference_cache_is_keyed_by_weights_data_and_layout(dpo_run, tiny_pp_mo
     data = load_training_data(cfg, load_tokenizer(cfg.model_path), show_progress=False, pairs=True)
     key = cache_key(cfg, data)
     stored = np.load(Path(cfg.save_path) / "reference_logps" / f"{key}.npz")
-    assert len(stored["train"]) == len(data.store) and np.isfinite(stored["train"]).all()
-    assert (stored["train"] < 0).all()
+    trained = expand(np.concatenate(data.plan.train_ids), 2)
+    held_out = np.concatenate(data.eval_rows)
+    assert len(stored["train"]) == len(stored["eval"]) == len(data.store) == len(trained) + len(held_out)
+    assert (stored["train"][trained] < 0).all() and (stored["eval"][held_out] < 0).all()
     changed = copy.deepcopy(cfg)
     changed.seed += 1
     assert cache_key(changed, data) != key
