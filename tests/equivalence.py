@@ -146,12 +146,12 @@ def train_through_launcher(tmp_path: Path, model_path: Path, parts: list[int] | 
     return save, launch_training(config, tmp_path / "config.yml")
 
 
-def launch_training(config: dict, config_path: Path) -> list[dict]:
-    """Write ``config`` to ``config_path``, train it with ``deepspeed --num_gpus 2 train_ds.py`` (must succeed)
+def launch_training(config: dict, config_path: Path, script: str = "train_ds.py") -> list[dict]:
+    """Write ``config`` to ``config_path``, train it with ``deepspeed --num_gpus 2 <script>`` (must succeed)
     and return its ``metrics.jsonl`` records."""
     config_path.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                             str(free_port()), "train_ds.py", "--config", str(config_path)], cwd=REPO,
+                             str(free_port()), script, "--config", str(config_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [json.loads(line) for line in (Path(config["save_path"]) / "metrics.jsonl").read_text().splitlines()]

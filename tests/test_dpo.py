@@ -334,3 +334,78 @@ def chat_tokenizer():
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     return tokenizer
+
+
+BAD_DPO_CONFIGS = {
+    "beta": (dict(objective="dpo", dpo={"beta": 0}), ["`dpo.beta` must be > 0, got 0"]),
+    "loss": (dict(objective="dpo", dpo={"loss": "logistic"}), ["`dpo.loss` must be one of sigmoid, ipo, hinge"]),
+    "smoothing range": (dict(objective="dpo", dpo={"label_smoothing": 0.5}), ["`dpo.label_smoothing` must be in"]),
+    "smoothing loss": (dict(objective="dpo", dpo={"loss": "ipo", "label_smoothing": 0.1}),
+                       ["`dpo.label_smoothing` applies to `dpo.loss: sigmoid` only"]),
+    "odd micro batch": (dict(objective="dpo", train_batch_size=3, train_micro_batch_size_per_gpu=3),
+                        ["`train_micro_batch_size_per_gpu` must be even, got 3"]),
+    "reference path": (dict(objective="dpo", dpo={"reference": "/nonexistent/ref"}),
+                       ["`dpo.reference` /nonexistent/ref is not a directory"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DPO_CONFIGS))
+def test_bad_dpo_config_fails_with_one_line(case, tmp_path, tiny_pp_model, capsys, monkeypatch):
+    from test_config import assert_fails, write_config
+
+    overrides, expected = BAD_DPO_CONFIGS[case]
+    overrides = dict(overrides, data_path=str(PREFERENCE_DATA))
+    assert_fails(capsys, monkeypatch, tmp_path, write_config(tmp_path, tiny_pp_model, **overrides), *expected)
+
+
+def test_zero3_baseline_trains_the_same_dpo_objective(dpo_run, tiny_pp_model):
+    """train_ds_zero.py on the Hugging Face weights: its first step is the pipeline's (log 2, same gradient norm)."""
+    from equivalence import launch_training
+
+    config, records, tmp_path = dpo_run
+    zero = dict(config, model_path=str(tiny_pp_model[0]), save_path=str(tmp_path / "zero"), max_steps=1,
+                save_final=False, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}})
+    zero_records = launch_training(zero, tmp_path / "zero.yml", script="train_ds_zero.py")
+    assert zero_records[0]["loss"] == records[0]["loss"] == float(torch.tensor(math.log(2), dtype=torch.float32))
+    assert zero_records[0]["grad_norm"] == pytest.approx(records[0]["grad_norm"], rel=1e-5)
+    assert zero_records[0]["rewards/accuracies"] == 0.0
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_epoch_plan_keeps_each_pair_in_one_micro_batch(packing):
+    """Without packing a pair is two adjacent rows at an even offset (so in one micro batch of an even size);
+    packed, both samples of a pair share a row. Every pair is trained once per epoch."""
+    from pipellm.data.batches import EpochPlan
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 30, size=40)
+    plan = EpochPlan(lengths, [np.arange(12), np.arange(12, 20)], [1.0, 1.5], seed=5, max_seq_len=64,
+                     packing=packing, global_batch_size=6, group=2)
+    offsets, flat = plan.rows(0)
+    rows = [flat[offsets[r]:offsets[r + 1]] for r in range(len(offsets) - 1)]
+    if packing:
+        for row in rows:
+            assert len(row) % 2 == 0 and (row[0::2] % 2 == 0).all() and (row[1::2] == row[0::2] + 1).all()
+            assert lengths[row].sum() <= 64
+    else:
+        assert all(len(row) == 1 for row in rows)
+        assert (flat[0::2] % 2 == 0).all() and (flat[1::2] == flat[0::2] + 1).all()
+    assert sorted(flat[0::2] // 2)[:12] == list(range(12)) and len(flat) == 2 * (12 + 8 + 4)
+
+
+def test_dpo_benchmark_smoke(tmp_path):
+    """``benchmarks/dpo_vs_sft.py --smoke``: both objectives train on the same rows and a CSV row each is written,
+    DPO's with its reference pass time (the CPU numbers mean nothing)."""
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "dpo.csv"
+    result = subprocess.run([sys.executable, "benchmarks/dpo_vs_sft.py", "--smoke", "--csv", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    dpo, sft = csv.DictReader(open(out))
+    assert (dpo["objective"], sft["objective"]) == ("dpo", "token_mean")
+    assert float(dpo["tokens_per_sec_per_gpu"]) > 0 and float(sft["tokens_per_sec_per_gpu"]) > 0
+    assert float(dpo["reference_pass_s"]) >= 0 and sft["reference_pass_s"] == ""
+    assert "RESULT" in result.stdout

@@ -264,8 +264,9 @@ class TrainingData:
     """Everything the training loop reads: the samples, the epoch plan, the eval rows and what to log."""
 
     def __init__(self, store: SampleStore, plan: EpochPlan, eval_store: SampleStore | None,
-                 eval_rows: list[np.ndarray], files_meta: list[dict], pad_id: int, max_seq_len: int):
-        self.store, self.plan = store, plan
+                 eval_rows: list[np.ndarray], files_meta: list[dict], pad_id: int, max_seq_len: int,
+                 long_pairs: int = 0):
+        self.store, self.plan, self.long_pairs = store, plan, long_pairs
         self.eval_store, self.eval_rows = eval_store, eval_rows
         self.files_meta, self.pad_id, self.max_seq_len = files_meta, pad_id, max_seq_len
 
@@ -299,7 +300,8 @@ class TrainingData:
         return (f"{count('records')} records in {len(self.files_meta)} file(s) -> {count('samples')} samples "
                 f"({count('truncated')} truncated, {count('dropped_overlong')} dropped as over-long, bad records "
                 f"skipped: {bad_text}); epoch 0: {n_rows} rows{' (packed)' if self.plan.packing else ''}, fill "
-                f"ratio {fill:.1%} (non-pad tokens / all tokens); eval: {len(self.eval_rows)} rows")
+                f"ratio {fill:.1%} (non-pad tokens / all tokens); eval: {len(self.eval_rows)} rows"
+                + (f"; {self.long_pairs} pairs left out, longer than a row together" if self.long_pairs else ""))
 
 
 def load_training_data(cfg, tokenizer, show_progress: bool = True, pairs: bool = False) -> TrainingData:
@@ -320,8 +322,12 @@ def load_training_data(cfg, tokenizer, show_progress: bool = True, pairs: bool =
                               num_workers=cfg.tokenize_workers, show_progress=show_progress,
                               tokenizer_hash=fingerprint) for p in paths]
 
+    long_pairs = []
+
     def fitting(units, lengths):  # with packing a pair shares one row
-        return units[unit_lengths(lengths, group)[units] <= cfg.max_seq_len] if cfg.packing else units
+        kept = units[unit_lengths(lengths, group)[units] <= cfg.max_seq_len] if cfg.packing else units
+        long_pairs.append(len(units) - len(kept))
+        return kept
 
     files = tokenize(cfg.data_paths)
     store = SampleStore(files)
@@ -342,4 +348,4 @@ def load_training_data(cfg, tokenizer, show_progress: bool = True, pairs: bool =
     else:
         eval_rows = [sample[None] for sample in expand(eval_ids, group)]
     return TrainingData(store, plan, eval_store, eval_rows, [f.meta for f in files], pad_token_id(tokenizer),
-                        cfg.max_seq_len)
+                        cfg.max_seq_len, sum(long_pairs))
