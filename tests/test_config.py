@@ -135,7 +135,7 @@ def test_cli_exit_code(tmp_path, tiny_pp_model):
     assert not (tmp_path / "save").exists()
 
 
-@pytest.mark.parametrize("name", ["ds_config_pp.yml", "llama7b_pp8.yml"])
+@pytest.mark.parametrize("name", ["ds_config_pp.yml", "llama7b_pp8.yml", "llama7b_dpo.yml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(REPO / "configs" / name)
     assert isinstance(cfg.model_topo.parts, list) and len(cfg.model_topo.parts) == cfg.pipe_degree

@@ -114,10 +114,9 @@ def reference_weights_dir(cfg, resumed: bool) -> Path | None:
             raise PipellmError("`dpo.reference: initial` with `from_scratch`: the resumed run cannot rebuild the "
                                "initial weights and their reference log-probs are not cached in save_path; start "
                                "the run again, or name a checkpoint in `dpo.reference`")
-        return Path(cfg.model_path)
     from pipellm.pipeline.layer_files import resolve_checkpoint_dir
 
-    return resolve_checkpoint_dir(reference)
+    return resolve_checkpoint_dir(cfg.model_path if reference == "initial" else reference)
 
 
 def cache_key(cfg, data: TrainingData) -> str:
