@@ -29,7 +29,7 @@ from pathlib import Path
 
 import harness
 
-REFERENCE_LINE = re.compile(r"reference log-probs of (\d+) training samples computed in ([0-9.]+)s")
+REFERENCE_LINE = re.compile(r"reference log-probs of (\d+) samples computed in ([0-9.]+)s")
 
 
 def write_pairs(work: Path, pairs: int, seq: int) -> tuple[Path, Path]:

@@ -20,12 +20,12 @@ prefix), reduced over all ranks (``figures`` runs on every rank at the same poin
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from pipellm.config.schema import DPO as DPOConfig
 from pipellm.data import IGNORE_INDEX
 from pipellm.pipeline.chunked_loss import chunked_linear_token_losses
 from pipellm.pipeline.loss import HeadOutput
@@ -139,23 +139,16 @@ class PairwiseObjective:
         return values.sum() * 0.0
 
 
-@dataclasses.dataclass
-class DPOSettings:
-    beta: float = 0.1
-    loss: str = "sigmoid"
-    label_smoothing: float = 0.0
-
-
 class DPO(PairwiseObjective):
     """``objective: dpo`` (see the module docstring)."""
 
-    def __init__(self, settings: DPOSettings, chunk_tokens: int | None = None):
+    def __init__(self, settings: DPOConfig, chunk_tokens: int | None = None):
         super().__init__(FIGURES)
         self.settings, self.chunk_tokens = settings, chunk_tokens
 
     @classmethod
     def from_config(cls, cfg) -> "DPO":
-        return cls(DPOSettings(cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing), cfg.loss_chunk_tokens)
+        return cls(cfg.dpo, cfg.loss_chunk_tokens)
 
     def policy_logps(self, output: HeadOutput, labels: PairLabels) -> torch.Tensor:
         per_token = token_logps(output, labels.targets, self.chunk_tokens)

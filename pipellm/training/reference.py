@@ -125,9 +125,10 @@ def cache_key(cfg, data: TrainingData) -> str:
     if cfg.dpo.reference == "initial" and cfg.from_scratch:
         weights = {"from_scratch": cfg.seed, "config": (Path(cfg.model_path) / "config.json").read_text()}
     else:
-        from pipellm.pipeline.layer_files import resolve_checkpoint_dir
+        from pipellm.pipeline.layer_files import follow_latest
 
-        directory = resolve_checkpoint_dir(reference)
+        # A pipeline checkpoint (a save directory: its latest tag) or, for the ZeRO-3 baseline, a Hugging Face one.
+        directory = follow_latest(Path(reference)) or Path(reference)
         weights = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(directory.iterdir())
                    if p.is_file()}
     eval_files = data.eval_store.files if data.eval_store is not data.store else []
@@ -185,7 +186,7 @@ def compute_reference(cfg, data, engine, objective, schedule, batches: PairBatch
             counts[sample] += 1
         values, counts = all_reduce(values), all_reduce(counts)
         out[split] = (values / counts.clamp(min=1)).float().numpy()
-    _say(f"pipellm: reference log-probs of {len(data.store)} training samples computed in "
+    _say(f"pipellm: reference log-probs of {len(data.store)} samples computed in "
          f"{time.perf_counter() - started:.1f}s")
     return out
 
