@@ -143,9 +143,9 @@ def cache_key(cfg, data: TrainingData) -> str:
 
 def prepare_pairs(cfg, data: TrainingData, engine, objective, schedule, resumed: bool) -> PairBatches:
     """The run's ``PairBatches`` with the reference log-probs, from the cache or computed now (all ranks)."""
-    from pipellm.training.distributed import all_reduce
-
     import deepspeed.comm as dist
+
+    from pipellm.training.distributed import all_reduce
 
     path = Path(cfg.save_path) / "reference_logps" / f"{cache_key(cfg, data)}.npz"
     cached = all_reduce(torch.tensor([1.0 if path.is_file() else 0.0]), dist.ReduceOp.MIN)[0] > 0
@@ -168,12 +168,17 @@ def compute_reference(cfg, data, engine, objective, schedule, batches: PairBatch
     """Every sample's summed answer log-prob under the reference weights (all ranks take part)."""
     import time
 
+    from tqdm import tqdm
+
     from pipellm.training.distributed import all_reduce
 
     started = time.perf_counter()
     sinks: dict[str, dict[int, float]] = {split: {} for split in SPLITS}
+    batches_of_pass = list(reference_batches(data, schedule, cfg.global_batch_size))
+    bar = tqdm(batches_of_pass, desc="reference log-probs", unit="batch", file=sys.stderr,
+               disable=int(os.environ.get("RANK", "0")) != 0, mininterval=1 if sys.stderr.isatty() else 30)
     with swapped_weights(engine, reference_weights_dir(cfg, resumed)):
-        for split, rows in reference_batches(data, schedule, cfg.global_batch_size):
+        for split, rows in bar:
             input_ids, labels, position_ids, _ = data.rows_of(rows, batches.store(split))
             with objective.recording(sinks[split]):
                 engine.eval_step(batches.micro_batches(rows, split, input_ids, labels, position_ids))
