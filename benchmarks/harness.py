@@ -105,6 +105,8 @@ class Point:
     eager: bool = False
     dtype: str = "bf16"
     loss_chunk_tokens: int | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+    """More YAML keys (``lora``, ``objective`` ...), set over the point's own."""
 
     def config(self, model_dir: Path, data: Path, save: Path) -> dict:
         if self.trainer == "pipeline":
@@ -130,7 +132,7 @@ class Point:
             config["zero_optimization"] = zero3_settings(model_dir)
         if self.dtype == "bf16":
             config["bf16"] = {"enabled": True}
-        return config
+        return {**config, **self.extra}
 
 
 def zero3_settings(model_dir: Path) -> dict:
