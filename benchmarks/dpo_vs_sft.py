@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import random
 import re
@@ -48,16 +47,9 @@ def write_pairs(work: Path, pairs: int, seq: int) -> tuple[Path, Path]:
     return dpo, sft
 
 
-@dataclasses.dataclass
-class ObjectivePoint(harness.Point):
-    """A pipeline point trained with ``objective`` (``dpo`` or the default)."""
-
-    objective: str = "token_mean"
-
-    def config(self, model_dir: Path, data: Path, save: Path) -> dict:
-        config = super().config(model_dir, data, save)
-        config.update(objective=self.objective, template="builtin", n_epochs=1)
-        return config
+def point_keys(objective: str) -> dict:
+    """The YAML keys of one objective's run over the harness point's own."""
+    return {"objective": objective, "template": "builtin", "n_epochs": 1}
 
 
 def main() -> None:
@@ -82,9 +74,9 @@ def main() -> None:
     pairs_file, sft_file = write_pairs(work, args.global_batch * args.steps // 2, args.seq)
     rows = []
     for objective, data in (("dpo", pairs_file), ("token_mean", sft_file)):
-        point = ObjectivePoint("pipeline", args.seq, args.global_batch, args.micro, args.stages, args.steps,
-                               parts="uniform", flash=args.flash, dtype="fp32" if args.smoke else "bf16",
-                               objective=objective)
+        point = harness.Point("pipeline", args.seq, args.global_batch, args.micro, args.stages, args.steps,
+                              parts="uniform", flash=args.flash, dtype="fp32" if args.smoke else "bf16",
+                              extra=point_keys(objective))
         outcome = harness.launch(point, model_dir, data, work / objective, args.warmup, echo=not args.smoke)
         if outcome.status != "ok":
             print(f"FAILED ({outcome.status}: {outcome.reason}): {objective}; log {outcome.log}")

@@ -403,13 +403,14 @@ def test_dpo_benchmark_writes_the_same_rows_for_both_objectives(tmp_path):
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     import dpo_vs_sft
+    import harness
 
     pairs, sft = dpo_vs_sft.write_pairs(tmp_path, 3, 16)
     records = [json.loads(line) for line in pairs.read_text().splitlines()]
     conversations = [json.loads(line) for line in sft.read_text().splitlines()]
     assert [c["rounds"] for c in conversations] == [
         [*r["rounds"], ["ans", r[answer]]] for r in records for answer in ("chosen", "rejected")]
-    point = dpo_vs_sft.ObjectivePoint("pipeline", 16, 4, 2, 1, 2, objective="dpo")
+    point = harness.Point("pipeline", 16, 4, 2, 1, 2, extra=dpo_vs_sft.point_keys("dpo"))
     config = point.config(tmp_path, pairs, tmp_path / "save")
     assert config["objective"] == "dpo" and config["train_micro_batch_size_per_gpu"] == 2
     line = "pipellm: reference log-probs of 12 samples computed in 3.5s"
