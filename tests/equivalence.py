@@ -65,25 +65,11 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
     from pipellm.pipeline.stages import build_pipeline
-    from pipellm.pipeline.partition import PipelineLayers
-    from pipellm.pipeline.weights import layer_module
 
     family = get_family(family_name)
     topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
     model = build_pipeline(family, config, topology, "uniform", seed=0, loss_chunk_tokens=loss_chunk_tokens)
-    # Load this rank's layers straight from the reference state dict through the family's key map.
-    layers, names = PipelineLayers.of(family, config), {}
-    for index, layer in zip(model.local_layer_indices, model.forward_funcs):
-        module = layer_module(layer)
-        kind, decoder_index = layers.kind(layers.file_index(index))  # a tied head's weights are the embedding's
-        keys = {k: family.key_map.hf_key(kind, decoder_index, k) for k in module.state_dict()}
-        module.load_state_dict({k: state_dict[hf] for k, hf in keys.items()})
-        params = list(module.named_parameters())
-        if isinstance(layer, functools.partial):
-            # A tied head computes with the tied weight only; the rest of its copy of the embedding module
-            # (bloom's word_embeddings_layernorm on the last stage) is unused there.
-            params = [(n, p) for n, p in params if n == family.tied_weight]
-        names.update({id(p): keys[n] for n, p in params})
+    names = load_reference_weights(model, family, config, state_dict)
     optimizer = GradCapture(model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": gas,
@@ -96,6 +82,27 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     unused = [grad for key, grad in optimizer.grads.items() if key not in names]
     assert all(not grad.any() for grad in unused), "an unused copy of a tied module got a gradient"
     return {"loss": loss.detach().clone(), "grads": grads}
+
+
+def load_reference_weights(model, family, config, state_dict) -> dict[int, str]:
+    """Load this rank's layers straight from the reference state dict through the family's key map; the
+    checkpoint key of each parameter that computes, by ``id``."""
+    from pipellm.pipeline.partition import PipelineLayers
+    from pipellm.pipeline.weights import layer_module
+
+    layers, names = PipelineLayers.of(family, config), {}
+    for index, layer in zip(model.local_layer_indices, model.forward_funcs):
+        module = layer_module(layer)
+        kind, decoder_index = layers.kind(layers.file_index(index))  # a tied head's weights are the embedding's
+        keys = {k: family.key_map.hf_key(kind, decoder_index, k) for k in module.state_dict()}
+        module.load_state_dict({k: state_dict[hf] for k, hf in keys.items()})
+        params = list(module.named_parameters())
+        if isinstance(layer, functools.partial):
+            # A tied head computes with the tied weight only; the rest of its copy of the embedding module
+            # (bloom's word_embeddings_layernorm on the last stage) is unused there.
+            params = [(n, p) for n, p in params if n == family.tied_weight]
+        names.update({id(p): keys[n] for n, p in params})
+    return names
 
 
 def run_pipelines(family_name: str, cases: list[tuple], dims, gas, out_dir: Path) -> list[list[dict]]:

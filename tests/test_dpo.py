@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import REPO
 from distributed import run_distributed
-from equivalence import CHUNK_TOKENS, GradCapture
+from equivalence import CHUNK_TOKENS, GradCapture, load_reference_weights
 
 SEQ = 24
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -83,13 +83,11 @@ def dpo_rank(rank, config, state_dict, samples, reference, dims, micro, cases, o
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
+    from pipellm.config.schema import DPO as DPOConfig
     from pipellm.data.batches import materialize
     from pipellm.models import get_family
-    from pipellm.pipeline.partition import PipelineLayers
-    from pipellm.config.schema import DPO as DPOConfig
     from pipellm.pipeline.preference import DPO
     from pipellm.pipeline.stages import build_pipeline
-    from pipellm.pipeline.weights import layer_module
     from pipellm.training.reference import PairBatches
 
     family, results = get_family("llama"), []
@@ -98,13 +96,7 @@ def dpo_rank(rank, config, state_dict, samples, reference, dims, micro, cases, o
         objective = DPO(DPOConfig(BETA, kind, SMOOTHING if kind == "sigmoid" else 0.0), chunk)
         model = build_pipeline(family, config, ProcessTopology(axes=["pipe", "data"], dims=dims), "uniform",
                                packed=packed, loss_chunk_tokens=chunk, objective=objective)
-        layers, names = PipelineLayers.of(family, config), {}
-        for index, layer in zip(model.local_layer_indices, model.forward_funcs):
-            module = layer_module(layer)
-            kind_, decoder = layers.kind(layers.file_index(index))
-            keys = {k: family.key_map.hf_key(kind_, decoder, k) for k in module.state_dict()}
-            module.load_state_dict({k: state_dict[hf] for k, hf in keys.items()})
-            names.update({id(p): keys[n] for n, p in module.named_parameters()})
+        names = load_reference_weights(model, family, config, state_dict)
         optimizer = GradCapture(model.parameters())
         rows = rows_of(len(samples) // 2, packed)
         gas = len(rows) // (micro * dims[1])
