@@ -12,6 +12,7 @@ from pipellm.config.deepspeed_keys import DeepSpeedSettings
 
 Template = Literal["auto", "builtin", "chat"]
 Overlong = Literal["truncate", "drop"]
+AttentionBackend = Literal["auto", "sdpa", "flex"]
 Axes = Annotated[list[Literal["pipe", "data"]], "[pipe, data] or [data, pipe]"]
 Parts = Annotated[list[int] | Literal["uniform", "parameters", "auto"],
                   "a list of layer counts, `uniform`, `parameters` or `auto`"]
@@ -148,6 +149,12 @@ class TrainConfig:
     """Recompute each decoder layer's activations in the backward pass (less memory, about 1/3 more compute)."""
     use_flash_attn: bool = False
     """Use the fastest exact attention kernel available (flash-attn package, else torch's fused SDPA kernels)."""
+    attention_backend: AttentionBackend = "auto"
+    """Attention that needs a mask (``packing: true`` rows, ALiBi of bloom and baichuan2-13b) when flash-attn does
+    not serve it: ``flex`` (torch's FlexAttention with a document block mask: no dense mask, blocks of other samples
+    skipped; GPUs only, it has no backward on CPU), ``sdpa`` (torch SDPA with a dense seq x seq mask) or ``auto``
+    (FlexAttention on GPUs, SDPA on CPU). Unpacked rows without ALiBi always use SDPA's fused causal kernels.
+    Pipeline training only (``train_ds_zero.py`` runs transformers' attention)."""
     compile_layers: bool | None = None
     """``torch.compile`` each decoder layer: fuses the norms, rotary and SwiGLU (llama-7b on 2 H200s: 41% -> 50%
     MFU, less memory); the first step pays the compile. Default (null): on for GPUs, off on CPU."""

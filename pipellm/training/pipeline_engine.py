@@ -115,4 +115,5 @@ def build_stage(cfg: TrainConfig, setup: EngineSetup, hf_config, family: ModelFa
                           cfg.model_topo.parts, use_grad_ckpt=cfg.use_grad_ckpt, use_flash_attn=cfg.use_flash_attn,
                           seed=cfg.seed, compile_layers=on_gpu if cfg.compile_layers is None else cfg.compile_layers,
                           device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu", packed=cfg.packing,
-                          loss_chunk_tokens=cfg.loss_chunk_tokens, objective=setup.objective)
+                          loss_chunk_tokens=cfg.loss_chunk_tokens, objective=setup.objective,
+                          attention_backend=cfg.attention_backend)

@@ -37,6 +37,7 @@ def check_layer_files(cfg: TrainConfig, layers: PipelineLayers) -> None:
 
 def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     """Everything that can fail on bad input, done before any process group work; the engine to build."""
+    from pipellm.models.flex_attention import check_attention_backend
     from pipellm.training.optim import check_pipeline_settings
 
     args = parse_launcher_args(DESCRIPTION, argv)
@@ -50,6 +51,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     layers = PipelineLayers.of(family, hf_config)
     layers.check_parts(cfg.model_topo.parts, cfg.pipe_degree, cfg.source)
     check_pipeline_settings(cfg.deepspeed)
+    check_attention_backend(cfg)
     check_layer_files(cfg, layers)
     from pipellm.training.pipeline_engine import PipelineEngine  # imports deepspeed: after the checks
 

@@ -23,7 +23,8 @@ from pipellm.data import IGNORE_INDEX
 from pipellm.data.batches import Schedule, load_training_data, micro_batches
 from pipellm.errors import PipellmError
 from pipellm.observe.gpu_profile import start_gpu_profile
-from pipellm.observe.metrics import MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token
+from pipellm.observe.metrics import (MetricsLog, ModelFlops, StepFigures, StepTimer, attention_pairs,
+                                     device_peak_flops)
 from pipellm.observe.run_info import write_run_info
 from pipellm.observe.sinks import open_sinks
 from pipellm.pipeline.loss import Objective
@@ -137,7 +138,8 @@ class Trainer:
                 watchdog.enter("the all-reduce of the stages' peak memory")
                 record = self.figures.record(step=done, epoch=self.order.locate(step)[0], loss=loss, lr=lr,
                                              grad_norm=engine.grad_norm(), tokens=int(lengths.sum()),
-                                             seconds=seconds, elapsed=self.timer.elapsed,
+                                             pairs=attention_pairs(position_ids, lengths), seconds=seconds,
+                                             elapsed=self.timer.elapsed,
                                              peak_mem_gib_per_stage=engine.peak_memory_per_stage())
                 record.update(self.objective.figures(loss, "train"))
             if self.cadence.eval_due(done):
@@ -177,7 +179,7 @@ class Trainer:
         cfg, hf_config = self.cfg, self.engine.hf_config
         embedding = hf_config.vocab_size * hf_config.hidden_size
         return StepFigures(cfg.global_batch_size, cfg.max_seq_len, cfg.pipe_degree * cfg.data_degree,
-                           flops_per_token(hf_config, self.engine.num_parameters(), embedding, cfg.max_seq_len),
+                           ModelFlops.of(hf_config, self.engine.num_parameters(), embedding),
                            cfg.peak_flops_per_gpu or device_peak_flops())
 
     def _close(self) -> None:
