@@ -79,7 +79,7 @@ def rows_of(n_pairs: int, packed: bool) -> list:
                                                                                     range(2 * n_pairs)]
 
 
-def dpo_rank(rank, config, state_dict, samples, reference, dims, micro, cases, out_dir):
+def dpo_rank(rank, config, state_dict, samples, reference, micro, cases, out_dir):
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
@@ -92,7 +92,7 @@ def dpo_rank(rank, config, state_dict, samples, reference, dims, micro, cases, o
 
     family, results = get_family("llama"), []
     store = Store(samples)
-    for packed, kind, chunk in cases:
+    for dims, packed, kind, chunk in cases:
         objective = DPO(DPOConfig(BETA, kind, SMOOTHING if kind == "sigmoid" else 0.0), chunk)
         model = build_pipeline(family, config, ProcessTopology(axes=["pipe", "data"], dims=dims), "uniform",
                                packed=packed, loss_chunk_tokens=chunk, objective=objective)
@@ -107,31 +107,29 @@ def dpo_rank(rank, config, state_dict, samples, reference, dims, micro, cases, o
         data = types.SimpleNamespace(store=store, eval_store=store)
         batches = PairBatches(data, micro, model.data_parallel_rank, dims[1], {"train": reference.numpy()})
         loss = engine.train_batch(iter(batches.micro_batches(rows, "train", ids, labels, positions)))
-        results.append({"case": (packed, kind, chunk), "loss": loss.detach().clone(),
+        results.append({"loss": loss.detach().clone(),
                         "figures": objective.figures(float(loss), "train"),
                         "grads": {names[k]: g for k, g in optimizer.grads.items() if k in names}})
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-# (packed, loss, loss_chunk_tokens): each loss type, packed and not, whole-batch and chunked, on each layout.
-CASES = {"2stages": ([2, 1], [(False, "sigmoid", None), (True, "ipo", CHUNK_TOKENS), (False, "hinge", CHUNK_TOKENS)]),
-         "1stage-2replicas": ([1, 2], [(True, "sigmoid", CHUNK_TOKENS), (False, "ipo", None), (True, "hinge", None)])}
+# (dims, packed, loss, loss_chunk_tokens): each loss type on 2 stages and on 1 stage x 2 replicas, packed and not,
+# whole-batch and chunked; all in one spawn of 2 processes (each case builds its own process grid).
+CASES = [([2, 1], False, "sigmoid", None), ([2, 1], True, "ipo", CHUNK_TOKENS), ([2, 1], False, "hinge", CHUNK_TOKENS),
+         ([1, 2], True, "sigmoid", CHUNK_TOKENS), ([1, 2], False, "ipo", None), ([1, 2], True, "hinge", None)]
 
 
-@pytest.mark.parametrize("layout", list(CASES))
-def test_dpo_loss_and_grads_match_transformers(layout, tmp_path):
-    dims, cases = CASES[layout]
+def test_dpo_loss_and_grads_match_transformers(tmp_path):
     torch.manual_seed(0)
     config = tiny_config()
     model = LlamaForCausalLM(config).float()
     samples = make_pairs(4, torch.Generator().manual_seed(1))
     reference = torch.randn(len(samples), generator=torch.Generator().manual_seed(2)) - 10
     state_dict = {k: v.clone() for k, v in model.state_dict().items()}
-    run_distributed(dims[0] * dims[1], dpo_rank, config, state_dict, samples, reference, dims, 2, cases,
-                    str(tmp_path))
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(dims[0] * dims[1])]
-    for case_index, packed_kind_chunk in enumerate(r["case"] for r in per_rank[0]):
-        kind = packed_kind_chunk[1]
+    run_distributed(2, dpo_rank, config, state_dict, samples, reference, 2, CASES, str(tmp_path))
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for case_index, case in enumerate(CASES):
+        kind = case[2]
         model.zero_grad()
         policy = reference_logps(model, samples)
         expected = reference_loss(policy, reference, kind)
@@ -150,8 +148,9 @@ def test_dpo_loss_and_grads_match_transformers(layout, tmp_path):
             torch.testing.assert_close(figures["rewards/margins"], float((rewards[0::2] - rewards[1::2]).mean()),
                                        rtol=1e-5, atol=1e-6)
             assert figures["rewards/accuracies"] == float((rewards[0::2] > rewards[1::2]).float().mean())
-            torch.testing.assert_close(figures["logps/rejected"], float(policy.detach()[1::2].mean()), rtol=1e-5, atol=1e-6)
-        assert seen == set(grads), packed_kind_chunk
+            torch.testing.assert_close(figures["logps/rejected"], float(policy.detach()[1::2].mean()), rtol=1e-5,
+                                       atol=1e-6)
+        assert seen == set(grads), case
 
 
 # ----- the launcher on the shipped preference data -----
