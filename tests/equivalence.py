@@ -65,8 +65,6 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     from pipellm.data.batches import micro_batches
     from pipellm.models import get_family
     from pipellm.pipeline.stages import build_pipeline
-    from pipellm.pipeline.partition import PipelineLayers
-    from pipellm.pipeline.weights import layer_module
 
     family = get_family(family_name)
     topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
@@ -81,19 +79,7 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
         parameter_set = LoraParameters(lora, seed=0, key_map=family.key_map)
         prepare_layers(model, family, config, parameter_set)
         parameter_set.trainable(checkpoint_named_parameters(model, family, config))
-    # Load this rank's layers straight from the reference state dict through the family's key map.
-    layers, names = PipelineLayers.of(family, config), {}
-    for index, layer in zip(model.local_layer_indices, model.forward_funcs):
-        module = layer_module(layer)
-        kind, decoder_index = layers.kind(layers.file_index(index))  # a tied head's weights are the embedding's
-        keys = {k: family.key_map.hf_key(kind, decoder_index, k) for k in module.state_dict()}
-        module.load_state_dict({k: state_dict[hf] for k, hf in keys.items()})
-        params = list(module.named_parameters())
-        if isinstance(layer, functools.partial):
-            # A tied head computes with the tied weight only; the rest of its copy of the embedding module
-            # (bloom's word_embeddings_layernorm on the last stage) is unused there.
-            params = [(n, p) for n, p in params if n == family.tied_weight]
-        names.update({id(p): keys[n] for n, p in params})
+    names = load_reference_weights(model, family, config, state_dict)
     optimizer = GradCapture(model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": gas,
@@ -106,6 +92,27 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     unused = [grad for key, grad in optimizer.grads.items() if key not in names]
     assert all(not grad.any() for grad in unused), "an unused copy of a tied module got a gradient"
     return {"loss": loss.detach().clone(), "grads": grads}
+
+
+def load_reference_weights(model, family, config, state_dict) -> dict[int, str]:
+    """Load this rank's layers straight from the reference state dict through the family's key map; the
+    checkpoint key of each parameter that computes, by ``id``."""
+    from pipellm.pipeline.partition import PipelineLayers
+    from pipellm.pipeline.weights import layer_module
+
+    layers, names = PipelineLayers.of(family, config), {}
+    for index, layer in zip(model.local_layer_indices, model.forward_funcs):
+        module = layer_module(layer)
+        kind, decoder_index = layers.kind(layers.file_index(index))  # a tied head's weights are the embedding's
+        keys = {k: family.key_map.hf_key(kind, decoder_index, k) for k in module.state_dict()}
+        module.load_state_dict({k: state_dict[hf] for k, hf in keys.items()})
+        params = list(module.named_parameters())
+        if isinstance(layer, functools.partial):
+            # A tied head computes with the tied weight only; the rest of its copy of the embedding module
+            # (bloom's word_embeddings_layernorm on the last stage) is unused there.
+            params = [(n, p) for n, p in params if n == family.tied_weight]
+        names.update({id(p): keys[n] for n, p in params})
+    return names
 
 
 def run_pipelines(family_name: str, cases: list[tuple], dims, gas, out_dir: Path) -> list[list[dict]]:
@@ -173,12 +180,12 @@ def train_through_launcher(tmp_path: Path, model_path: Path, parts: list[int] | 
     return save, launch_training(config, tmp_path / "config.yml")
 
 
-def launch_training(config: dict, config_path: Path) -> list[dict]:
-    """Write ``config`` to ``config_path``, train it with ``deepspeed --num_gpus 2 train_ds.py`` (must succeed)
+def launch_training(config: dict, config_path: Path, script: str = "train_ds.py") -> list[dict]:
+    """Write ``config`` to ``config_path``, train it with ``deepspeed --num_gpus 2 <script>`` (must succeed)
     and return its ``metrics.jsonl`` records."""
     config_path.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                             str(free_port()), "train_ds.py", "--config", str(config_path)], cwd=REPO,
+                             str(free_port()), script, "--config", str(config_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [json.loads(line) for line in (Path(config["save_path"]) / "metrics.jsonl").read_text().splitlines()]

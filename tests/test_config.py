@@ -62,8 +62,8 @@ BAD = {
     "eval twice": (dict(eval_ratio=0.1, eval_data_path=DATA), ["`eval_data_path` or `eval_ratio`, not both"]),
     "missing eval data": (dict(eval_data_path="/nonexistent/eval.jsonl"),
                           ["`eval_data_path` file /nonexistent/eval.jsonl does not exist"]),
-    "objective name": (dict(objective="toke_mean"), ["`objective` 'toke_mean' is not one of token_mean and not "
-                                                     "`module:attribute`; did you mean `token_mean`?"]),
+    "objective name": (dict(objective="toke_mean"), ["`objective` 'toke_mean' is not one of token_mean, dpo and "
+                                                     "not `module:attribute`; did you mean `token_mean`?"]),
     "data_types not a mapping": (dict(data_types="fp32"), ["`data_types` must be a mapping like "
                                                            "{grad_accum_dtype: fp32}, got 'fp32'"]),
     "loss chunk": (dict(loss_chunk_tokens=0), ["`loss_chunk_tokens` must be >= 1 (or null: no chunking), got 0"]),
@@ -135,7 +135,7 @@ def test_cli_exit_code(tmp_path, tiny_pp_model):
     assert not (tmp_path / "save").exists()
 
 
-@pytest.mark.parametrize("name", ["ds_config_pp.yml", "llama7b_pp8.yml"])
+@pytest.mark.parametrize("name", ["ds_config_pp.yml", "llama7b_pp8.yml", "llama7b_dpo.yml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(REPO / "configs" / name)
     assert isinstance(cfg.model_topo.parts, list) and len(cfg.model_topo.parts) == cfg.pipe_degree

@@ -278,9 +278,29 @@ def check_lora(cfg: TrainConfig, source: str) -> None:
             raise PipellmError(f"{source}: `lora.{key}` {getattr(lora, key)!r} is not valid: give {fix}")
 
 
+PAIRWISE_OBJECTIVES = ("dpo",)
+"""Objectives that train on preference pairs (two samples each)."""
+
+
+def check_pairwise(cfg: TrainConfig, source: str) -> None:
+    """``dpo``'s settings, and batches that keep a pair's two rows together (after ``complete_batch_sizes``)."""
+    dpo = cfg.dpo
+    if dpo.beta <= 0:
+        raise PipellmError(f"{source}: `dpo.beta` must be > 0, got {dpo.beta}")
+    if not 0 <= dpo.label_smoothing < 0.5:
+        raise PipellmError(f"{source}: `dpo.label_smoothing` must be in [0, 0.5), got {dpo.label_smoothing}")
+    if dpo.label_smoothing and dpo.loss != "sigmoid":
+        raise PipellmError(f"{source}: `dpo.label_smoothing` applies to `dpo.loss: sigmoid` only; remove it or "
+                           f"use the sigmoid loss")
+    if cfg.objective in PAIRWISE_OBJECTIVES and not cfg.packing and cfg.micro_batch_size % 2:
+        raise PipellmError(f"{source}: `objective: {cfg.objective}` without packing puts a pair's chosen and "
+                           f"rejected answers in two rows of one micro batch: `train_micro_batch_size_per_gpu` "
+                           f"must be even, got {cfg.micro_batch_size}")
+
+
 SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
                   check_optimizer_block, check_scheduler_block, check_precision, check_objective,
-                  complete_batch_sizes, check_lora)
+                  complete_batch_sizes, check_lora, check_pairwise)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -314,6 +334,9 @@ def validate_environment(cfg: TrainConfig, world_size: int) -> None:
         for data_file in files:
             if not Path(data_file).is_file():
                 raise PipellmError(f"`{key}` file {data_file} does not exist")
+    if cfg.dpo.reference != "initial" and not Path(cfg.dpo.reference).is_dir():
+        raise PipellmError(f"`dpo.reference` {cfg.dpo.reference} is not a directory; name a pipeline checkpoint "
+                           f"(hg_to_pp output or a training save directory) or use `initial`")
     save_path = Path(cfg.save_path)
     if save_path.exists() and not save_path.is_dir():
         raise PipellmError(f"`save_path` {save_path} exists and is not a directory")

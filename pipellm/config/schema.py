@@ -100,6 +100,24 @@ class Lora:
 
 
 @dataclasses.dataclass
+class DPO:
+    """``objective: dpo``: direct preference optimisation on ``preference`` records (``pipellm.pipeline.preference``)."""
+
+    beta: float = 0.1
+    """How far the policy may move from the reference: the reward of an answer is ``beta`` times its log-prob
+    gain over the reference. Must be > 0."""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """``sigmoid`` (DPO's -log sigmoid of the reward margin), ``ipo`` (squared distance of the log-ratio margin
+    from 1/(2 beta)) or ``hinge`` (relu(1 - margin), SLiC)."""
+    label_smoothing: float = 0.0
+    """``sigmoid`` only: the assumed share of pairs whose preference is flipped (conservative DPO), in [0, 0.5)."""
+    reference: str = "initial"
+    """The reference model: ``initial`` (the weights the run starts from) or a pipeline checkpoint directory
+    (``hg_to_pp`` output, a training save directory or ``global_stepN``). Its log-probs are computed once before
+    training and cached in ``save_path/reference_logps/`` (``pipellm.training.reference``)."""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """pipellm's keys of the training YAML. DeepSpeed's keys are kept apart in ``deepspeed``."""
 
@@ -171,8 +189,10 @@ class TrainConfig:
     sequences. Default (null): the whole micro batch at once. Pipeline training only."""
     objective: str = "token_mean"
     """What training minimises, for both engines: ``token_mean`` (cross entropy averaged over every labelled token
-    of the global batch), or ``module:attribute`` naming a callable that takes this config and returns an
+    of the global batch), ``dpo`` (on ``preference`` records; see ``dpo``), or ``module:attribute`` naming a callable that takes this config and returns an
     objective (``pipellm.pipeline.loss.Objective``), its module importable on every rank (e.g. on PYTHONPATH)."""
+    dpo: DPO = dataclasses.field(default_factory=DPO)
+    """Settings of ``objective: dpo``; see ``DPO``."""
     save_steps: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
     save_final: bool = True

@@ -15,6 +15,11 @@ gradient, since the loss is the mean over labelled tokens), so every sample is t
 **Packed rows** carry position ids that restart at 0 for each sample; attention uses them to keep each token
 within its own sample (``pipellm.models.attention``), so a packed sample's per-token losses are those it has alone.
 
+**Pairs** (``group: 2``, pairwise objectives): samples ``2k`` and ``2k + 1`` are a preference pair (a unit).
+The eval split, the mixing, the shuffling and the packing work on units: without packing a pair is two adjacent
+rows (an even micro batch size keeps them in one micro batch); with packing a pair is packed into one row (a
+pair longer than a row together is left out, and counted).
+
 Every rank can compute every global batch, which also gives each replica the number of labelled tokens of the
 whole global batch without a collective: the loss is normalised by it (``pipellm.pipeline.token_mean_loss``).
 """
@@ -56,11 +61,13 @@ class SampleStore:
         return self.files[f].sample(int(index - self.bases[f]))
 
 
-def split_eval(store: SampleStore, eval_ratio: float, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per file: the training sample ids and (pooled) the held-out ones, a seeded ``eval_ratio`` share of each."""
+def split_eval(store: SampleStore, eval_ratio: float, seed: int,
+               group: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per file: the training unit ids and (pooled) the held-out ones, a seeded ``eval_ratio`` share of each (a
+    unit is ``group`` consecutive samples: unit u is samples ``u * group ...``)."""
     train, held_out = [], []
     for i in range(len(store.files)):
-        ids = store.file_ids(i)
+        ids = store.file_ids(i)[::group] // group
         n_eval = int(round(eval_ratio * len(ids))) if eval_ratio else 0
         if eval_ratio and len(ids) > 1:
             n_eval = min(max(n_eval, 1), len(ids) - 1)
@@ -68,6 +75,16 @@ def split_eval(store: SampleStore, eval_ratio: float, seed: int) -> tuple[list[n
         held_out.append(np.sort(ids[perm[:n_eval]]))
         train.append(np.sort(ids[perm[n_eval:]]))
     return train, np.concatenate(held_out) if held_out else np.zeros(0, np.int64)
+
+
+def expand(unit_ids: np.ndarray, group: int) -> np.ndarray:
+    """The sample ids of units ``unit_ids``, in order."""
+    return (np.asarray(unit_ids, dtype=np.int64)[:, None] * group + np.arange(group)).reshape(-1)
+
+
+def unit_lengths(lengths: np.ndarray, group: int) -> np.ndarray:
+    """Tokens of each unit of ``group`` consecutive samples."""
+    return lengths.reshape(-1, group).sum(axis=1) if group > 1 else lengths
 
 
 def pack(sample_ids: np.ndarray, lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +125,9 @@ class EpochPlan:
     """Which samples form which rows in each epoch, and in which order the rows come (see module docstring)."""
 
     def __init__(self, lengths: np.ndarray, train_ids: list[np.ndarray], weights: list[float] | None, seed: int,
-                 max_seq_len: int, packing: bool, global_batch_size: int):
-        self.lengths = lengths
+                 max_seq_len: int, packing: bool, global_batch_size: int, group: int = 1):
+        self.lengths, self.group = lengths, group
+        self.unit_lengths = unit_lengths(lengths, group)
         self.train_ids = train_ids
         self.weights = list(weights) if weights else [1.0] * len(train_ids)
         self.seed, self.max_seq_len, self.packing = seed, max_seq_len, packing
@@ -135,13 +153,15 @@ class EpochPlan:
             rng = np.random.default_rng([self.seed, epoch])
             samples = samples[rng.permutation(len(samples))]
             if self.packing:
-                offsets, flat = pack(samples, self.lengths, self.max_seq_len)
+                offsets, flat = pack(samples, self.unit_lengths, self.max_seq_len)
                 order = rng.permutation(len(offsets) - 1)
                 sizes = np.diff(offsets)[order]
                 flat = np.concatenate([flat[offsets[r]:offsets[r + 1]] for r in order]) if len(order) else flat
-                offsets = np.concatenate([[0], np.cumsum(sizes)])
+                offsets = np.concatenate([[0], np.cumsum(sizes)]) * self.group
             else:
-                offsets, flat = np.arange(len(samples) + 1), samples
+                offsets, flat = np.arange(len(samples) * self.group + 1), samples
+            if self.group > 1:
+                flat = expand(flat, self.group)
             self._cached = (epoch, offsets, flat)
             self._row_counts[epoch] = len(offsets) - 1
         return self._cached[1], self._cached[2]
@@ -151,8 +171,9 @@ class EpochPlan:
             if self.packing:
                 self.rows(epoch)
             else:
-                self._row_counts[epoch] = sum(len(ids) * int(math.floor(w)) + int(round((w - math.floor(w)) * len(ids)))
-                                              for ids, w in zip(self.train_ids, self.weights))
+                self._row_counts[epoch] = self.group * sum(
+                    len(ids) * int(math.floor(w)) + int(round((w - math.floor(w)) * len(ids)))
+                    for ids, w in zip(self.train_ids, self.weights))
         return self._row_counts[epoch]
 
     def steps(self, epoch: int) -> int:
@@ -243,19 +264,25 @@ class TrainingData:
     """Everything the training loop reads: the samples, the epoch plan, the eval rows and what to log."""
 
     def __init__(self, store: SampleStore, plan: EpochPlan, eval_store: SampleStore | None,
-                 eval_rows: list[np.ndarray], files_meta: list[dict], pad_id: int, max_seq_len: int):
-        self.store, self.plan = store, plan
+                 eval_rows: list[np.ndarray], files_meta: list[dict], pad_id: int, max_seq_len: int,
+                 long_pairs: int = 0):
+        self.store, self.plan, self.long_pairs = store, plan, long_pairs
         self.eval_store, self.eval_rows = eval_store, eval_rows
         self.files_meta, self.pad_id, self.max_seq_len = files_meta, pad_id, max_seq_len
 
     def rows_of(self, rows: list[np.ndarray | None], store: SampleStore | None = None):
         return materialize(store or self.store, rows, self.max_seq_len, self.pad_id)
 
-    def eval_batches(self, global_batch_size: int):
+    def eval_row_batches(self, global_batch_size: int):
         """The eval rows in fixed order, in global batches (the last one filled up with empty rows)."""
         for start in range(0, len(self.eval_rows), global_batch_size):
             chunk = list(self.eval_rows[start:start + global_batch_size])
-            yield self.rows_of(chunk + [None] * (global_batch_size - len(chunk)), self.eval_store)
+            yield chunk + [None] * (global_batch_size - len(chunk))
+
+    def eval_batches(self, global_batch_size: int):
+        """``rows_of`` each of ``eval_row_batches``."""
+        for rows in self.eval_row_batches(global_batch_size):
+            yield self.rows_of(rows, self.eval_store)
 
     def summary(self) -> str:
         """One log line: counts per file, rows, fill ratio, eval size."""
@@ -273,41 +300,52 @@ class TrainingData:
         return (f"{count('records')} records in {len(self.files_meta)} file(s) -> {count('samples')} samples "
                 f"({count('truncated')} truncated, {count('dropped_overlong')} dropped as over-long, bad records "
                 f"skipped: {bad_text}); epoch 0: {n_rows} rows{' (packed)' if self.plan.packing else ''}, fill "
-                f"ratio {fill:.1%} (non-pad tokens / all tokens); eval: {len(self.eval_rows)} rows")
+                f"ratio {fill:.1%} (non-pad tokens / all tokens); eval: {len(self.eval_rows)} rows"
+                + (f"; {self.long_pairs} pairs left out, longer than a row together" if self.long_pairs else ""))
 
 
-def load_training_data(cfg, tokenizer, show_progress: bool = True) -> TrainingData:
-    """Tokenize (or reuse the cache of) the config's data files and plan the epochs (``cfg``: a TrainConfig)."""
+def load_training_data(cfg, tokenizer, show_progress: bool = True, pairs: bool = False) -> TrainingData:
+    """Tokenize (or reuse the cache of) the config's data files and plan the epochs (``cfg``: a TrainConfig).
+    ``pairs``: a pairwise objective's preference pairs (units of two samples)."""
     from pipellm.config.checks import expand_data_directories
     from pipellm.data.cache import pad_token_id, tokenize_file, tokenizer_fingerprint
     from pipellm.data.samples import DataOptions
     from pipellm.errors import PipellmError
 
     expand_data_directories(cfg)  # done by validate_environment already; here for callers that skip it
-    options = DataOptions(cfg.max_seq_len, cfg.template, cfg.overlong, cfg.skip_bad_records)
+    options = DataOptions(cfg.max_seq_len, cfg.template, cfg.overlong, cfg.skip_bad_records, pairs=pairs)
     fingerprint = tokenizer_fingerprint(tokenizer)
+    group = 2 if pairs else 1
 
     def tokenize(paths):
         return [tokenize_file(p, tokenizer, options, cache_dir=cfg.data_cache_dir,
                               num_workers=cfg.tokenize_workers, show_progress=show_progress,
                               tokenizer_hash=fingerprint) for p in paths]
 
+    long_pairs = []
+
+    def fitting(units, lengths):  # with packing a pair shares one row
+        kept = units[unit_lengths(lengths, group)[units] <= cfg.max_seq_len] if cfg.packing else units
+        long_pairs.append(len(units) - len(kept))
+        return kept
+
     files = tokenize(cfg.data_paths)
     store = SampleStore(files)
-    train_ids, held_out = split_eval(store, cfg.eval_ratio, cfg.seed)
+    train_ids, held_out = split_eval(store, cfg.eval_ratio, cfg.seed, group)
+    train_ids, held_out = [fitting(ids, store.lengths) for ids in train_ids], fitting(held_out, store.lengths)
     if not sum(len(ids) for ids in train_ids):
         raise PipellmError(f"`data_path` {cfg.data_paths} has no trainable sample; add data or raise max_seq_len")
     plan = EpochPlan(store.lengths, train_ids, cfg.data_weights, cfg.seed, cfg.max_seq_len, cfg.packing,
-                     cfg.global_batch_size)
+                     cfg.global_batch_size, group)
     if cfg.eval_data_paths:
         eval_store = SampleStore(tokenize(cfg.eval_data_paths))
-        eval_ids = np.arange(len(eval_store))
+        eval_ids = fitting(np.arange(len(eval_store) // group), eval_store.lengths)
     else:
         eval_store, eval_ids = store, held_out
     if cfg.packing and len(eval_ids):
-        offsets, flat = pack(eval_ids, eval_store.lengths, cfg.max_seq_len)
-        eval_rows = [flat[offsets[r]:offsets[r + 1]] for r in range(len(offsets) - 1)]
+        offsets, flat = pack(eval_ids, unit_lengths(eval_store.lengths, group), cfg.max_seq_len)
+        eval_rows = [expand(flat[offsets[r]:offsets[r + 1]], group) for r in range(len(offsets) - 1)]
     else:
-        eval_rows = [eval_ids[i:i + 1] for i in range(len(eval_ids))]
+        eval_rows = [sample[None] for sample in expand(eval_ids, group)]
     return TrainingData(store, plan, eval_store, eval_rows, [f.meta for f in files], pad_token_id(tokenizer),
-                        cfg.max_seq_len)
+                        cfg.max_seq_len, sum(long_pairs))

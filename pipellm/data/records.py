@@ -13,6 +13,10 @@ in one file. Keys other than the ones below are ignored (keep ids or sources the
   model learns the thoughts, the calls and the final answer, never the tool results (``api_res``).
   ``api_param`` and ``api_res`` may be strings or JSON values (written as compact JSON).
 * ``ref_qa``: ``reference`` and ``rounds`` (as ``conversation``): answers grounded in the reference.
+* ``preference`` (``objective: dpo`` or ``reward`` only): ``rounds`` (as ``conversation``, ending with an ask),
+  ``chosen`` and ``rejected`` (the preferred and the dispreferred next answer, different texts), optional
+  ``reference`` (rendered as in ``ref_qa``). It becomes two samples, the conversation with each answer, of which
+  only that last answer is trained (``pipellm.data.preference``).
 
 A bad record is reported as ``BadRecord(where, field, problem)``: ``where`` is ``file line N`` (JSONL) or
 ``file record N`` (0-based index in a JSON list), ``field`` the path of the offending field
@@ -28,13 +32,14 @@ from typing import Iterator, Sequence, Union
 
 from pipellm.errors import PipellmError
 
-FORMATS = ("pretrain", "instruct", "conversation", "conver_has_api", "ref_qa")
+FORMATS = ("pretrain", "instruct", "conversation", "conver_has_api", "ref_qa", "preference")
 #: Round roles each format accepts.
-ROLES = {"conversation": ("ask", "ans"), "ref_qa": ("ask", "ans"), "conver_has_api": ("ask", "ans", "ans-api")}
+ROLES = {"conversation": ("ask", "ans"), "ref_qa": ("ask", "ans"), "conver_has_api": ("ask", "ans", "ans-api"),
+         "preference": ("ask", "ans")}
 ACTION_FIELDS = ("inner_thought", "api_name", "api_param", "api_res")
 #: Required top-level string fields of each format (besides ``rounds``).
 TEXT_FIELDS = {"pretrain": ("text",), "instruct": ("instruct", "output"), "conversation": (),
-               "conver_has_api": ("api_desc",), "ref_qa": ("reference",)}
+               "conver_has_api": ("api_desc",), "ref_qa": ("reference",), "preference": ("chosen", "rejected")}
 
 PathArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
@@ -117,6 +122,8 @@ _HELP = {
     "conver_has_api": 'a conver_has_api record is {"type": "conver_has_api", "api_desc": "...", "rounds": '
                       '[["ask", "..."], ["ans-api", {"actions": [...], "ans": "..."}]]}',
     "ref_qa": 'a ref_qa record is {"type": "ref_qa", "reference": "...", "rounds": [["ask", "..."], ["ans", "..."]]}',
+    "preference": 'a preference record is {"type": "preference", "rounds": [["ask", "..."]], "chosen": "...", '
+                  '"rejected": "..."}',
 }
 
 
@@ -177,9 +184,21 @@ def _check_rounds(record: dict) -> list[tuple[str, object]]:
             if role == "ans" and not content.strip():
                 raise _Problem(f"{path}[1]", "is an empty answer; every answer needs text to train on", "empty")
             out.append((role, content))
-    if not any(role != "ask" for role, _ in out):
+    if kind == "preference":
+        if out[-1][0] != "ask":
+            raise _Problem(f"rounds[{len(out) - 1}]", "must be an ask: a preference record's rounds end with the ask "
+                           "that `chosen` and `rejected` answer", "wrong_type")
+    elif not any(role != "ask" for role, _ in out):
         raise _Problem("rounds", "has no answer: nothing to train on; add an [\"ans\", ...] round", "empty")
     return out
+
+
+def _check_preference(record: dict, out: dict) -> None:
+    if out["chosen"].strip() == out["rejected"].strip():
+        raise _Problem("rejected", "is the same text as `chosen`; a pair needs two different answers (remove the "
+                                   "record or fix one answer)", "identical_answers")
+    if record.get("reference") is not None:
+        out["reference"] = _text(record, "reference", "reference", required_nonempty=False)
 
 
 def normalize(record) -> dict:
@@ -193,7 +212,9 @@ def normalize(record) -> dict:
         raise _Problem("type", f"unknown type {kind!r}; use one of {', '.join(FORMATS)}", "unknown_type")
     out = {"type": kind}
     for key in TEXT_FIELDS[kind]:
-        out[key] = _text(record, key, key, required_nonempty=key in ("text", "output"))
+        out[key] = _text(record, key, key, required_nonempty=key in ("text", "output", "chosen", "rejected"))
+    if kind == "preference":
+        _check_preference(record, out)
     if kind == "instruct" and record.get("input") is not None:
         if not isinstance(record["input"], str):
             raise _Problem("input", f"must be a string, got {type(record['input']).__name__}; leave the key out "

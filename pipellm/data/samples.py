@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipellm.config.schema import Overlong, Template
+from pipellm.data.preference import encode_pairs, type_problem
 from pipellm.data.records import BadRecord, check_record, iter_raw
 from pipellm.data.templates import Encoder, TemplateError
 from pipellm.errors import PipellmError
@@ -42,6 +43,9 @@ class DataOptions:
     template: Template = "auto"
     overlong: Overlong = "truncate"
     skip_bad_records: bool = False
+    pairs: bool = False
+    """A pairwise objective (dpo, reward): every record is a preference record, two samples each
+    (``pipellm.data.preference``)."""
 
     def __post_init__(self):
         if self.max_seq_len < 2:
@@ -86,6 +90,34 @@ def tokenize_chunk(encoder: Encoder, items: list[tuple[str, object]], options: D
     Raises ``PipellmError`` at the first bad record unless ``options.skip_bad_records``.
     """
     out = ChunkResult()
+    checked, wheres = _checked_records(items, options, out)
+
+    def fit(ids, trained, where, field=None):
+        return _fit(ids, trained, where, field, options, out)
+
+    if options.pairs:
+        for pair in encode_pairs(encoder, checked, wheres, fit):
+            if isinstance(pair, BadRecord):
+                _bad(out, pair, options)
+            elif pair is not None:
+                for ids, trained in pair:
+                    _add(out, ids, trained)
+        return out
+    for where, encoded in zip(wheres, encoder.encode_many(checked)):
+        try:
+            if isinstance(encoded, TemplateError):
+                raise BadRecord(where, None, str(encoded), "chat_template")
+            fitted = fit(*encoded, where)
+        except BadRecord as bad:
+            _bad(out, bad, options)
+            continue
+        if fitted is not None:
+            _add(out, *fitted)
+    return out
+
+
+def _checked_records(items, options: DataOptions, out: ChunkResult) -> tuple[list[dict], list[str]]:
+    """The chunk's records that pass ``check_record`` (and fit the objective), and where each is."""
     checked, wheres = [], []
     for where, raw in items:
         out.records += 1
@@ -98,31 +130,38 @@ def tokenize_chunk(encoder: Encoder, items: list[tuple[str, object]], options: D
                 except json.JSONDecodeError as e:
                     raise BadRecord(where, None, f"invalid JSON ({e.msg}); a JSONL file holds exactly one JSON "
                                                  f"object per line", "invalid_json") from None
-            checked.append(check_record(raw, where))
+            record = check_record(raw, where)
+            wrong_type = type_problem(record, where, options.pairs)
+            if wrong_type is not None:
+                raise wrong_type
+            checked.append(record)
             wheres.append(where)
         except BadRecord as bad:
             _bad(out, bad, options)
-    for where, encoded in zip(wheres, encoder.encode_many(checked)):
-        if isinstance(encoded, TemplateError):
-            _bad(out, BadRecord(where, None, str(encoded), "chat_template"), options)
-            continue
-        ids, trained = encoded
-        if len(ids) > options.max_seq_len:
-            if options.overlong == "drop":
-                out.dropped += 1
-                continue
-            out.truncated += 1
-            ids, trained = ids[:options.max_seq_len], trained[:options.max_seq_len]
-            if not trained.any():
-                _bad(out, BadRecord(where, None, f"nothing left to train on after truncation to max_seq_len "
-                                                 f"{options.max_seq_len} (the prompt alone is longer); raise "
-                                                 f"max_seq_len or shorten the prompt", "no_label_after_truncation"),
-                     options)
-                continue
-        out.tokens.append(ids)
-        out.trained.append(trained)
-        out.lengths.append(len(ids))
-    return out
+    return checked, wheres
+
+
+def _fit(ids, trained, where: str, field: str | None, options: DataOptions, out: ChunkResult):
+    """The sample truncated to ``max_seq_len`` (counted), or None when dropped as over-long; ``BadRecord`` when
+    truncation leaves nothing to train on."""
+    if len(ids) <= options.max_seq_len:
+        return ids, trained
+    if options.overlong == "drop":
+        out.dropped += 1
+        return None
+    out.truncated += 1
+    ids, trained = ids[:options.max_seq_len], trained[:options.max_seq_len]
+    if not trained.any():
+        raise BadRecord(where, field, f"nothing left to train on after truncation to max_seq_len "
+                                      f"{options.max_seq_len} (the prompt alone is longer); raise max_seq_len or "
+                                      f"shorten the prompt", "no_label_after_truncation")
+    return ids, trained
+
+
+def _add(out: ChunkResult, ids, trained) -> None:
+    out.tokens.append(ids)
+    out.trained.append(trained)
+    out.lengths.append(len(ids))
 
 
 def _bad(out: ChunkResult, bad: BadRecord, options: DataOptions) -> None:

@@ -16,21 +16,29 @@ import torch.nn.functional as F
 from pipellm.data import IGNORE_INDEX
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                reduction: str = "sum") -> torch.Tensor:
     # The whole-batch path's operations: logits in the weights' precision, the loss in fp32.
     logits = F.linear(hidden, weight)
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The sum over tokens (``reduction`` ``sum``) or each token's loss (``none``: 0 where not labelled)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden, weight, targets, chunk_tokens, reduction="sum"):
+        per_token = reduction == "none"
+        total = torch.zeros(hidden.shape[0] if per_token else (), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            total += _chunk_loss(hidden[rows], weight, targets[rows])
+            loss = _chunk_loss(hidden[rows], weight, targets[rows], reduction)
+            if per_token:
+                total[rows] = loss
+            else:
+                total += loss
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.reduction = chunk_tokens, reduction
         return total
 
     @staticmethod
@@ -44,14 +52,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             with torch.enable_grad():
                 chunk = hidden[rows].detach().requires_grad_(need_hidden)
                 chunk_weight = weight.detach().requires_grad_(need_weight)
-                loss = _chunk_loss(chunk, chunk_weight, targets[rows])
+                loss = _chunk_loss(chunk, chunk_weight, targets[rows], ctx.reduction)
                 inputs = [t for t, needed in ((chunk, need_hidden), (chunk_weight, need_weight)) if needed]
-                grads = list(torch.autograd.grad(loss, inputs, grad_total))
+                grad_out = grad_total[rows] if ctx.reduction == "none" else grad_total
+                grads = list(torch.autograd.grad(loss, inputs, grad_out))
             if need_hidden:
                 grad_hidden[rows] = grads.pop(0)
             if need_weight:
                 grad_weight += grads.pop(0)
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -62,3 +71,10 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     its gradient back); ``targets``: (tokens,).
     """
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
+
+
+def chunked_linear_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                chunk_tokens: int) -> torch.Tensor:
+    """Each token's ``cross_entropy(hidden @ weight.T, targets)`` in fp32, ``(tokens,)``, 0 where not labelled
+    (per-token log-probs for preference objectives)."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, "none")

@@ -45,7 +45,9 @@ class Objective(Protocol):
 
     def figures(self, loss: float, split: str) -> dict[str, float]:
         """Figures the metrics record adds for the mean ``loss`` of a step (``split`` ``"train"``, logged as
-        ``loss``) or of an eval (``"eval"``, logged as ``eval_loss``)."""
+        ``loss``) or of an eval (``"eval"``, logged as ``eval_loss``). Every rank calls it at the same point, so it
+        may all-reduce what ``loss`` gathered on the last stage since its previous call for that split (DPO's
+        rewards: ``pipellm.pipeline.preference``)."""
 
 
 def token_mean_loss(outputs: HeadOutput, labels: Labels, chunk_tokens: int | None = None) -> torch.Tensor:

@@ -13,8 +13,10 @@ from typing import Callable
 from pipellm.config import TrainConfig
 from pipellm.errors import PipellmError
 from pipellm.pipeline.loss import Objective, TokenMeanCrossEntropy
+from pipellm.pipeline.preference import DPO
 
-OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {"token_mean": TokenMeanCrossEntropy.from_config}
+OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {"token_mean": TokenMeanCrossEntropy.from_config,
+                                                             "dpo": DPO.from_config}
 """Objectives by name."""
 
 

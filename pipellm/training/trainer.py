@@ -38,6 +38,7 @@ from pipellm.training.objective import build_objective
 from pipellm.training.optim import NonFiniteRun
 from pipellm.training.parameters import parameter_set
 from pipellm.training.preemption import StopOnSigterm
+from pipellm.training.reference import prepare_pairs
 from pipellm.training.run_lock import RunLock
 
 EngineFactory = Callable[[TrainConfig, EngineSetup], Engine]
@@ -57,7 +58,8 @@ class Trainer:
         self.is_logger = int(os.environ.get("RANK", "0")) == 0
         self.gpu_profile = start_gpu_profile(cfg.save_path, cfg.gpu_profile_interval_s)
         self.data = load_training_data(cfg, load_tokenizer(cfg.model_path),
-                                       show_progress=int(os.environ.get("LOCAL_RANK", "0")) == 0)
+                                       show_progress=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+                                       pairs=getattr(objective, "pairwise", False))
         # The pipeline's stall watchdog reports stalls inside steps first; the process group's timeout (a minute
         # later) covers the collectives outside them (start-up checks, checkpoint saves) and the ZeRO engine's.
         init_process_group(cfg.collective_timeout_s + 60)
@@ -73,6 +75,9 @@ class Trainer:
                        **self.engine.run_layout())
         self._announce()
         self.figures = self._step_figures()
+        # Pairwise objectives: the reference log-probs (cached or computed now) travel with each micro batch.
+        self.pairs = prepare_pairs(cfg, self.data, self.engine, objective, self.order, resumed=resume is not None) \
+            if getattr(objective, "pairwise", False) else None
         self.checkpointer = Checkpointer(cfg, resume)
         self.early_stopping = EarlyStoppingState.from_config(cfg.early_stopping)
         self.nonfinite = NonFiniteRun(cfg.max_nonfinite_steps, loss_scaling=self.engine.loss_scaling)
@@ -116,11 +121,12 @@ class Trainer:
     def train_step(self, step: int) -> tuple[dict | None, bool, bool]:
         """Step ``step`` (0-based): ``(its metrics record or None, the eval improved, SIGTERM agreed)``."""
         done, engine, watchdog = step + 1, self.engine, self.engine.watchdog
-        input_ids, labels, position_ids, lengths = self.data.rows_of(self.order.batch(step))
+        rows = self.order.batch(step)
+        input_ids, labels, position_ids, lengths = self.data.rows_of(rows)
         lr, skipped_before = engine.lr(), engine.skipped_steps  # the lr this step trains at
         # Every collective of the step is watched; checkpoint saves are not (they may take long).
         with watchdog.watch_step(done):
-            loss = engine.train_step(self._micro_batches(input_ids, labels, position_ids))
+            loss = engine.train_step(self._micro_batches(rows, "train", input_ids, labels, position_ids))
             watchdog.enter("the all-reduce of the SIGTERM flag")
             sigterm = self.preemption.agreed()
             seconds = self.timer.lap()
@@ -143,16 +149,20 @@ class Trainer:
         return record, improved, sigterm
 
     def evaluate(self) -> float:
-        """The objective's mean over every labelled token of the eval rows (all ranks take part)."""
+        """The objective's mean over every labelled token (pairwise objectives: pair) of the eval rows (all ranks
+        take part)."""
         total, count = 0.0, 0
-        for input_ids, labels, position_ids, _ in self.data.eval_batches(self.cfg.global_batch_size):
-            labelled = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            total += self.engine.eval_step(self._micro_batches(input_ids, labels, position_ids)) * labelled
-            count += labelled
+        for rows in self.data.eval_row_batches(self.cfg.global_batch_size):
+            input_ids, labels, position_ids, _ = self.data.rows_of(rows, self.data.eval_store)
+            weight = self.pairs.pairs(rows) if self.pairs else int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += self.engine.eval_step(self._micro_batches(rows, "eval", input_ids, labels, position_ids)) * weight
+            count += weight
         return total / max(count, 1)
 
-    def _micro_batches(self, input_ids, labels, position_ids) -> list:
-        """This replica's micro batches of a global batch."""
+    def _micro_batches(self, rows, split: str, input_ids, labels, position_ids) -> list:
+        """This replica's micro batches of a global batch (``rows``: its samples, ``split``: train or eval)."""
+        if self.pairs is not None:
+            return self.pairs.micro_batches(rows, split, input_ids, labels, position_ids)
         return micro_batches(input_ids, labels, self.cfg.micro_batch_size, self.engine.replica, self.engine.replicas,
                              position_ids)
 

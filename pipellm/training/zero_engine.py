@@ -100,12 +100,12 @@ class ZeroEngine(Engine):
         mean over micro batches and ranks of the scaled losses, which is the objective of the global batch."""
         device = self.device
         total = torch.zeros((), dtype=torch.float32, device=device)
-        for (ids, positions), (targets, loss_scale) in micro_batches:
+        for (ids, positions), labels in micro_batches:
             with torch.set_grad_enabled(train):
                 # No attention mask and no KV cache: transformers then reads packed samples off the restarting
                 # position ids and keeps attention within each of them.
                 logits = self.ds(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False).logits
-                loss = self.objective.loss(HeadOutput(logits=logits), (targets.to(device), loss_scale.to(device)))
+                loss = self.objective.loss(HeadOutput(logits=logits), tuple(t.to(device) for t in labels))
             if train:
                 # backward divides by the accumulation steps and ZeRO averages gradients over the ranks, as the
                 # pipeline engine does; step() updates the weights after the last micro batch only.
