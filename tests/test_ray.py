@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from conftest import REPO
@@ -71,10 +72,23 @@ def cluster(tmp_path_factory):
                 current.unlink()
 
 
+def ray_command(cluster, config: Path) -> list[str]:
+    return [sys.executable, "-m", "pipellm.ray", "--config", str(config), "--address", cluster.address,
+            "--gpus-per-worker", "0"]
+
+
 def train_on_ray(cluster, config: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipellm.ray", "--config", str(config), "--address", cluster.address,
-                           "--gpus-per-worker", "0"], cwd=REPO, env=cluster.env, capture_output=True, text=True,
+    return subprocess.run(ray_command(cluster, config), cwd=REPO, env=cluster.env, capture_output=True, text=True,
                           timeout=600)
+
+
+def training_process(config: Path, rank: int) -> psutil.Process:
+    """The training process of ``rank`` started for ``config`` (a child of a Ray worker, not of the driver)."""
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if str(config) in process.cmdline() and process.environ().get("RANK") == str(rank):
+                return process
+    raise AssertionError(f"no training process of rank {rank}")
 
 
 def compared(save: Path) -> list[dict]:
@@ -104,6 +118,27 @@ def test_two_stages_two_replicas_over_two_nodes_train_as_under_the_launcher(clus
     assert [r["tokens"] for r in ours] == [r["tokens"] for r in theirs]
     # Only rank 0's log is streamed: what every rank prints at start-up appears once.
     assert run.stderr.count("SEED_LAYERS=") == 1, run.stderr[-3000:]
+
+
+def test_a_killed_rank_ends_the_run_with_the_peer_lost_line(cluster, tmp_path, tiny_pp_model):
+    config = write_config(tmp_path / "c.yml", tiny_pp_model[1], tmp_path / "save", [2, 1], n_epochs=100,
+                          max_steps=10**6)
+    driver = subprocess.Popen(ray_command(cluster, config), cwd=REPO, env=cluster.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        log, deadline = tmp_path / "save" / "metrics.jsonl", time.monotonic() + 300
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline and driver.poll() is None, "training did not start"
+            time.sleep(0.5)
+        training_process(config, 1).kill()
+        _, err = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 2, err[-3000:]  # rank 0's own exit code: the peer-lost error's
+    # Stage 0 names its lost peer, as under the launcher (test_reliability); the driver names the dead rank.
+    assert re.search(r"^error: pipeline stage 0 \(rank 0, host .+\) lost its connection (?:in .+? of step \d+|between "
+                     r"steps): stage 1 \(rank 1\)(?: at \S+)? went away ", err, re.M), err[-3000:]
+    assert re.search(r"^pipellm ray: rank 1 \(stage 1, replica 0, node .+\) exited with code -9", err, re.M), err[-3000:]
 
 
 def test_a_save_path_one_node_does_not_see_is_one_line(cluster, tiny_pp_model):
