@@ -272,4 +272,7 @@ def main(argv=None) -> None:
     except PipellmError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the ranks started (they get SIGTERM from their workers' end otherwise)
+        print("pipellm ray: interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code)
