@@ -138,7 +138,8 @@ def test_a_killed_rank_ends_the_run_with_the_peer_lost_line(cluster, tmp_path, t
     # Stage 0 names its lost peer, as under the launcher (test_reliability); the driver names the dead rank.
     assert re.search(r"^error: pipeline stage 0 \(rank 0, host .+\) lost its connection (?:in .+? of step \d+|between "
                      r"steps): stage 1 \(rank 1\)(?: at \S+)? went away ", err, re.M), err[-3000:]
-    assert re.search(r"^pipellm ray: rank 1 \(stage 1, replica 0, node .+\) exited with code -9", err, re.M), err[-3000:]
+    assert re.search(r"^pipellm ray: rank 1 \(stage 1, replica 0, node .+\) exited with code -9", err, re.M), \
+        err[-3000:]
 
 
 def test_a_save_path_one_node_does_not_see_is_one_line(cluster, tiny_pp_model):
@@ -164,7 +165,7 @@ def test_a_bad_config_fails_before_ray(case, tmp_path, tiny_pp_model, monkeypatc
     config = write_config(tmp_path / "c.yml", tiny_pp_model[1], tmp_path / "save", [2, 1], **overrides)
     monkeypatch.setattr(launch, "launch", lambda *args: pytest.fail("reached Ray with a bad config"))
     with pytest.raises(SystemExit) as exit:
-        launch.main(["--config", str(config), "--gpus-per-worker", "0"] + (["--num-workers", "4"] * (case == "workers")))
+        launch.main(["--config", str(config), "--gpus-per-worker", "0", *["--num-workers", "4"] * (case == "workers")])
     assert exit.value.code == 2
     expected = {"unknown key": "unknown key `max_step`", "workers": "--num-workers 4 but",
                 "no model": f"no pipeline layer files (layer_00-model_states.pt, ...) in {tmp_path}"}[case]
@@ -190,3 +191,16 @@ def test_ranks_follow_the_launchers_order_and_environment(tmp_path, tiny_pp_mode
     assert launch.describe(cfg, 1, in_rank_order[1]) == "rank 1 (stage 0, replica 1, node b (10.0.0.2))"
     cfg.model_topo.process_topology.axes = ["data", "pipe"]
     assert launch.describe(cfg, 1, in_rank_order[1]) == "rank 1 (stage 1, replica 0, node b (10.0.0.2))"
+
+
+def test_the_exit_code_is_the_trainings():
+    def code(*codes):
+        ranks = launch.Ranks(None, None, list(codes), [])
+        ranks.codes = dict(enumerate(codes))
+        return ranks.exit_code()
+
+    assert code(0, 0, 0) == 0
+    assert code(2, 2, 2) == 2  # a PipellmError on every rank
+    assert code(2, -9) == 2  # rank 0's own code: its peer-lost error
+    assert code(0, -9) == 128 + 9  # a signal, as a shell reports it
+    assert code(None, 2) == 2 and code(None, None) == 1  # a Ray worker that died has no code

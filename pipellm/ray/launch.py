@@ -14,9 +14,10 @@ training's exit code.
    worker writes a probe file into ``save_path`` and every worker reads all of them: a node that does not see one
    is named in one line, exit code 2, before training.
 4. ``MASTER_ADDR`` is rank 0's node, ``MASTER_PORT`` a free port there. A rank that fails is reported with its
-   stage, node, exit code and last lines; its peers end with pipellm's peer-lost or stall line, and ranks still
-   running ``GRACE_S`` after the first failure are stopped. Ctrl-C or SIGTERM sends the ranks SIGTERM (they save
-   a checkpoint and stop; ``resume: auto`` continues); a second one kills them.
+   stage, node, exit code and log file (the first one with its last lines); its peers end with pipellm's
+   peer-lost or stall line, and ranks still running ``GRACE_S`` after the first failure are stopped. Ctrl-C or
+   SIGTERM sends the ranks SIGTERM (they save a checkpoint and stop; ``resume: auto`` continues); a second one
+   kills them.
 """
 from __future__ import annotations
 
@@ -206,7 +207,7 @@ class Ranks:
         except StopIteration:
             return False
         except RayActorError as err:
-            self.fail(rank, None, f"its Ray worker died ({str(err).splitlines()[0][:200]})", [])
+            self.fail(rank, None, f"its Ray worker died ({(str(err).splitlines() or [''])[0][:200]})", [])
             return False
         if isinstance(item, str):
             print(item, file=sys.stderr, flush=True)
@@ -214,8 +215,11 @@ class Ranks:
         if item["exit"] == 0:
             self.codes[rank] = 0
         else:
+            # The first failure's last lines say what happened (rank 0's were all shown); the ranks that fail
+            # after it mostly failed for it (their peer-lost lines came through their streams).
+            first = self.first_failure is None and rank != 0
             self.fail(rank, item["exit"], f"exited with code {item['exit']}; its log: {item['log']}",
-                      item["tail"] if rank else [])  # rank 0's lines were all shown
+                      item["tail"] if first else [])
         return False
 
     def fail(self, rank: int, code: int | None, what: str, tail: list[str]) -> None:

@@ -81,8 +81,9 @@ class RankWorker:
         Path(path).unlink(missing_ok=True)
 
     def train(self, argv: list[str], env: dict[str, str | None], cwd: str, stream_all: bool):
-        """Run the training process (``env``: variables to set, or to remove where None); yield its output lines (all of them, or with ``stream_all`` false only its
-        ``error:`` lines), then ``{"exit": code, "tail": last lines, "log": its log file}``."""
+        """Run the training process (``env``: variables to set, or to remove where None); yield its output lines
+        (all of them, or with ``stream_all`` false only its ``error:`` lines), then ``{"exit": code, "tail": last
+        lines, "log": its log file}``."""
         log_dir = Path(tempfile.gettempdir()) / "pipellm-ray"
         log_dir.mkdir(exist_ok=True)
         log = log_dir / f"rank{env['RANK']}-{os.getpid()}-{int(time.time())}.log"
