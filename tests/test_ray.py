@@ -187,6 +187,9 @@ def test_ranks_follow_the_launchers_order_and_environment(tmp_path, tiny_pp_mode
         ("0", "0", "0"), ("1", "1", "0"), ("2", "0", "1"), ("3", "1", "1")]
     assert {e["CUDA_VISIBLE_DEVICES"] for e in envs[:2]} == {"0,3"}  # LOCAL_RANK k drives the k-th GPU
     assert all(e["WORLD_SIZE"] == "4" and e["LOCAL_SIZE"] == "2" and e["MASTER_ADDR"] == "10.0.0.2" for e in envs)
+    # CPU workers of one node look alike: they still get a local rank each.
+    cpu = launch.rank_environments([{"node_id": "a", "gpus": []}] * 2, "10.0.0.1", 29500)
+    assert [(e["LOCAL_RANK"], e["CUDA_VISIBLE_DEVICES"]) for e in cpu] == [("0", ""), ("1", "")]
     cfg = load_config(write_config(tmp_path / "c.yml", tiny_pp_model[1], tmp_path / "s", [2, 2]))
     assert launch.describe(cfg, 1, in_rank_order[1]) == "rank 1 (stage 0, replica 1, node b (10.0.0.2))"
     cfg.model_topo.process_topology.axes = ["data", "pipe"]

@@ -92,15 +92,15 @@ def rank_order(places: list[dict]) -> list[int]:
 
 def rank_environments(places: list[dict], master_addr: str, master_port: int) -> list[dict[str, str | None]]:
     """The variables the deepspeed launcher sets, for each rank (``places`` in rank order)."""
-    nodes = list(dict.fromkeys(place["node_id"] for place in places))
-    on_node = {node: [place for place in places if place["node_id"] == node] for node in nodes}
+    node_of = [place["node_id"] for place in places]
+    nodes = list(dict.fromkeys(node_of))
     environments = []
-    for rank, place in enumerate(places):
-        peers = on_node[place["node_id"]]
-        gpus = sorted(gpu for peer in peers for gpu in peer["gpus"])
+    for rank, node in enumerate(node_of):
+        peers = [peer for peer, its_node in enumerate(node_of) if its_node == node]
+        gpus = sorted(gpu for peer in peers for gpu in places[peer]["gpus"])
         environments.append({
-            "RANK": str(rank), "WORLD_SIZE": str(len(places)), "LOCAL_RANK": str(peers.index(place)),
-            "LOCAL_SIZE": str(len(peers)), "CROSS_RANK": str(nodes.index(place["node_id"])),
+            "RANK": str(rank), "WORLD_SIZE": str(len(places)), "LOCAL_RANK": str(peers.index(rank)),
+            "LOCAL_SIZE": str(len(peers)), "CROSS_RANK": str(nodes.index(node)),
             "CROSS_SIZE": str(len(nodes)), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)),  # empty: a CPU worker, even on a GPU node
             # Ray sets OMP_NUM_THREADS=1 for its workers; the launcher leaves torch's default.
@@ -236,13 +236,12 @@ class Ranks:
             self.ray.get([worker.stop.remote(sig) for worker in self.workers], timeout=30)
 
     def exit_code(self) -> int:
-        """0 when every rank succeeded; else rank 0's own code, or the first failed rank's (a signal N: 128 + N,
-        a worker that died: 1)."""
+        """0 when every rank succeeded; else the first non-zero exit code, rank 0's first (a signal N: 128 + N;
+        1 when only Ray workers died, without one)."""
         codes = [self.codes.get(rank) for rank in range(len(self.workers))]
         if all(code == 0 for code in codes):
             return 0
-        failed = [code for code in codes if code != 0]
-        code = codes[0] if codes[0] else failed[0]
+        code = next((code for code in codes if code), None)  # rank 0's first: a non-zero exit code
         return 1 if code is None else 128 - code if code < 0 else code
 
 

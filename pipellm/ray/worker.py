@@ -2,9 +2,9 @@
 and starts the training process exactly as the deepspeed launcher starts it (``train_ds.py``'s ``main`` in a fresh
 Python, with the launcher's rendezvous variables and ``--local_rank``), streaming its output back.
 
-The training process writes to a log file on the node, not to a pipe: if the actor dies (its node's raylet
-stopped, the driver gone), the training process gets SIGTERM (``PR_SET_PDEATHSIG``), which pipellm's training
-answers by agreeing with its peers, saving a checkpoint and stopping; a pipe would break its prints half-way.
+The training process writes to a log file on the node (kept when the rank fails), which the actor follows. It
+does not outlive its actor: Ray ends a dead worker's child processes, and where it does not, the training
+process gets SIGTERM (``PR_SET_PDEATHSIG``), which pipellm's training answers by saving a checkpoint and stopping.
 """
 from __future__ import annotations
 
