@@ -140,6 +140,8 @@ def test_a_killed_rank_ends_the_run_with_the_peer_lost_line(cluster, tmp_path, t
                      r"steps): stage 1 \(rank 1\)(?: at \S+)? went away ", err, re.M), err[-3000:]
     assert re.search(r"^pipellm ray: rank 1 \(stage 1, replica 0, node .+\) exited with code -9", err, re.M), \
         err[-3000:]
+    for log in re.findall(r"; its log: (\S+)", err):  # the failed ranks' logs, kept on their node
+        Path(log).unlink()
 
 
 def test_a_save_path_one_node_does_not_see_is_one_line(cluster, tiny_pp_model):
