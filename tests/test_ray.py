@@ -1,7 +1,8 @@
 """``python -m pipellm.ray`` on a local Ray cluster of two nodes: two raylets on this machine (2 CPUs each), the
 second in its own mount namespace where a tmpfs hides one directory, as a node that does not mount the shared
-storage would. 2 stages x 1 replica train exactly as the deepspeed launcher does; 2 x 2 spread over both nodes
-train as it does too; a bad config fails before Ray; a ``save_path`` one node does not share is one line."""
+storage would. 2 stages x 1 replica train exactly as the deepspeed launcher does, until a killed rank ends the
+run with the peer-lost line; 2 x 2 spread over both nodes train as it does too; a bad config fails before Ray; a
+``save_path`` one node does not share is one line. One Ray run per test: each costs about a launcher run."""
 from __future__ import annotations
 
 import contextlib
@@ -95,15 +96,34 @@ def compared(save: Path) -> list[dict]:
     return [{key: record[key] for key in COMPARED} for record in metrics(save)]
 
 
-def test_two_stages_train_exactly_as_under_the_launcher(cluster, tmp_path, tiny_pp_model, launcher_run_2x1):
-    config = write_config(tmp_path / "c.yml", tiny_pp_model[1], tmp_path / "save", [2, 1])
-    run = train_on_ray(cluster, config)
-    assert run.returncode == 0, run.stderr[-3000:]
+def test_two_stages_train_exactly_as_under_the_launcher_until_a_rank_is_killed(cluster, tmp_path, tiny_pp_model,
+                                                                                launcher_run_2x1):
+    # The launcher's config, but a run long enough to kill a rank in (a constant learning rate: the same steps).
+    config = write_config(tmp_path / "c.yml", tiny_pp_model[1], tmp_path / "save", [2, 1], n_epochs=100,
+                          max_steps=10**6)
+    driver = subprocess.Popen(ray_command(cluster, config), cwd=REPO, env=cluster.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        log, deadline = tmp_path / "save" / "metrics.jsonl", time.monotonic() + 300
+        while not (log.exists() and len(log.read_text().splitlines()) >= 4):
+            assert time.monotonic() < deadline and driver.poll() is None, "training did not start"
+            time.sleep(0.2)
+        training_process(config, 1).kill()
+        _, err = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
     # The same processes as the launcher's, with the same rendezvous: the same figures, bit for bit.
-    assert compared(tmp_path / "save") == compared(launcher_run_2x1)
-    # Rank 0's log reaches the caller: every step line and the end.
-    assert len(re.findall(r"^step \d \| epoch 0 \| loss ", run.stderr, re.M)) == 4, run.stderr[-3000:]
-    assert "pipellm: done, 4 steps" in run.stderr
+    assert compared(tmp_path / "save")[:4] == compared(launcher_run_2x1)
+    # Rank 0's log reaches the caller: its step lines.
+    assert re.search(r"^step 4 \| epoch 0 \| loss ", err, re.M), err[-3000:]
+    assert driver.returncode == 2, err[-3000:]  # rank 0's own exit code: the peer-lost error's
+    # Stage 0 names its lost peer, as under the launcher (test_reliability); the driver names the dead rank.
+    assert re.search(r"^error: pipeline stage 0 \(rank 0, host .+\) lost its connection (?:in .+? of step \d+|between "
+                     r"steps): stage 1 \(rank 1\)(?: at \S+)? went away ", err, re.M), err[-3000:]
+    assert re.search(r"^pipellm ray: rank 1 \(stage 1, replica 0, node .+\) exited with code -9", err, re.M), \
+        err[-3000:]
+    for log in re.findall(r"; its log: (\S+)", err):  # the failed ranks' logs, kept on their node
+        Path(log).unlink()
 
 
 def test_two_stages_two_replicas_over_two_nodes_train_as_under_the_launcher(cluster, tmp_path, tiny_pp_model,
@@ -116,32 +136,11 @@ def test_two_stages_two_replicas_over_two_nodes_train_as_under_the_launcher(clus
     ours, theirs = metrics(tmp_path / "save"), metrics(launcher_run_2x1)
     assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=1e-5)
     assert [r["tokens"] for r in ours] == [r["tokens"] for r in theirs]
-    # Only rank 0's log is streamed: what every rank prints at start-up appears once.
+    # Rank 0's log reaches the caller, every step and the end; only rank 0's: what every rank prints at start-up
+    # appears once.
+    assert len(re.findall(r"^step \d \| epoch 0 \| loss ", run.stderr, re.M)) == 4, run.stderr[-3000:]
+    assert "pipellm: done, 4 steps" in run.stderr
     assert run.stderr.count("SEED_LAYERS=") == 1, run.stderr[-3000:]
-
-
-def test_a_killed_rank_ends_the_run_with_the_peer_lost_line(cluster, tmp_path, tiny_pp_model):
-    config = write_config(tmp_path / "c.yml", tiny_pp_model[1], tmp_path / "save", [2, 1], n_epochs=100,
-                          max_steps=10**6)
-    driver = subprocess.Popen(ray_command(cluster, config), cwd=REPO, env=cluster.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        log, deadline = tmp_path / "save" / "metrics.jsonl", time.monotonic() + 300
-        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-            assert time.monotonic() < deadline and driver.poll() is None, "training did not start"
-            time.sleep(0.5)
-        training_process(config, 1).kill()
-        _, err = driver.communicate(timeout=120)
-    finally:
-        driver.kill()
-    assert driver.returncode == 2, err[-3000:]  # rank 0's own exit code: the peer-lost error's
-    # Stage 0 names its lost peer, as under the launcher (test_reliability); the driver names the dead rank.
-    assert re.search(r"^error: pipeline stage 0 \(rank 0, host .+\) lost its connection (?:in .+? of step \d+|between "
-                     r"steps): stage 1 \(rank 1\)(?: at \S+)? went away ", err, re.M), err[-3000:]
-    assert re.search(r"^pipellm ray: rank 1 \(stage 1, replica 0, node .+\) exited with code -9", err, re.M), \
-        err[-3000:]
-    for log in re.findall(r"; its log: (\S+)", err):  # the failed ranks' logs, kept on their node
-        Path(log).unlink()
 
 
 def test_a_save_path_one_node_does_not_see_is_one_line(cluster, tiny_pp_model):
