@@ -35,8 +35,10 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "pyflakes", "matplotlib"],  # the benchmark smoke test draws its plot
+        "test": ["pytest>=8", "pyflakes", "matplotlib",  # the benchmark smoke test draws its plot
+                 "ray>=2.40"],  # tests/test_ray.py
         "plot": ["matplotlib"],
         "nvml": ["nvidia-ml-py"],  # the GPU profile's sampler (pipellm.observe.gpu_profile)
+        "ray": ["ray>=2.40"],  # python -m pipellm.ray (plain ray: the dashboard's extras are not needed)
     },
 )

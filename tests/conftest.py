@@ -16,3 +16,12 @@ def tiny_pp_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     hf_dir = make_tiny_model(root / "hf")
     return hf_dir, hg_to_pp(hf_dir, root / "pp")
+
+
+@pytest.fixture(scope="session")
+def launcher_run_2x1(tmp_path_factory, tiny_pp_model):
+    """The deepspeed launcher's run of the scale-out config on 2 stages (``tests/launches.py``): its save
+    directory. One run for the session: the scale-out and Ray tests compare their launches with it."""
+    from launches import run_launcher_2x1
+
+    return run_launcher_2x1(tmp_path_factory.mktemp("launcher_2x1"), tiny_pp_model[1])

@@ -3,7 +3,6 @@ mismatched config on one node fails at start-up naming the rank, a hung rank end
 naming the stage instead of a silent hang, and a run destroys the process group it started."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -14,31 +13,13 @@ import time
 import psutil
 import pytest
 import torch.distributed
-import yaml
 from pipellm.pipeline.deepspeed_compat import instruction_names
 
 from conftest import REPO
 from distributed import free_port
+from launches import launcher, losses, write_config
 from pipellm.training.distributed import run_owns_process_group
 from pipellm.errors import PipellmError
-
-DATA = str(REPO / "pipellm" / "assets" / "data" / "sample.jsonl")
-
-
-def write_config(path, pp_model, save, dims, **overrides):
-    config = {"model_path": str(pp_model), "save_path": str(save), "data_path": DATA, "max_seq_len": 64,
-              "max_steps": 4, "log_steps": 1, "save_final": False, "seed": 3,
-              "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}, "parts": [3, 3]},
-              "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
-    config.update(overrides)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def launcher(config, *args, port):
-    return [sys.executable, "-m", "deepspeed.launcher.runner", *args, "--master_port", str(port), "train_ds.py",
-            "--config", str(config)]
 
 
 def run_two_nodes(tmp_path, configs):
@@ -53,22 +34,12 @@ def run_two_nodes(tmp_path, configs):
     return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
 
 
-def losses(save):
-    return [json.loads(line)["loss"] for line in (save / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_two_nodes_train_like_one(tmp_path, tiny_pp_model):
-    pp = tiny_pp_model[1]
-    one = write_config(tmp_path / "one.yml", pp, tmp_path / "one", [2, 1])
-    result = subprocess.run(launcher(one, "--num_gpus", "2", port=free_port()), cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    two = write_config(tmp_path / "two.yml", pp, tmp_path / "two", [2, 2])
+def test_two_nodes_train_like_one(tmp_path, tiny_pp_model, launcher_run_2x1):
+    two = write_config(tmp_path / "two.yml", tiny_pp_model[1], tmp_path / "two", [2, 2])
     results = run_two_nodes(tmp_path, [two, two])
     assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
     # 2 stages x 2 replicas over two "nodes" = the same global batch, so the same loss curve.
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    assert losses(tmp_path / "two") == pytest.approx(losses(launcher_run_2x1), rel=1e-5)
 
 
 def test_mismatched_config_on_one_node_fails_fast(tmp_path, tiny_pp_model):
