@@ -58,10 +58,10 @@ def run_config(tmp, pp_model, save, **overrides) -> dict:
     return config
 
 
-def start(tmp, name: str, config: dict) -> subprocess.Popen:
+def start(tmp, name: str, config: dict, processes: int = 2) -> subprocess.Popen:
     path = tmp / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
-    return subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+    return subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
                              str(free_port()), "train_ds.py", "--config", str(path)], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -175,19 +175,27 @@ def test_killed_and_preempted_runs_resume_into_the_uninterrupted_run(reference, 
         ["global_step3", "global_step8", "global_step9"]
 
 
-def test_a_changed_layout_resumes_weights_only(reference, tiny_pp_model):
+def test_weights_only_starts_anew_and_a_full_resume_refuses_what_its_state_cannot_follow(reference, tiny_pp_model):
     tmp, reference_save, _ = reference
-    checkpoint = ResumePoint(reference_save / "global_step3", weights_only=False)
-    new_layout = {"stage_boundaries": [0, 2, 7], "axes": ["pipe", "data"], "dims": [2, 1]}
-    with pytest.raises(PipellmError, match=r"saved with stage boundaries \[0, 3, 7\] on \['pipe', 'data'\] \[2, 1\], "
-                                           r"this run has \[0, 2, 7\] .* set `resume_weights_only: true`"):
-        checkpoint.check_layout(new_layout)
-    ResumePoint(reference_save / "global_step3", weights_only=True).check_layout(new_layout)
+    checkpoint = reference_save / "global_step3"
+    for keys, message in [
+        ({"train_batch_size": 16}, r"`train_batch_size` 16 differs from the 8 .*global_step3 was trained with: the "
+                                   r"step counts global batches of 8 .* keep 8 with any `dims` and micro batch size"),
+        ({"bf16": {"enabled": True}}, r"global_step3 was trained in fp32 and this run is bf16"),
+        ({"optimizer": {"type": "Lion", "params": {"lr": 1e-4}}},
+         r"global_step3 was trained with AdamW, this run's `optimizer.type` is Lion"),
+    ]:
+        config = run_config(tmp, tiny_pp_model[1], tmp / "refused", resume=str(checkpoint), **keys)
+        (tmp / "refused.yml").write_text(yaml.safe_dump(config))
+        with pytest.raises(PipellmError, match=message + r".*`resume_weights_only: true`") as error:
+            ResumePoint.find(load_config(tmp / "refused.yml"))
+        assert "\n" not in str(error.value)
+        (tmp / "refused.yml").write_text(yaml.safe_dump(dict(config, resume_weights_only=True)))
+        assert ResumePoint.find(load_config(tmp / "refused.yml")).weights_only  # a new run: nothing to keep
 
     save = tmp / "weights_only"
-    config = run_config(tmp, tiny_pp_model[1], save, resume=str(reference_save / "global_step3"),
-                        resume_weights_only=True, max_steps=5,
-                        model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [2, 4]})
+    config = run_config(tmp, tiny_pp_model[1], save, resume=str(checkpoint), resume_weights_only=True, max_steps=5,
+                        model_topo=OTHER_PARTS)
     code, output = finish(start(tmp, "weights_only", config))
     assert code == 0, output[-3000:]
     assert "at step 3 (weights only, fresh optimizer state)" in output, output[-3000:]
@@ -197,10 +205,102 @@ def test_a_changed_layout_resumes_weights_only(reference, tiny_pp_model):
     assert (records[0]["loss"], records[0]["lr"]) == (reference_records[3]["loss"], reference_records[3]["lr"])
 
 
-# Per precision: its DeepSpeed keys, and the optimizer state files its checkpoints hold (proof it ran that way).
-PRECISIONS = {"bf16": ({"bf16": {"enabled": True}}, "bf16_zero_pp_rank_*_optim_states.pt"),
-              "zero1-offload": ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
-                                "zero_pp_rank_*_optim_states.pt")}
+# ---------------------------------------------------------------------------------------------------------------
+# Elastic resume: the full state on another layout
+
+def topology(dims: list[int], parts) -> dict:
+    return {"process_topology": {"axes": ["pipe", "data"], "dims": dims}, "parts": parts}
+
+
+OTHER_PARTS = topology([2, 1], [2, 4])
+ONE_STAGE_TWO_REPLICAS = topology([1, 2], [6])
+ULPS_PER_STEP = 16
+"""How far a run resumed on another layout may drift from the uninterrupted one, in units in the last place (of
+a figure, or of a tensor's largest element) per step it ran. Its forward and backward compute each layer alike,
+but three sums are rounded in another order: the global gradient norm (summed per stage, then over the stages,
+so another split rounds it differently, and clipping scales every gradient by it), the data-parallel mean of the
+gradients and of the loss (other replica counts), and ZeRO's and pipellm's own norm (ZeRO on or off). Each step's
+update then differs in its last bits, and later steps carry that on. Measured on these runs: at most 9 ulps after
+2 steps; a missing optimizer state or fp32 master changes the next update by far more (a fresh AdamW's first step
+moves every weight by the full learning rate)."""
+
+
+def ulp(value: float, dtype: torch.dtype) -> float:
+    """The spacing of ``dtype``'s numbers at ``value`` (their largest, for a tensor)."""
+    mantissa, exponent = math.frexp(abs(value))
+    return torch.finfo(dtype).eps * 2.0 ** (exponent - 1) if value else torch.finfo(dtype).tiny
+
+
+def ulps_apart(got, expected, precision: torch.dtype = torch.float32) -> float:
+    """How far apart, in units in the last place of ``precision`` (a figure's) or of the tensor's dtype."""
+    if isinstance(expected, float):
+        return abs(got - expected) / ulp(expected, precision)
+    scale = max(expected.abs().max().item(), got.abs().max().item())
+    return (got.double() - expected.double()).abs().max().item() / ulp(scale, expected.dtype)
+
+
+def checkpoint_tensors(checkpoint: Path) -> dict:
+    """Every tensor of a checkpoint's layer files (weights) and optimizer files (moments, step, fp32 masters)."""
+    tensors = {}
+    for path in sorted(checkpoint.glob("layer_*.pt")):
+        for key, value in torch.load(path, weights_only=True).items():
+            entries = value.items() if isinstance(value, dict) else [(None, value)]
+            tensors.update({(path.name, key, part): tensor for part, tensor in entries})
+    return tensors
+
+
+def assert_continues(save: Path, reference_save: Path, start: int, same_data_parallel: bool,
+                     precision: torch.dtype = torch.float32) -> None:
+    """The run resumed at step ``start`` into ``save`` ran the reference's remaining steps (until its early stop)
+    with the same epochs, learning rates, token counts and evals, and logged the same losses, gradient norms and
+    eval losses and saved the same final weights, fp32 masters and optimizer moments, up to ``ULPS_PER_STEP`` per
+    step run (the figures in units of ``precision``, the dtype the model computes in). The first step's loss is computed from the checkpoint's weights exactly: with the same replica
+    count (the loss is averaged over the replicas) it is the reference's bit for bit."""
+    records, expected = metrics(save), {r["step"]: r for r in metrics(reference_save)}
+    last = max(expected)
+    assert [r["step"] for r in records] == list(range(start + 1, last + 1))
+    for record in records:
+        reference_record, steps_run = expected[record["step"]], record["step"] - start
+        assert [record.get(k) for k in ("epoch", "lr", "tokens")] == \
+            [reference_record.get(k) for k in ("epoch", "lr", "tokens")], record
+        assert ("eval_loss" in record) == ("eval_loss" in reference_record), record
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in reference_record:
+                assert ulps_apart(record[key], reference_record[key], precision) <= ULPS_PER_STEP * steps_run, \
+                    (key, record, reference_record)
+    if same_data_parallel:
+        assert records[0]["loss"] == expected[start + 1]["loss"]
+    final, reference_final = (checkpoint_tensors(s / f"global_step{last}") for s in (save, reference_save))
+    assert final.keys() == reference_final.keys() and any(part == "exp_avg_sq" for _, _, part in final)
+    worst = max(ulps_apart(final[k], reference_final[k]) for k in final)
+    assert worst <= ULPS_PER_STEP * (last - start), worst
+
+
+def test_a_run_resumes_its_full_state_on_two_stages_of_two_replicas(reference, tiny_pp_model):
+    """Saved on 2 stages x 1 replica at step 3, resumed on 2 x 2 with `parts: auto` (4 processes): the early
+    stop at step 9 comes as in the reference (early-stopping state) with its metrics and final state."""
+    tmp, reference_save, _ = reference
+    save = tmp / "two_by_two"
+    config = run_config(tmp, tiny_pp_model[1], save, resume=str(reference_save / "global_step3"),
+                        model_topo=topology([2, 2], "auto"))
+    code, output = finish(start(tmp, "two_by_two", config, processes=4))
+    assert code == 0, output[-3000:]
+    assert re.search(rf"pipellm: resumed from {save.parent}/reference/global_step3 at step 3 \(weights, optimizer, "
+                     rf"LR scheduler states; layout pipe 2 x data 1, stage boundaries \[0, 3, 7\] -> pipe 2 x data 2, "
+                     rf"stage boundaries \[0, \d, 7\], RNG states reseeded\)", output), output[-3000:]
+    assert "pipellm: early stopping at step 9" in output, output[-3000:]
+    assert_continues(save, reference_save, 3, same_data_parallel=False)
+
+
+ZERO1_OFFLOAD = {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
+PRECISIONS = {"bf16": {"bf16": {"enabled": True}}, "zero1-offload": ZERO1_OFFLOAD}
+# Resumed from a precision's (or the fp32 reference's) global_step3 on another layout: name -> (source, keys).
+ELASTIC = {"bf16-one-stage": ("bf16", dict(PRECISIONS["bf16"], model_topo=ONE_STAGE_TWO_REPLICAS)),
+           "zero1-offload-one-stage": ("zero1-offload", dict(ZERO1_OFFLOAD, model_topo=ONE_STAGE_TWO_REPLICAS)),
+           "zero1-offload-to-plain": ("zero1-offload", {"model_topo": OTHER_PARTS}),
+           "fp32-other-parts": ("reference", {"model_topo": OTHER_PARTS}),
+           "fp32-one-stage-zero1": ("reference", {"zero_optimization": {"stage": 1},
+                                                  "model_topo": ONE_STAGE_TWO_REPLICAS})}
 
 
 def train_in_turn(rank: int, config_paths: list[str], out_dir: str) -> None:
@@ -208,41 +308,58 @@ def train_in_turn(rank: int, config_paths: list[str], out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps([train_main(path) for path in config_paths]))
 
 
-def test_bf16_and_zero1_offload_resume_exactly(tmp_path, tiny_pp_model):
-    """Per precision, one epoch (5 steps; evals at 3 and 5; saves at 3 (best), 4 and 5), then a run resumed
-    from its global_step3 into another save directory: steps 4 and 5 log exactly the uninterrupted run's
-    figures. bf16 restores DeepSpeed's bf16 optimizer from its bf16_zero_* files, ZeRO-1 its partitioned fp32
-    weights and moments; without them step 5 differs."""
+def test_precisions_zero1_and_changed_layouts_resume(reference, tiny_pp_model):
+    """Two ranks run in turn (spawned in-process: cheaper than the launcher). Per precision, one epoch (5 steps;
+    evals at 3 and 5; saves at 3 (best), 4 and 5), then a run resumed from its global_step3 on the same layout
+    into another save directory: steps 4 and 5 log exactly the uninterrupted run's figures and save its state bit
+    for bit (bf16: DeepSpeed's bf16 optimizer, its fp32 masters and moments partitioned; ZeRO-1 + offload its
+    partitioned fp32 weights and moments). Then the elastic resumes of ``ELASTIC``: one stage of two replicas
+    (bf16 and ZeRO-1 + offload re-partition every parameter over 2 replicas; fp32 from the per-parameter
+    optimizer of the reference turns ZeRO-1 on), ZeRO-1 turned off, other parts."""
+    tmp, reference_save, _ = reference
+    saves = {"reference": reference_save}
     runs = []
-    for name, (keys, _) in PRECISIONS.items():
-        full, resumed = tmp_path / f"{name}-full", tmp_path / f"{name}-resumed"
-        for save, resume in ((full, {}), (resumed, {"resume": str(full / "global_step3")})):
-            path = tmp_path / f"{save.name}.yml"
-            path.write_text(yaml.safe_dump(run_config(tmp_path, tiny_pp_model[1], save, n_epochs=1, **keys,
-                                                      **resume)))
-            runs.append(str(path))
-    run_distributed(2, train_in_turn, runs, str(tmp_path))
-    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+    def add(name: str, keys: dict, source: str | None = None, n_epochs: int = 1) -> None:
+        saves[name] = tmp / name
+        resume = {"resume": str(saves[source] / "global_step3")} if source else {}
+        path = tmp / f"{name}.yml"
+        path.write_text(yaml.safe_dump(run_config(tmp, tiny_pp_model[1], saves[name], n_epochs=n_epochs, **keys,
+                                                  **resume)))
+        runs.append(str(path))
+
+    for name, keys in PRECISIONS.items():
+        add(f"{name}-full", keys)
+        add(f"{name}-resumed", keys, f"{name}-full")
+    for name, (source, keys) in ELASTIC.items():
+        add(name, keys, source if source == "reference" else f"{source}-full", 3 if source == "reference" else 1)
+    run_distributed(2, train_in_turn, runs, str(tmp))
+    results = [json.loads((tmp / f"rank{rank}.json").read_text()) for rank in range(2)]
+    printed = dict(zip((Path(run).stem for run in runs), (result["stderr"] for result in results[0])))
     for run, *on_ranks in zip(runs, *results):
         assert [r["exit_code"] for r in on_ranks] == [0, 0], (run, on_ranks[0]["stderr"][-3000:])
 
-    for index, (name, (_, optimizer_files)) in enumerate(PRECISIONS.items()):
-        full, resumed = tmp_path / f"{name}-full", tmp_path / f"{name}-resumed"
-        assert len(list((full / "global_step3").glob(optimizer_files))) == 2, name  # one per stage
-        printed = results[0][2 * index + 1]["stderr"]
+    for name in PRECISIONS:
+        full, resumed = saves[f"{name}-full"], saves[f"{name}-resumed"]
         assert f"pipellm: resumed from {full}/global_step3 at step 3 (weights, optimizer, LR scheduler, RNG " \
-               f"states)" in printed, printed[-3000:]
-        reference = metrics(full)
-        assert [r["step"] for r in reference] == [1, 2, 3, 4, 5] and "eval_loss" in reference[4], name
-        assert exact(metrics(resumed)) == exact(reference[3:]), name
+               f"states)" in printed[f"{name}-resumed"], printed[f"{name}-resumed"][-3000:]
+        reference_records = metrics(full)
+        assert [r["step"] for r in reference_records] == [1, 2, 3, 4, 5] and "eval_loss" in reference_records[4]
+        assert exact(metrics(resumed)) == exact(reference_records[3:]), name
+        saved, expected = (checkpoint_tensors(s / "global_step5") for s in (resumed, full))
+        assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved), name
+        # bf16 checkpoints hold each parameter's fp32 master; in fp32 the layer file's weight is the master.
+        masters = [tensor for (_, _, part), tensor in saved.items() if part == "master"]
+        assert (len(masters), {t.dtype for t in masters}) == ((len(saved) // 5, {torch.float32}) if name == "bf16"
+                                                               else (0, set())), name
 
-    # pp_to_hg exports the bf16 layer files as they are: converted back, every tensor is the same bf16 tensor.
-    checkpoint = tmp_path / "bf16-full" / "global_step5"
-    back = hg_to_pp(pp_to_hg(checkpoint, tmp_path / "bf16_hf"), tmp_path / "bf16_pp")
-    for layer in sorted(checkpoint.glob("layer_*-model_states.pt")):
-        saved, exported = (torch.load(d / layer.name, weights_only=True) for d in (checkpoint, back))
-        assert saved.keys() == exported.keys() and all(
-            t.dtype == torch.bfloat16 and torch.equal(t, exported[k]) for k, t in saved.items()), layer.name
+    assert re.search(r"at step 3 \(weights, optimizer, LR scheduler states; layout pipe 2 x data 1, stage boundaries "
+                     r"\[0, 3, 7\] -> pipe 1 x data 2, stage boundaries \[0, 7\], RNG states reseeded\)",
+                     printed["bf16-one-stage"]), printed["bf16-one-stage"][-3000:]
+    for name, (source, keys) in ELASTIC.items():
+        source_save = saves[source if source == "reference" else f"{source}-full"]
+        assert_continues(saves[name], source_save, 3, same_data_parallel=keys["model_topo"] != ONE_STAGE_TWO_REPLICAS,
+                         precision=torch.bfloat16 if "bf16" in keys else torch.float32)
 
 
 def test_early_stopping_rule():
@@ -315,21 +432,30 @@ def test_bad_checkpoint_keys_fail_with_one_line(tmp_path, keys, message):
     assert "\n" not in str(error.value)
 
 
-def test_deepspeed_checkpoint_reads_accept_only_the_allowed_records(tmp_path):
-    """fp16 cannot run on CPU, so its optimizer file is not produced here: check that the dynamic loss scaler it
-    holds loads through pipellm's weights-only reader, and that any other object is still refused."""
+def test_fp16_loss_scale_state_round_trips_through_a_weights_only_file(tmp_path):
+    """fp16 cannot run on CPU: the dynamic loss scale of both of DeepSpeed's holders (ZeRO's ``loss_scaler``, the
+    fp16 optimizer's ``loss_scale_config``), moved on by overflows, is saved as plain data into a
+    file read with ``weights_only=True`` and restored into fresh holders; static scales (fp32, bf16) save none."""
     import types
 
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
-    from pipellm.pipeline.deepspeed_compat import read_checkpoints_weights_only
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaleConfig, LossScaler
+    from pipellm.pipeline.deepspeed_compat import loss_scale_state, restore_loss_scale_state
 
-    engine = types.SimpleNamespace(checkpoint_engine=types.SimpleNamespace())
-    read_checkpoints_weights_only(engine)
-    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=500, min_scale=1, delayed_shift=2,
-                               consecutive_hysteresis=False)
-    torch.save({"loss_scaler": scaler, "step": torch.tensor(3)}, tmp_path / "fp16_optim.pt")
-    loaded = engine.checkpoint_engine.load(tmp_path / "fp16_optim.pt")
-    assert vars(loaded["loss_scaler"]) == vars(scaler) and loaded["step"] == 3
-    torch.save({"other": Path("x")}, tmp_path / "other.pt")
-    with pytest.raises(Exception, match="weights_only"):
-        engine.checkpoint_engine.load(tmp_path / "other.pt")
+    def zero():
+        return types.SimpleNamespace(loss_scaler=DynamicLossScaler(init_scale=2.0**16, scale_window=2,
+                                                                   min_scale=1, delayed_shift=2,
+                                                                   consecutive_hysteresis=False))
+
+    def fp16():
+        return types.SimpleNamespace(loss_scale_config=LossScaleConfig(torch.float16, True, 1.0, None))
+
+    trained = [zero(), fp16()]
+    # Where 5 steps with overflows at the first and the last leave them.
+    vars(trained[0].loss_scaler).update(cur_scale=2.0**14, cur_iter=5, last_overflow_iter=4, cur_hysteresis=1)
+    vars(trained[1].loss_scale_config).update(cur_scale=2.0**14, cur_iter=5, last_overflow_iter=4)
+    for holder, fresh in zip(trained, (zero(), fp16())):
+        torch.save({"loss_scale": loss_scale_state(holder)}, tmp_path / "state.pt")
+        restore_loss_scale_state(fresh, torch.load(tmp_path / "state.pt", weights_only=True)["loss_scale"])
+        assert vars(vars(fresh).popitem()[1]) == vars(vars(holder).popitem()[1])
+    assert loss_scale_state(types.SimpleNamespace(loss_scaler=LossScaler(1.0))) is None
+    assert loss_scale_state(types.SimpleNamespace()) is None

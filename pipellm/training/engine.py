@@ -60,6 +60,8 @@ class Engine(abc.ABC):
     watchdog: StepWatch
     """Follows each step's operations: a peer that goes away (and in the pipeline a stall) ends the run with one
     line."""
+    trainable: NamedParameters
+    """What the optimizer steps, by the names the parameter set gives (checkpoints key its state by them)."""
     replica: int
     replicas: int
     stage: int = 0
@@ -70,9 +72,9 @@ class Engine(abc.ABC):
         import deepspeed
 
         self.model, self.parameter_set = model, setup.parameter_set
+        self.trainable = setup.parameter_set.trainable(named_parameters)
         optimizer, lr_scheduler, ds_config = deepspeed_optimizer(
-            model, setup.parameter_set.trainable(named_parameters), ds_config, cfg.no_weight_decay,
-            cfg.lr_schedule, setup.total_steps)
+            model, self.trainable, ds_config, cfg.no_weight_decay, cfg.lr_schedule, setup.total_steps)
         ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                                 config=ds_config)
