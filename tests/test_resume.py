@@ -61,8 +61,8 @@ def run_config(tmp, pp_model, save, **overrides) -> dict:
 def start(tmp, name: str, config: dict, processes: int = 2) -> subprocess.Popen:
     path = tmp / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
-    return subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
-                             str(free_port()), "train_ds.py", "--config", str(path)], cwd=REPO, text=True,
+    return subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes),
+                             "--master_port", str(free_port()), "train_ds.py", "--config", str(path)], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -254,8 +254,9 @@ def assert_continues(save: Path, reference_save: Path, start: int, same_data_par
     """The run resumed at step ``start`` into ``save`` ran the reference's remaining steps (until its early stop)
     with the same epochs, learning rates, token counts and evals, and logged the same losses, gradient norms and
     eval losses and saved the same final weights, fp32 masters and optimizer moments, up to ``ULPS_PER_STEP`` per
-    step run (the figures in units of ``precision``, the dtype the model computes in). The first step's loss is computed from the checkpoint's weights exactly: with the same replica
-    count (the loss is averaged over the replicas) it is the reference's bit for bit."""
+    step run (the figures in units of ``precision``, the dtype the model computes in). The first step's loss is
+    computed from the checkpoint's weights exactly: with the same replica count (the loss is averaged over the
+    replicas) it is the reference's bit for bit."""
     records, expected = metrics(save), {r["step"]: r for r in metrics(reference_save)}
     last = max(expected)
     assert [r["step"] for r in records] == list(range(start + 1, last + 1))
@@ -308,14 +309,33 @@ def train_in_turn(rank: int, config_paths: list[str], out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps([train_main(path) for path in config_paths]))
 
 
-def test_precisions_zero1_and_changed_layouts_resume(reference, tiny_pp_model):
+@pytest.fixture(scope="module")
+def tied_pp_model(tmp_path_factory) -> Path:
+    """The tiny llama with its head tied to the embedding, as pipeline layer files (no head file): on 2 stages
+    the last one trains a pipeline-replicated copy of the embedding."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipellm.data.tokenizer import load_tokenizer
+    from pipellm.quickstart import TINY_LLAMA
+
+    root = tmp_path_factory.mktemp("tied")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA, tie_word_embeddings=True))
+    model.save_pretrained(root / "hf")
+    load_tokenizer(TINY_LLAMA).save_pretrained(root / "hf")
+    return hg_to_pp(root / "hf", root / "pp")
+
+
+def test_precisions_zero1_and_changed_layouts_resume(reference, tiny_pp_model, tied_pp_model):
     """Two ranks run in turn (spawned in-process: cheaper than the launcher). Per precision, one epoch (5 steps;
     evals at 3 and 5; saves at 3 (best), 4 and 5), then a run resumed from its global_step3 on the same layout
     into another save directory: steps 4 and 5 log exactly the uninterrupted run's figures and save its state bit
     for bit (bf16: DeepSpeed's bf16 optimizer, its fp32 masters and moments partitioned; ZeRO-1 + offload its
     partitioned fp32 weights and moments). Then the elastic resumes of ``ELASTIC``: one stage of two replicas
     (bf16 and ZeRO-1 + offload re-partition every parameter over 2 replicas; fp32 from the per-parameter
-    optimizer of the reference turns ZeRO-1 on), ZeRO-1 turned off, other parts."""
+    optimizer of the reference turns ZeRO-1 on), ZeRO-1 turned off, other parts. The precisions train the tiny
+    llama with a tied head: on 2 stages its pipeline-replicated copy trains on stage 1, on 1 stage it is the
+    embedding itself; the fp32 reference's is untied."""
     tmp, reference_save, _ = reference
     saves = {"reference": reference_save}
     runs = []
@@ -323,9 +343,9 @@ def test_precisions_zero1_and_changed_layouts_resume(reference, tiny_pp_model):
     def add(name: str, keys: dict, source: str | None = None, n_epochs: int = 1) -> None:
         saves[name] = tmp / name
         resume = {"resume": str(saves[source] / "global_step3")} if source else {}
+        model = tiny_pp_model[1] if "reference" in (name, source) else tied_pp_model
         path = tmp / f"{name}.yml"
-        path.write_text(yaml.safe_dump(run_config(tmp, tiny_pp_model[1], saves[name], n_epochs=n_epochs, **keys,
-                                                  **resume)))
+        path.write_text(yaml.safe_dump(run_config(tmp, model, saves[name], n_epochs=n_epochs, **keys, **resume)))
         runs.append(str(path))
 
     for name, keys in PRECISIONS.items():
@@ -348,10 +368,23 @@ def test_precisions_zero1_and_changed_layouts_resume(reference, tiny_pp_model):
         assert exact(metrics(resumed)) == exact(reference_records[3:]), name
         saved, expected = (checkpoint_tensors(s / "global_step5") for s in (resumed, full))
         assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved), name
-        # bf16 checkpoints hold each parameter's fp32 master; in fp32 the layer file's weight is the master.
+        # bf16 checkpoints hold each parameter's fp32 master; in fp32 the layer file's weight is the master. The
+        # tied head's weight is the embedding's, saved once (layer file 0; the tied model has no head file).
+        parameters = [key for (_, key, part) in saved if part == "exp_avg"]
         masters = [tensor for (_, _, part), tensor in saved.items() if part == "master"]
-        assert (len(masters), {t.dtype for t in masters}) == ((len(saved) // 5, {torch.float32}) if name == "bf16"
+        assert (len(masters), {t.dtype for t in masters}) == ((len(parameters), {torch.float32}) if name == "bf16"
                                                                else (0, set())), name
+        assert parameters.count("model.embed_tokens.weight") == 1 and "lm_head.weight" not in parameters
+        assert sorted(path.name for path in (full / "global_step5").glob("layer_*")) == \
+            [f"layer_{i:02d}-{kind}_states.pt" for i in range(6) for kind in ("model", "optim")]
+
+    # pp_to_hg exports the bf16 layer files as they are: converted back, every tensor is the same bf16 tensor.
+    checkpoint = saves["bf16-full"] / "global_step5"
+    back = hg_to_pp(pp_to_hg(checkpoint, tmp / "bf16_hf"), tmp / "bf16_pp")
+    for layer in sorted(checkpoint.glob("layer_*-model_states.pt")):
+        saved, exported = (torch.load(d / layer.name, weights_only=True) for d in (checkpoint, back))
+        assert saved.keys() == exported.keys() and all(
+            t.dtype == torch.bfloat16 and torch.equal(t, exported[k]) for k, t in saved.items()), layer.name
 
     assert re.search(r"at step 3 \(weights, optimizer, LR scheduler states; layout pipe 2 x data 1, stage boundaries "
                      r"\[0, 3, 7\] -> pipe 1 x data 2, stage boundaries \[0, 7\], RNG states reseeded\)",

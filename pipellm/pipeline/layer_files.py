@@ -5,8 +5,9 @@ A pipeline checkpoint directory holds one ``layer_XX-model_states.pt`` per pipel
 ``PipelineModule`` saves and loads them (each is ``torch.save`` of one layer module's
 ``state_dict``), next to ``config.json`` and the tokenizer files; a training checkpoint adds, per layer file
 with trainable parameters, ``layer_XX-optim_states.pt``: their optimizer state by checkpoint name
-(``pipellm.training.stage_checkpoint``). A training save directory holds one such directory per checkpoint tag (``global_step<N>``), a ``latest`` file naming the newest and, with eval data, a
-``best`` file naming the one with the best eval loss (saving and resuming: ``pipellm.training.checkpointer``).
+(``pipellm.training.stage_checkpoint``). A training save directory holds one such directory per checkpoint tag
+(``global_step<N>``), a ``latest`` file naming the newest and, with eval data, a ``best`` file naming the one
+with the best eval loss (saving and resuming: ``pipellm.training.checkpointer``).
 """
 from __future__ import annotations
 

@@ -141,8 +141,8 @@ class PartitionedStates(ParameterStates):
                 step = state.pop(STEP)
                 first = group_state.setdefault(STEP, step)
                 if not torch.equal(first, step):
-                    raise PipellmError(f"the checkpoint's parameters of one optimizer group were stepped {float(first):g} "
-                                       f"and {float(step):g} times; ZeRO and the bf16 optimizer keep one step per "
+                    raise PipellmError(f"the checkpoint's parameters of one optimizer group were stepped "
+                                       f"{float(first):g} and {float(step):g} times; ZeRO and the bf16 optimizer keep one step per "
                                        f"group: resume without ZeRO, or with `resume_weights_only: true`")
             fragment = partition_fragment(param)
             for key, value in state.items():
