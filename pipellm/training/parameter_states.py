@@ -142,8 +142,8 @@ class PartitionedStates(ParameterStates):
                 first = group_state.setdefault(STEP, step)
                 if not torch.equal(first, step):
                     raise PipellmError(f"the checkpoint's parameters of one optimizer group were stepped "
-                                       f"{float(first):g} and {float(step):g} times; ZeRO and the bf16 optimizer keep one step per "
-                                       f"group: resume without ZeRO, or with `resume_weights_only: true`")
+                                       f"{float(first):g} and {float(step):g} times; ZeRO and the bf16 optimizer keep "
+                                       f"one step per group: resume without ZeRO, or with `resume_weights_only: true`")
             fragment = partition_fragment(param)
             for key, value in state.items():
                 if key not in group_state:
