@@ -513,3 +513,52 @@ def test_the_schedule_state_follows_a_stage_with_another_number_of_parameter_gro
     assert per_group({"lrs": [5e-4]}, 2) == {"lrs": [5e-4, 5e-4]} and per_group(saved, 2) == saved
     with pytest.raises(PipellmError, match=r"different `base_lrs` per parameter group \(\[0.001, 0.002\]\)"):
         per_group({"base_lrs": [1e-3, 2e-3]}, 1)
+
+
+def test_fp16_masters_and_moments_round_trip_per_parameter(monkeypatch):
+    """fp16 without ZeRO (DeepSpeed's unfused fp16 optimizer keeps one fp32 master per parameter; fp16 cannot
+    train on CPU, but its optimizer steps here): each parameter's master, moments and step are gathered, scattered
+    into a fresh optimizer over the fp16 weights, and gathered again unchanged; the next step is the same."""
+    import types
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaleConfig, LossScaleProfile
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from pipellm.training.distributed import close_process_group, init_process_group
+    from pipellm.training.parameter_states import ParameterStates
+
+    def fp16_engine(weights):
+        params = [torch.nn.Parameter(weight.detach().clone()) for weight in weights]
+        base = torch.optim.AdamW(params, lr=1e-2, fused=True)
+        scale = LossScaleConfig(torch.float16, True, 1.0, None, profile=LossScaleProfile.UNFUSED)
+        optimizer = FP16_UnfusedOptimizer(base, deepspeed=None, loss_scale_config=scale,
+                                          low_precision_dtype=torch.float16, mpu=None, clip_grad=0.0)
+        return params, types.SimpleNamespace(optimizer=optimizer, basic_optimizer=base)
+
+    def step(params, engine, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator).half()
+        engine.optimizer.step()
+
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    init_process_group(60)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        trained = fp16_engine([torch.randn(shape, generator=generator).half() for shape in ((3, 4), (5,))])
+        for seed in (1, 2):
+            step(*trained, seed)
+        saved = [ParameterStates.of(trained[1]).gather(param) for param in trained[0]]
+        master = saved[0]["master"]
+        assert set(saved[0]) == {"step", "exp_avg", "exp_avg_sq", "master"} and master.dtype == torch.float32
+        assert not torch.equal(master.half().float(), master)  # more than the fp16 weight holds
+        resumed = fp16_engine(trained[0])
+        ParameterStates.of(resumed[1]).scatter(zip(resumed[0], saved))
+        again = [ParameterStates.of(resumed[1]).gather(param) for param in resumed[0]]
+        assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(saved, again))
+        step(*trained, 3)
+        step(*resumed, 3)
+        assert all(torch.equal(a, b) for a, b in zip(trained[0], resumed[0]))
+    finally:
+        close_process_group()
