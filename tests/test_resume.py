@@ -31,7 +31,7 @@ from distributed import free_port, run_distributed
 from pipellm.config import load_config
 from pipellm.convert.converters import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
-from pipellm.training.checkpointer import STATE_FILE, ResumePoint
+from pipellm.training.checkpointer import OPTIMIZER_STATE_FORMAT, STATE_FILE, ResumePoint
 from pipellm.training.early_stopping import EarlyStoppingState
 from pipellm.training.rng import capture_rng, restore_rng, rng_file
 from test_optim import train_main
@@ -420,12 +420,14 @@ def test_early_stopping_rule():
 
 def test_resume_auto_takes_what_latest_names(tmp_path):
     save = tmp_path / "save"
+    cfg = load_config(write_yaml(tmp_path, save_path=str(save), resume="auto"))
+    resumable = {"optimizer_state": OPTIMIZER_STATE_FORMAT, "global_batch_size": cfg.global_batch_size,
+                 "precision": "fp32", "optimizer": "AdamW"}
     for tag, step in (("global_step4", 4), ("global_step8", 8), ("global_step12.tmp", 12)):
         (save / tag).mkdir(parents=True)
-        torch.save({"step": step}, save / tag / STATE_FILE)
+        torch.save({"step": step, **resumable}, save / tag / STATE_FILE)
     # Killed after renaming global_step8 but before moving `latest`, and again in the middle of a save.
     (save / "latest").write_text("global_step4")
-    cfg = load_config(write_yaml(tmp_path, save_path=str(save), resume="auto"))
     assert ResumePoint.find(cfg).path == save / "global_step4"
     (save / "latest").write_text("global_step8")
     assert ResumePoint.find(cfg).step == 8
@@ -437,6 +439,12 @@ def test_resume_auto_takes_what_latest_names(tmp_path):
         ResumePoint.find(cfg)
     cfg = load_config(write_yaml(tmp_path, save_path=str(save), resume=str(tmp_path / "nowhere")))
     with pytest.raises(PipellmError, match="does not exist"):
+        ResumePoint.find(cfg)
+    # An earlier pipellm's checkpoint (DeepSpeed's per-stage optimizer files): weights only.
+    torch.save({"step": 4}, save / "global_step4" / STATE_FILE)
+    cfg = load_config(write_yaml(tmp_path, save_path=str(save), resume=str(save / "global_step4")))
+    with pytest.raises(PipellmError, match=r"was saved by an earlier pipellm, with DeepSpeed's per-stage optimizer "
+                                           r"files, .* set `resume_weights_only: true`"):
         ResumePoint.find(cfg)
 
 
