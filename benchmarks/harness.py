@@ -2,7 +2,8 @@
 
 * ``write_model`` -- a random-init llama ``config.json`` of a preset shape plus the embedded tokenizer (no
   download); both trainers start from it with ``from_scratch: true``.
-* ``write_data`` -- pretrain records long enough to fill every row (no padding, so every token is real work).
+* ``write_data`` -- pretrain records long enough to fill every row (no padding, so every token is real work);
+  ``write_sft_data`` -- variable-length records for packed rows.
 * ``Point`` -- one measurement: which trainer (``train_ds.py`` pipeline or ``train_ds_zero.py`` ZeRO-3), sequence
   length, batch sizes and switches; ``Point.config`` is its training YAML.
 * ``launch`` -- runs one point through the deepspeed launcher in its own process group (a hung or timed-out point
@@ -31,9 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-MFU_FORMULA = ("MFU = tokens/s/GPU x (6 x (N - N_embedding) + 12 x L x d x S) / peak FLOP/s per GPU "
-               "(N parameters, L layers, d hidden size, S max_seq_len; all positions of the global batch "
-               "counted; recomputation not counted; the step time includes pipeline bubbles)")
+MFU_FORMULA = ("MFU = (6 x (N - N_embedding) x T + 12 x L x d x sum of n^2 over samples) / step time / GPUs / peak "
+               "FLOP/s per GPU (N parameters, L layers, d hidden size, T real (non-pad) tokens, n each sample's "
+               "length; with full rows of one sample: tokens/s/GPU x (6 (N - N_embedding) + 12 L d S) / peak; "
+               "recomputation not counted; the step time includes pipeline bubbles)")
 
 # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
 PRESETS = {
@@ -60,14 +62,16 @@ OOM_PATTERN = re.compile(r"out of memory|OutOfMemoryError|can't allocate memory|
 EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?[\w.]+(Error|Exception): ")
 
 
-def write_model(work: Path, preset: str) -> Path:
-    """A Hugging Face model directory without weights: llama ``config.json`` of the preset shape + tokenizer."""
+def write_model(work: Path, preset: str, layers: int | None = None) -> Path:
+    """A Hugging Face model directory without weights: llama ``config.json`` of the preset shape + tokenizer;
+    ``layers`` overrides the preset's decoder layers (``--preset 7b --layers 16``: one stage of a 2-stage 7B)."""
     from transformers import LlamaConfig
 
     from pipellm.quickstart import TINY_LLAMA
     from pipellm.data.tokenizer import load_tokenizer
 
-    hidden, intermediate, layers, heads, kv_heads, vocab = PRESETS[preset]
+    hidden, intermediate, preset_layers, heads, kv_heads, vocab = PRESETS[preset]
+    layers = layers or preset_layers
     model_dir = work / "model"
     LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
@@ -84,6 +88,19 @@ def write_data(path: Path, samples: int, seq: int) -> Path:
     with open(path, "w") as f:
         for _ in range(samples):
             f.write(json.dumps({"type": "pretrain", "text": " ".join(rng.choices(WORDS, k=seq))}) + "\n")
+    return path
+
+
+def write_sft_data(path: Path, rows: int, seq: int) -> Path:
+    """Variable-length records for packed rows (``packing: true``): seeded lengths of seq/16 .. seq/3 words (each
+    word at least one token), enough of them to fill at least ``rows`` packed rows."""
+    rng = random.Random(0)
+    low, high = max(seq // 16, 1), max(seq // 3, 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(2 * rows * seq // ((low + high) // 2) + 1):
+            f.write(json.dumps({"type": "pretrain", "text": " ".join(rng.choices(WORDS, k=rng.randint(low, high)))})
+                    + "\n")
     return path
 
 
@@ -105,6 +122,8 @@ class Point:
     eager: bool = False
     dtype: str = "bf16"
     loss_chunk_tokens: int | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+    """More YAML keys (``lora``, ``objective`` ...), set over the point's own."""
 
     def config(self, model_dir: Path, data: Path, save: Path) -> dict:
         if self.trainer == "pipeline":
@@ -130,7 +149,7 @@ class Point:
             config["zero_optimization"] = zero3_settings(model_dir)
         if self.dtype == "bf16":
             config["bf16"] = {"enabled": True}
-        return config
+        return {**config, **self.extra}
 
 
 def zero3_settings(model_dir: Path) -> dict:
@@ -217,12 +236,14 @@ def summarize(records: list[dict], warmup: int) -> dict:
     """Medians over the steps after the first ``warmup`` ones; peak memory is the worst step's worst GPU."""
     timed = records[warmup:]
     mfu = [r["mfu"] for r in timed if r["mfu"] is not None]
+    all_positions = [r["mfu_all_positions"] for r in timed if r.get("mfu_all_positions") is not None]
     per_stage = max((r["peak_mem_gib_per_stage"] for r in timed), key=max)
     return {
         "timed_steps": len(timed),
         "samples_per_sec": statistics.median(r["samples_per_sec"] for r in timed),
         "tokens_per_sec_per_gpu": statistics.median(r["tokens_per_sec_per_gpu"] for r in timed),
         "mfu": statistics.median(mfu) if mfu else None,
+        "mfu_all_positions": statistics.median(all_positions) if all_positions else None,
         "step_time_s": statistics.median(r["step_time_s"] for r in timed),
         "peak_mem_gib_per_stage": per_stage, "peak_mem_gib_per_gpu": max(per_stage),
         "final_loss": timed[-1]["loss"],

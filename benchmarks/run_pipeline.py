@@ -1,14 +1,18 @@
 """Throughput of pipellm's pipeline training on a synthetic llama-shaped model: one run, figures printed and saved.
 
     python benchmarks/run_pipeline.py --preset 7b --seq 2048 --micro 2 --global-batch 32 --stages 2 --flash
+    python benchmarks/run_pipeline.py --preset 7b --layers 16 --stages 1 --seq 2048 --micro 2   # one stage of 2
+    python benchmarks/run_pipeline.py --preset 7b --layers 16 --stages 1 --packed --attention-backend flex
 
 Writes a random-init llama config of the chosen shape (no download), synthetic pretrain data long enough to fill
-every row (no padding), and a training YAML with ``from_scratch: true``; runs ``deepspeed train_ds.py``; reads
+every row (no padding; ``--packed``: variable-length samples packed into rows), and a training YAML with ``from_scratch: true``; runs ``deepspeed train_ds.py``; reads
 ``metrics.jsonl`` and reports the median over the steps after the warm-up ones (``benchmarks/harness.py``).
 Appends one CSV row to ``--csv`` (default ``benchmarks/results/pipeline_runs.csv``). ``benchmarks/sweep.py``
 runs many such points, ZeRO-3 ones included.
 
-MFU = tokens/s/GPU x (6 x (N - N_embedding) + 12 x L x d x S) / peak FLOP/s (see ``pipellm.observe.metrics``).
+MFU counts real (non-pad) tokens as work (``pipellm.observe.metrics``); without ``--packed`` every row is full, so
+it is tokens/s/GPU x (6 x (N - N_embedding) + 12 x L x d x S) / peak FLOP/s, and ``mfu_all_positions`` equals it.
+``tokens_per_sec_per_gpu`` counts real tokens: compare packed and fixed runs by it.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ import harness
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=harness.PRESETS, default="1b")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers, overriding the preset's (e.g. --preset 7b --layers 16 --stages 1)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro", type=int, default=1, help="micro batch size per GPU")
     parser.add_argument("--global-batch", type=int, default=32)
@@ -40,16 +46,24 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="compile_layers: false (default: compiled on GPUs)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None, help="loss_chunk_tokens (default: off)")
+    parser.add_argument("--packed", action="store_true",
+                        help="variable-length samples (seq/16 .. seq/3 words) packed into rows (packing: true)")
+    parser.add_argument("--attention-backend", choices=("auto", "sdpa", "flex"), default="auto",
+                        help="attention_backend: the kernel of packed rows' attention")
     parser.add_argument("--csv", default=str(harness.REPO / "benchmarks" / "results" / "pipeline_runs.csv"))
     args = parser.parse_args()
+    if args.layers is not None and args.layers < args.stages:
+        parser.error(f"--layers {args.layers}: at least one decoder layer per stage (--stages {args.stages})")
 
     work = Path(tempfile.mkdtemp(prefix="pipellm-bench-"))
-    model_dir = harness.write_model(work, args.preset)
-    data = harness.write_data(work / "data.jsonl", args.global_batch * args.steps, args.seq)
+    model_dir = harness.write_model(work, args.preset, args.layers)
+    write = harness.write_sft_data if args.packed else harness.write_data
+    data = write(work / "data.jsonl", args.global_batch * args.steps, args.seq)
     point = harness.Point("pipeline", args.seq, args.global_batch, args.micro, args.stages * args.replicas,
                           args.steps, replicas=args.replicas, parts=args.parts, flash=args.flash,
                           grad_ckpt=args.grad_ckpt, eager=args.eager, dtype=args.dtype,
-                          loss_chunk_tokens=args.loss_chunk_tokens)
+                          loss_chunk_tokens=args.loss_chunk_tokens,
+                          extra={"attention_backend": args.attention_backend, "packing": args.packed})
     outcome = harness.launch(point, model_dir, data, work / "run", args.warmup, echo=True)
     if outcome.status != "ok":
         print(f"FAILED ({outcome.status}: {outcome.reason}): {args}; log {outcome.log}")
@@ -58,11 +72,13 @@ def main() -> None:
     figures = outcome.figures
     gpu = harness.gpu_name()
     row = {
-        "preset": args.preset, "seq": args.seq, "micro": args.micro, "global_batch": args.global_batch,
+        "preset": args.preset, "layers": args.layers or harness.PRESETS[args.preset][2], "seq": args.seq,
+        "micro": args.micro, "global_batch": args.global_batch,
         "stages": args.stages, "replicas": args.replicas, "parts": args.parts, "flash": args.flash,
         "grad_ckpt": args.grad_ckpt, "compile": not args.eager and gpu is not None,
-        "dtype": args.dtype, "loss_chunk_tokens": args.loss_chunk_tokens, "timed_steps": figures["timed_steps"],
-        **{key: figures[key] for key in ("samples_per_sec", "tokens_per_sec_per_gpu", "mfu",
+        "dtype": args.dtype, "loss_chunk_tokens": args.loss_chunk_tokens, "packed": args.packed,
+        "attention_backend": args.attention_backend, "timed_steps": figures["timed_steps"],
+        **{key: figures[key] for key in ("samples_per_sec", "tokens_per_sec_per_gpu", "mfu", "mfu_all_positions",
                                           "peak_mem_gib_per_stage", "final_loss")},
         "device": gpu or "cpu", "host": platform.node(),
     }

@@ -58,7 +58,7 @@ def pipeline_rank(rank, family_name, cases, dims, gas, out_dir):
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_tokens=None) -> dict:
+def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_tokens=None, lora=None) -> dict:
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
@@ -71,6 +71,16 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     family = get_family(family_name)
     topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
     model = build_pipeline(family, config, topology, "uniform", seed=0, loss_chunk_tokens=loss_chunk_tokens)
+    if lora is not None:
+        # LoRA (``pipellm.config.schema.Lora``): peft's adapters go in first, as in training; the state dict then
+        # holds the base and adapter weights under the names peft gives them on the transformers model.
+        from pipellm.training.lora import LoraParameters
+        from pipellm.pipeline.weights import checkpoint_named_parameters
+        from pipellm.training.pipeline_engine import prepare_layers
+
+        parameter_set = LoraParameters(lora, seed=0, key_map=family.key_map)
+        prepare_layers(model, family, config, parameter_set)
+        parameter_set.trainable(checkpoint_named_parameters(model, family, config))
     # Load this rank's layers straight from the reference state dict through the family's key map.
     layers, names = PipelineLayers.of(family, config), {}
     for index, layer in zip(model.local_layer_indices, model.forward_funcs):
@@ -103,6 +113,23 @@ def run_pipelines(family_name: str, cases: list[tuple], dims, gas, out_dir: Path
     after one ``train_batch`` of the pipeline on ``dims = [pipe, data]``."""
     world = dims[0] * dims[1]
     run_distributed(world, pipeline_rank, family_name, cases, dims, gas, str(out_dir))
+    per_rank = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return [list(ranks) for ranks in zip(*per_rank)]
+
+
+def cases_rank(rank, cases, out_dir):
+    """Every case (``dict(family, config, state_dict, batch, dims, gas[, loss_chunk_tokens][, lora])``) in this
+    process."""
+    results = [_train_batch(c["family"], c["config"], c["state_dict"], c["batch"], c["dims"], c["gas"],
+                            c.get("loss_chunk_tokens"), c.get("lora")) for c in cases]
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def run_cases(cases: list[dict], out_dir: Path) -> list[list[dict]]:
+    """``run_pipelines`` for cases of any families, grids (of one world size) and accumulation steps, in one spawn
+    of the process group."""
+    world = cases[0]["dims"][0] * cases[0]["dims"][1]
+    run_distributed(world, cases_rank, cases, str(out_dir))
     per_rank = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
     return [list(ranks) for ranks in zip(*per_rank)]
 

@@ -118,3 +118,19 @@ def test_smoke_plan_layouts_compares_uniform_and_auto(tmp_path):
     by_key = {(r["stages"], r["layout"]): float(r["slowest_stage_ms"]) for r in rows}
     assert by_key[("4", "auto")] <= by_key[("4", "uniform")] and by_key[("2", "auto")] <= by_key[("2", "uniform")]
     assert "| tiny | 4 | auto |" in (out / "plans.md").read_text()
+
+
+def test_smoke_packing_speed_compares_packed_and_fixed_rows(tmp_path):
+    import packing_speed
+    import torch
+
+    packing_speed.main(["--smoke", "--out", str(tmp_path)])
+    rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert rows["fixed"]["status"] == "ok" and float(rows["fixed"]["fill"]) == 1.0
+    assert float(rows["fixed"]["vs_fixed"]) == 1.0
+    packed = rows["packed-sdpa"]
+    assert packed["status"] == "ok" and 0.5 < float(packed["fill"]) < 1.0  # real tokens only: padding not counted
+    assert float(packed["real_tokens_per_sec"]) > 0 and float(packed["vs_fixed"]) > 0
+    flex_status = "ok" if torch.cuda.is_available() else "skipped"
+    assert rows["packed-flex"]["status"] == flex_status
+    assert "| packed-sdpa |" in (tmp_path / "results.md").read_text()

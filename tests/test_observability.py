@@ -28,7 +28,7 @@ from pipellm.config import TrainConfig, load_config, validate_environment
 from pipellm.training.distributed import config_hash, data_fingerprint
 from pipellm.errors import PipellmError
 from pipellm.observe.gpu_profile import COLUMNS, start_gpu_profile
-from pipellm.observe.metrics import MetricsLog, StepFigures, flops_per_token
+from pipellm.observe.metrics import MetricsLog, ModelFlops, StepFigures, attention_pairs, flops_per_token
 from pipellm.report import curves, main as report_main
 from pipellm.observe.run_info import git_state
 from pipellm.observe.sinks import open_sinks, scalars
@@ -37,24 +37,39 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_step_record_follows_the_documented_formulas():
-    # MFU = tokens/s/GPU * (6 (N - N_embedding) + 12 L d S) / peak, tokens = all positions computed.
+    # MFU = (6 (N - N_embedding) T + 12 L d sum(n^2)) / s / GPUs / peak over the real tokens T in samples of
+    # lengths n; mfu_all_positions = all positions x (6 (N - N_embedding) + 12 L d S) / s / GPUs / peak.
     layers, hidden, seq, params, embedding = 2, 8, 16, 1000, 200
     hf_config = types.SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden)
-    per_token = flops_per_token(hf_config, params, embedding, seq)
-    assert per_token == 6 * (params - embedding) + 12 * layers * hidden * seq == 7872
-    global_batch, world, seconds, tokens = 8, 2, 0.5, 100
-    computed_per_gpu_per_sec = global_batch * seq / seconds / world  # 128
-    peak = computed_per_gpu_per_sec * per_token / 0.5  # so that MFU is exactly 50%
-    figures = StepFigures(global_batch, seq, world, per_token, peak)
-    record = figures.record(step=3, epoch=1, loss=2.5, lr=1e-3, grad_norm=0.75, tokens=tokens, seconds=seconds,
-                            elapsed=7.25, peak_mem_gib_per_stage=[1.5, 2.0])
-    assert record == {"step": 3, "epoch": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.75, "tokens": 100,
-                      "tokens_per_sec": 200.0, "tokens_per_sec_per_gpu": 100.0, "samples_per_sec": 16.0, "mfu": 0.5,
+    assert flops_per_token(hf_config, params, embedding, seq) == 6 * (params - embedding) + 12 * layers * hidden * seq
+    flops = ModelFlops.of(hf_config, params, embedding)
+    # Two padded rows (real lengths 10 and 4) and one packed row (samples 5, 3 and 6, then 2 pads); S = 16.
+    position_ids = torch.tensor([list(range(16)), list(range(16)),
+                                 list(range(5)) + list(range(3)) + list(range(8))])
+    lengths = torch.tensor([10, 4, 14])
+    tokens, pairs = int(lengths.sum()), attention_pairs(position_ids, lengths)
+    assert (tokens, pairs) == (28, 10**2 + 4**2 + 5**2 + 3**2 + 6**2)
+    global_batch, world, seconds = 3, 2, 0.5
+    useful = 6 * 800 * 28 + 12 * 2 * 8 * 186  # by hand: 134,400 + 35,712
+    peak = useful / seconds / world / 0.5  # so that MFU is exactly 50%
+    figures = StepFigures(global_batch, seq, world, flops, peak)
+    record = figures.record(step=3, epoch=1, loss=2.5, lr=1e-3, grad_norm=0.75, tokens=tokens, pairs=pairs,
+                            seconds=seconds, elapsed=7.25, peak_mem_gib_per_stage=[1.5, 2.0])
+    all_positions = 3 * 16 * (6 * 800 + 12 * 2 * 8 * 16)  # padding counted as work
+    assert record == {"step": 3, "epoch": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.75, "tokens": 28,
+                      "tokens_per_sec": 56.0, "tokens_per_sec_per_gpu": 28.0, "samples_per_sec": 6.0, "mfu": 0.5,
+                      "mfu_all_positions": pytest.approx(all_positions / seconds / world / peak),
                       "peak_mem_gib_per_stage": [1.5, 2.0], "step_time_s": 0.5, "elapsed_s": 7.25}
-    unknown = StepFigures(global_batch, seq, world, per_token, None).record(
-        step=1, epoch=0, loss=3.0, lr=0.0, grad_norm=None, tokens=tokens, seconds=seconds, elapsed=0.5,
-        peak_mem_gib_per_stage=[1.0])
-    assert unknown["mfu"] is None and unknown["grad_norm"] is None
+    assert record["mfu_all_positions"] > 1.8 * record["mfu"]  # 38% fill: pads no longer count as work
+    # Full unpacked rows: both figures are the classic tokens/s/GPU x flops_per_token / peak.
+    full = figures.record(step=1, epoch=0, loss=3.0, lr=0.0, grad_norm=None, tokens=48, pairs=3 * 16**2,
+                          seconds=seconds, elapsed=0.5, peak_mem_gib_per_stage=[1.0])
+    classic = 48 / seconds / world * flops_per_token(hf_config, params, embedding, seq) / peak
+    assert full["mfu"] == pytest.approx(classic) and full["mfu_all_positions"] == pytest.approx(classic)
+    unknown = StepFigures(global_batch, seq, world, flops, None).record(
+        step=1, epoch=0, loss=3.0, lr=0.0, grad_norm=None, tokens=tokens, pairs=pairs, seconds=seconds,
+        elapsed=0.5, peak_mem_gib_per_stage=[1.0])
+    assert unknown["mfu"] is None and unknown["mfu_all_positions"] is None and unknown["grad_norm"] is None
 
 
 class FakeWandb(types.ModuleType):

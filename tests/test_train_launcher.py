@@ -14,7 +14,8 @@ from pipellm.quickstart import mean_token_loss
 from test_observability import check_run_directory
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "tokens_per_sec_per_gpu",
-               "samples_per_sec", "mfu", "peak_mem_gib_per_stage", "step_time_s", "elapsed_s"}
+               "samples_per_sec", "mfu", "mfu_all_positions", "peak_mem_gib_per_stage", "step_time_s",
+               "elapsed_s"}
 
 
 def test_two_stage_training_through_launcher(tmp_path, tiny_pp_model):

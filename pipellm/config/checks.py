@@ -262,9 +262,25 @@ def check_objective(cfg: TrainConfig, source: str) -> None:
                            f"`module:attribute`{suggest(cfg.objective, OBJECTIVES)}")
 
 
+def check_lora(cfg: TrainConfig, source: str) -> None:
+    """The adapters' shape; the target modules are checked against the model's family at start-up
+    (``pipellm.training.lora.check_lora_model``)."""
+    lora = cfg.lora
+    if lora is None:
+        if cfg.quantize_base is not None:
+            raise PipellmError(f"{source}: `quantize_base: {cfg.quantize_base}` quantizes the frozen base of a LoRA "
+                               f"run; add a `lora:` section or remove `quantize_base`")
+        return
+    for key, ok, fix in (("r", lora.r > 0, "a positive rank, e.g. 16"), ("alpha", lora.alpha > 0, "e.g. 2 * r"),
+                         ("dropout", 0 <= lora.dropout < 1, "a probability in [0, 1)"),
+                         ("target_modules", bool(lora.target_modules), "at least one module name, e.g. [q_proj]")):
+        if not ok:
+            raise PipellmError(f"{source}: `lora.{key}` {getattr(lora, key)!r} is not valid: give {fix}")
+
+
 SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
                   check_optimizer_block, check_scheduler_block, check_precision, check_objective,
-                  complete_batch_sizes)
+                  complete_batch_sizes, check_lora)
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 
@@ -24,6 +25,12 @@ from pipellm.errors import PipellmError
 ALIASES = {"n_epoches": "n_epochs"}
 
 
+def optional_section(hint):
+    """The dataclass of a section key: ``hint`` itself, or ``X`` of ``X | None`` (``lora``); None for a plain key."""
+    candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
 def build(cls, raw, where: str, source: str):
     """Instantiate dataclass ``cls`` from mapping ``raw``, checking names and types; ``where`` is the key path."""
     if not isinstance(raw, dict):
@@ -36,8 +43,9 @@ def build(cls, raw, where: str, source: str):
         path = f"{where}.{key}" if where else key
         if name not in fields:
             raise PipellmError(f"{source}: unknown key `{path}`{suggest(key, fields)}")
-        if dataclasses.is_dataclass(hints[name]):
-            value = build(hints[name], value, path, source)
+        section = optional_section(hints[name])
+        if section is not None and (value is not None or section is hints[name]):
+            value = build(section, value, path, source)
         elif not type_ok(value, hints[name]):
             raise PipellmError(f"{source}: `{path}` must be {type_name(hints[name])}, got {value!r}")
         values[name] = value

@@ -12,6 +12,7 @@ from pipellm.config.deepspeed_keys import DeepSpeedSettings
 
 Template = Literal["auto", "builtin", "chat"]
 Overlong = Literal["truncate", "drop"]
+AttentionBackend = Literal["auto", "sdpa", "flex"]
 Axes = Annotated[list[Literal["pipe", "data"]], "[pipe, data] or [data, pipe]"]
 Parts = Annotated[list[int] | Literal["uniform", "parameters", "auto"],
                   "a list of layer counts, `uniform`, `parameters` or `auto`"]
@@ -75,6 +76,30 @@ class LRSchedule:
 
 
 @dataclasses.dataclass
+class Lora:
+    """LoRA (peft's LoRA layers): the base model is frozen and only low-rank adapters on the decoder's linear
+    modules train, plus the modules of ``modules_to_save``. Checkpoints hold the adapters, their optimizer state
+    and the base model's path; ``convert_model.py pp_to_hg`` merges them into the base or, with
+    ``--lora-export adapter``, writes a PEFT adapter directory."""
+
+    r: int = 16
+    """The adapters' rank (> 0)."""
+    alpha: float = 32.0
+    """The scale: an adapter adds ``alpha / r * B @ A`` to its module's weight (peft's ``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on an adapter's input (peft's ``lora_dropout``), in [0, 1)."""
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Decoder linear modules that get an adapter, by their name in the family's checkpoint keys (llama
+    ``q_proj`` ... ``down_proj``; bloom and chatglm ``query_key_value``, ``dense``, ``dense_h_to_4h``,
+    ``dense_4h_to_h``; baichuan ``W_pack``, ``o_proj``, ...; mixtral ``q_proj`` ... and the experts' ``w1``,
+    ``w2``, ``w3``). A name the family's decoder does not have is an error listing the ones it has."""
+    modules_to_save: list[Literal["embed", "norm", "head"]] = dataclasses.field(default_factory=list)
+    """Pipeline layers trained fully besides the adapters: ``embed``, ``norm`` (the final norm), ``head``. With
+    tied embeddings ``embed`` and ``head`` are the one shared weight."""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """pipellm's keys of the training YAML. DeepSpeed's keys are kept apart in ``deepspeed``."""
 
@@ -130,6 +155,12 @@ class TrainConfig:
     """Recompute each decoder layer's activations in the backward pass (less memory, about 1/3 more compute)."""
     use_flash_attn: bool = False
     """Use the fastest exact attention kernel available (flash-attn package, else torch's fused SDPA kernels)."""
+    attention_backend: AttentionBackend = "auto"
+    """Attention that needs a mask (``packing: true`` rows, ALiBi of bloom and baichuan2-13b) when flash-attn does
+    not serve it: ``flex`` (torch's FlexAttention with a document block mask: no dense mask, blocks of other samples
+    skipped; GPUs only, it has no backward on CPU), ``sdpa`` (torch SDPA with a dense seq x seq mask) or ``auto``
+    (FlexAttention on GPUs, SDPA on CPU). Unpacked rows without ALiBi always use SDPA's fused causal kernels.
+    Pipeline training only (``train_ds_zero.py`` runs transformers' attention)."""
     compile_layers: bool | None = None
     """``torch.compile`` each decoder layer: fuses the norms, rotary and SwiGLU (llama-7b on 2 H200s: 41% -> 50%
     MFU, less memory); the first step pays the compile. Default (null): on for GPUs, off on CPU."""
@@ -191,6 +222,11 @@ class TrainConfig:
     and stop with an error (a skipped step changes nothing: weights, optimizer state and schedule stay)."""
     deepspeed: dict = dataclasses.field(default_factory=dict)
     """The DeepSpeed keys of the file, passed to ``deepspeed.initialize`` (batch sizes completed)."""
+    lora: Lora | None = None
+    """LoRA fine-tuning (see ``Lora``); null (default): every parameter trains."""
+    quantize_base: Literal["nf4"] | None = None
+    """With ``lora``: ``nf4`` stores the frozen base's decoder linear weights in 4 bits (QLoRA, bitsandbytes'
+    ``Linear4bit``; needs a GPU where bitsandbytes runs). null: the base keeps the run's precision."""
     source: ClassVar[str] = "the training YAML"
     """The file the config was read from (``load_config`` sets it; not a key), named by errors found later."""
 

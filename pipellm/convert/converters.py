@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from pipellm.convert.lora_export import LORA_EXPORTS, merged_layer_reader, write_peft_adapter
 from pipellm.convert.output_dir import Interrupted, atomic_output_dir, stopped_by_signal
 from pipellm.files import load_torch_file
 from pipellm.pipeline.layer_files import LAYER_FILE_RE, copy_model_files, layer_file_name, resolve_checkpoint_dir
@@ -38,6 +39,7 @@ from pipellm.pipeline.partition import PipelineLayers
 from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
 from pipellm.models.base import Export, KeyMap, ModelFamily
+from pipellm.training.lora import LORA_FILE
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -242,13 +244,22 @@ def _export(family: ModelFamily, export_as: str | None, ckpt_dir: Path) -> Expor
 
 
 def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_shard_size: str | int = "5GB",
-             overwrite: bool = False, export_as: str | None = None) -> Path:
+             overwrite: bool = False, export_as: str | None = None, lora_export: str = "merged") -> Path:
     """Convert pipeline layer files into a Hugging Face safetensors checkpoint; returns the save path.
 
     ``export_as`` names one of the family's ``exports`` to write another layout (e.g. ``"llama"`` for baichuan).
+    A LoRA checkpoint is merged into its base model, or with ``lora_export="adapter"`` written as a PEFT adapter
+    directory (``pipellm.convert.lora_export``).
     """
     max_bytes = parse_size(max_shard_size)
     ckpt_dir = resolve_checkpoint_dir(input_path)
+    if lora_export == "adapter":
+        with atomic_output_dir(Path(save_path), ckpt_dir, overwrite, 0) as tmp:
+            write_peft_adapter(ckpt_dir, tmp)
+        return Path(save_path)
+    lora = merged_layer_reader(ckpt_dir)
+    read_layer, weights_dir = lora if lora else (lambda idx: load_torch_file(ckpt_dir / layer_file_name(idx),
+                                                                              mmap=True), ckpt_dir)
     config, family = load_model_config(ckpt_dir)
     export = _export(family, export_as, ckpt_dir)
     key_map = export.key_map if export else family.key_map
@@ -264,10 +275,10 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
         raise PipellmError(f"{ckpt_dir / layer_file_name(extra[0])} is beyond the {n_layers} layers that "
                            f"config.json describes (num_hidden_layers, tie_word_embeddings); use the config "
                            f"the model was trained with")
-    needed = sum((ckpt_dir / layer_file_name(idx)).stat().st_size for idx in range(n_layers))
+    needed = sum((weights_dir / layer_file_name(idx)).stat().st_size for idx in range(n_layers))
     with atomic_output_dir(Path(save_path), ckpt_dir, overwrite, needed) as tmp:
         writer = _ShardWriter(tmp, max_bytes)
-        float_dtypes = _write_layers(ckpt_dir, pipeline, writer, key_map, export, config)
+        float_dtypes = _write_layers(read_layer, ckpt_dir, pipeline, writer, key_map, export, config)
         config_json = json.loads((ckpt_dir / "config.json").read_text())
         if export:
             config_json = export.convert_config(config_json)
@@ -277,20 +288,22 @@ def pp_to_hg(input_path: str | os.PathLike, save_path: str | os.PathLike, max_sh
                 writer.add(key, tensor)
         writer.finish()
         copy_model_files(ckpt_dir, tmp)
+        (tmp / LORA_FILE).unlink(missing_ok=True)  # merged: a plain checkpoint
         if export or config_changed:
             (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     return Path(save_path)
 
 
-def _write_layers(ckpt_dir: Path, pipeline: PipelineLayers, writer: _ShardWriter, key_map: KeyMap,
+def _write_layers(read_layer, ckpt_dir: Path, pipeline: PipelineLayers, writer: _ShardWriter, key_map: KeyMap,
                   export: Export | None, config) -> set[torch.dtype]:
-    """Every layer file's tensors to ``writer`` under their checkpoint keys; the floating dtypes they have."""
+    """Every layer's tensors (``read_layer(file index)``) to ``writer`` under their checkpoint keys; the floating
+    dtypes they have."""
     float_dtypes = set()
     with tqdm(range(pipeline.num_files), desc="pp_to_hg", unit="layer", disable=None) as progress:
         for idx in progress:
             kind, decoder_index = pipeline.kind(idx)
             layer_path = ckpt_dir / layer_file_name(idx)
-            state = load_torch_file(layer_path, mmap=True)
+            state = read_layer(idx)
             if not isinstance(state, dict) or not state:
                 raise PipellmError(f"{layer_path} holds no layer state dict; it is not a pipeline layer file")
             if export:
@@ -339,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     to_hg.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 200MB")
     to_hg.add_argument("--export-as", default=None,
                        help="write another family's layout the model family offers (baichuan: llama)")
+    to_hg.add_argument("--lora-export", choices=LORA_EXPORTS, default="merged",
+                       help="a LoRA run: the base with the adapters merged (default), or a PEFT adapter directory")
     args = parser.parse_args(argv)
     try:
         with stopped_by_signal():
@@ -346,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
                 hg_to_pp(args.input_path, args.save_path, overwrite=args.overwrite)
             else:
                 pp_to_hg(args.input_path, args.save_path, max_shard_size=args.max_shard_size,
-                         overwrite=args.overwrite, export_as=args.export_as)
+                         overwrite=args.overwrite, export_as=args.export_as, lora_export=args.lora_export)
     except PipellmError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)

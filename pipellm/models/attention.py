@@ -11,6 +11,11 @@ travels between pipeline stages, so no stage needs more than it already has.
 importable on a CUDA device, otherwise torch SDPA restricted to its fused kernels (cuDNN, flash,
 memory-efficient; whichever the device supports for the shape). ``false`` leaves the choice to torch SDPA's
 default dispatcher, which on CPU is the math kernel.
+
+Attention that needs a mask (packed rows, ALiBi) and is not served by ``flash_attn`` follows
+``AttentionOptions.backend``: FlexAttention with a document block mask (``pipellm.models.flex_attention``: no
+dense mask, fully masked blocks skipped) or SDPA with the dense mask. Unpacked rows without ALiBi always take
+SDPA's causal fused path.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pipellm.models.flex_attention import document_attention, uses_flex
 
 FUSED_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
@@ -33,6 +40,9 @@ class AttentionOptions:
     """Fastest exact kernel available (see the module docstring)."""
     packed: bool = False
     """Rows may hold several samples (positions restarting at 0): attention stays within each sample."""
+    backend: str = "auto"
+    """Attention that needs a mask (packed rows, ALiBi): ``flex`` (FlexAttention), ``sdpa`` (a dense mask) or
+    ``auto`` (FlexAttention on CUDA, SDPA elsewhere); see ``pipellm.models.flex_attention.uses_flex``."""
 
 
 @functools.cache
@@ -113,6 +123,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options:
         # flash_attn takes [batch, seq, heads, dim] and handles grouped kv heads itself.
         return flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
                                  softmax_scale=scale, alibi_slopes=alibi_slopes)
+    if (options.packed or alibi_slopes is not None) and uses_flex(options.backend, q):
+        return document_attention(q, k, v, position_ids, options.packed, scale, alibi_slopes).transpose(1, 2)
     if n_kv_heads != n_heads:
         k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
         v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)

@@ -1,14 +1,18 @@
 """Throughput, MFU and memory figures, and where they go: ``metrics.jsonl``, a log line and a progress bar.
 
-MFU (model FLOPs utilisation), the formula used everywhere in pipellm:
+MFU (model FLOPs utilisation), the formula used everywhere in pipellm, counts only real (non-pad) tokens as work:
 
-    MFU = tokens/s/GPU * (6 * (N - N_embedding) + 12 * L * d * S) / peak FLOP/s of one GPU
+    MFU = (6 * N_active * T + 12 * L * d * sum over samples of n^2) / step time / GPUs / peak FLOP/s of one GPU
 
-N is the parameter count, N_embedding the input embedding's (a lookup, no matmul; an untied head is a matmul
-and counts), L the decoder layers, d the hidden size, S the sequence length. Tokens are all positions computed
-(micro batch x S, padding included: the GPU spends the FLOPs on them), and 6 = forward + backward (2 + 4)
-FLOPs per parameter per token; 12·L·d·S is the attention score and value matmuls, forward and backward.
-Activation recomputation (``use_grad_ckpt``) is not counted as useful work.
+T is the step's real tokens (padding left out), n the length of each sample (a packed row holds several; an
+unpacked row one, its real tokens), N_active = N - N_embedding (the input embedding is a lookup, no matmul; an
+untied head is a matmul and counts; Mixtral also leaves out the experts a token does not pass through), L the
+decoder layers, d the hidden size. 6 = forward + backward (2 + 4) FLOPs per parameter per token; 12 * L * d * n
+per token is the attention score and value matmuls, forward and backward, over the n keys of its sample (the
+usual non-causal count). With full rows of one sample each (n = S) this is the classic
+``tokens/s/GPU x (6 N_active + 12 L d S) / peak``. ``mfu_all_positions`` is that classic figure with every
+position computed counted (micro batch x S, padding included: what the GPU spends FLOPs on). Activation
+recomputation (``use_grad_ckpt``) is not counted as useful work.
 """
 from __future__ import annotations
 
@@ -35,19 +39,48 @@ def device_peak_flops() -> float | None:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
-def flops_per_token(hf_config, num_params: int, embedding_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N_active + 12·L·d·S, N_active = N − N_embedding − N_unrouted.
+@dataclasses.dataclass(frozen=True)
+class ModelFlops:
+    """Training FLOPs of a model: ``per_token`` x real tokens + ``per_pair`` x (query, key) pairs within samples."""
 
-    N_unrouted is zero for dense models. In a mixture of experts (``num_local_experts`` E experts of
-    ``num_experts_per_tok`` k per token, as Mixtral) a token passes through k experts, so the E − k others of
-    every layer are left out: N_unrouted = L·(E − k)·3·d·d_ff (gate, up and down projections, no biases).
-    """
-    layers, hidden = hf_config.num_hidden_layers, hf_config.hidden_size
-    experts = getattr(hf_config, "num_local_experts", None)
-    unrouted = 0
-    if experts:
-        unrouted = layers * (experts - hf_config.num_experts_per_tok) * 3 * hidden * hf_config.intermediate_size
-    return 6 * (num_params - embedding_params - unrouted) + 12 * layers * hidden * seq_len
+    per_token: float
+    """6 x N_active: forward + backward of the matmuls with parameters, per token."""
+    per_pair: float
+    """12 x L x d: attention scores and values, forward + backward, per (query, key) pair."""
+
+    @classmethod
+    def of(cls, hf_config, num_params: int, embedding_params: int, frozen_params: int = 0) -> ModelFlops:
+        """N_active = N − N_embedding − N_unrouted. N_unrouted is zero for dense models. In a mixture of experts
+        (``num_local_experts`` E experts of ``num_experts_per_tok`` k per token, as Mixtral) a token passes
+        through k experts, so the E − k others of every layer are left out: N_unrouted = L·(E − k)·3·d·d_ff
+        (gate, up and down projections, no biases). ``frozen_params`` (LoRA's base, the embedding and the
+        unrouted experts among them) compute no weight gradient: 4 FLOPs per token instead of 6, so per_token is
+        6·N_active − 2·N_frozen_active with N_frozen_active = N_frozen − N_embedding − N_unrouted."""
+        layers, hidden = hf_config.num_hidden_layers, hf_config.hidden_size
+        experts = getattr(hf_config, "num_local_experts", None)
+        unrouted = 0
+        if experts:
+            unrouted = layers * (experts - hf_config.num_experts_per_tok) * 3 * hidden * hf_config.intermediate_size
+        frozen_active = max(0, frozen_params - embedding_params - unrouted) if frozen_params else 0
+        return cls(6 * (num_params - embedding_params - unrouted) - 2 * frozen_active, 12 * layers * hidden)
+
+    def of_step(self, tokens: int, pairs: int) -> float:
+        return self.per_token * tokens + self.per_pair * pairs
+
+
+def flops_per_token(hf_config, num_params: int, embedding_params: int, seq_len: int) -> float:
+    """Training FLOPs per token of full ``seq_len`` rows: 6·N_active + 12·L·d·S (``ModelFlops``)."""
+    flops = ModelFlops.of(hf_config, num_params, embedding_params)
+    return flops.per_token + flops.per_pair * seq_len
+
+
+def attention_pairs(position_ids: torch.Tensor, lengths: torch.Tensor) -> int:
+    """Sum over the samples of rows ``[rows, S]`` of length² (each real token attends to the n keys of its
+    sample): a sample starts where its position id is 0; a row's first ``lengths[r]`` tokens are real."""
+    real = torch.arange(position_ids.shape[1]) < lengths[:, None]
+    starts = (position_ids == 0) & real
+    sample_of_token = torch.cumsum(starts.flatten(), 0)[real.flatten()]
+    return int((torch.bincount(sample_of_token).double() ** 2).sum())
 
 
 def perplexity(loss: float) -> float:
@@ -69,20 +102,25 @@ class StepFigures:
     global_batch_size: int
     max_seq_len: int
     world_size: int
-    flops_per_token: float
+    flops: ModelFlops
     peak_flops: float | None
 
-    def record(self, *, step: int, epoch: int, loss: float, lr: float, grad_norm, tokens: int, seconds: float,
-               elapsed: float, peak_mem_gib_per_stage: list[float]) -> dict:
-        """One step's record; ``tokens`` are the non-pad tokens, MFU counts all positions computed."""
-        tokens_computed = self.global_batch_size * self.max_seq_len
+    def record(self, *, step: int, epoch: int, loss: float, lr: float, grad_norm, tokens: int, pairs: int,
+               seconds: float, elapsed: float, peak_mem_gib_per_stage: list[float]) -> dict:
+        """One step's record; ``tokens`` are the real (non-pad) tokens and ``pairs`` their (query, key) pairs
+        within samples (``attention_pairs``): MFU counts them; ``mfu_all_positions`` every position computed."""
+        positions = self.global_batch_size * self.max_seq_len
+        all_positions = self.flops.of_step(positions, positions * self.max_seq_len)
+
+        def mfu(flops):
+            return flops / seconds / self.world_size / self.peak_flops if self.peak_flops else None
+
         return {
             "step": step, "epoch": epoch, "loss": float(loss), "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
             "tokens_per_sec": tokens / seconds, "tokens_per_sec_per_gpu": tokens / seconds / self.world_size,
             "samples_per_sec": self.global_batch_size / seconds,
-            "mfu": (tokens_computed / seconds / self.world_size * self.flops_per_token / self.peak_flops)
-            if self.peak_flops else None,
+            "mfu": mfu(self.flops.of_step(tokens, pairs)), "mfu_all_positions": mfu(all_positions),
             "peak_mem_gib_per_stage": peak_mem_gib_per_stage, "step_time_s": seconds, "elapsed_s": elapsed,
         }
 

@@ -33,7 +33,12 @@ from pipellm.pipeline.weights import stage_modules
 class EmbedStage:
     def forward(self, inputs):
         input_ids, position_ids = inputs
-        return super().forward(input_ids), position_ids
+        hidden = super().forward(input_ids)
+        if torch.is_grad_enabled() and not hidden.requires_grad:
+            # A frozen embedding (LoRA): the pipeline engine calls backward on every stage's output, which a
+            # stage of only the embedding could not do on a tensor that does not require a gradient.
+            hidden.requires_grad_()
+        return hidden, position_ids
 
 
 @functools.cache
@@ -139,18 +144,19 @@ def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: 
 def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_ckpt: bool = False,
                    use_flash_attn: bool = False, compile_layers: bool = False, seed: int = 42,
                    device: str | torch.device = "cpu", packed: bool = False,
-                   loss_chunk_tokens: int | None = None, objective: Objective | None = None
-                   ) -> BoundedPipelineModule:
+                   loss_chunk_tokens: int | None = None, objective: Objective | None = None,
+                   attention_backend: str = "auto") -> BoundedPipelineModule:
     """Build this rank's stage, randomly initialised (``load_pipeline_weights`` then loads a checkpoint).
 
     ``packed``: rows may hold several samples (``packing: true``); attention keeps to each sample.
+    ``attention_backend``: the kernel of attention that needs a mask (``AttentionOptions.backend``).
     ``loss_chunk_tokens``: the loss projects and scores this many tokens at a time (``pipellm.pipeline.chunked_loss``).
     ``objective``: what the last stage's output is scored by (default: ``TokenMeanCrossEntropy``).
     Each layer's initialisation is seeded by its layer file index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
     specs = layer_specs(family, hf_config, use_grad_ckpt,
-                        AttentionOptions(use_flash_attn=use_flash_attn, packed=packed), compile_layers,
+                        AttentionOptions(use_flash_attn, packed, attention_backend), compile_layers,
                         loss_chunk_tokens)
     partition = Partition.of_parts(parts, family, hf_config, topology.get_dim("pipe"))
     loss_fn = (objective or TokenMeanCrossEntropy(loss_chunk_tokens)).loss

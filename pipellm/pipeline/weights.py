@@ -24,8 +24,11 @@ def stage_modules(model: BoundedPipelineModule) -> list[tuple[int, nn.Module]]:
     return [(index, layer_module(layer)) for index, layer in zip(model.local_layer_indices, model.forward_funcs)]
 
 
-def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_config, model_dir: str | Path) -> None:
-    """Load only this rank's layers from ``layer_XX-model_states.pt`` files (strict: every key must match)."""
+def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_config, model_dir: str | Path,
+                          strict: bool = True) -> None:
+    """Load only this rank's layers from ``layer_XX-model_states.pt`` files (strict: every key must match; else
+    every key of a file must be the layer's, and the layer's other parameters keep their values: a LoRA
+    checkpoint's files hold only what trained)."""
     model_dir, layers = Path(model_dir), PipelineLayers.of(family, hf_config)
     for layer_index, module in stage_modules(model):
         path = model_dir / layer_file_name(layers.file_index(layer_index))
@@ -34,7 +37,9 @@ def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_
                                f"hg_to_pp` output or a training checkpoint of this model?")
         state = load_torch_file(path, map_location=next(module.parameters()).device)
         try:
-            module.load_state_dict(state, strict=True)
+            unexpected = module.load_state_dict(state, strict=strict).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"Unexpected key(s) in state_dict: {', '.join(unexpected)}")
         except RuntimeError as e:
             first_line = str(e).strip().splitlines()[0:2]
             kind, _ = layers.kind(layer_index)

@@ -33,16 +33,27 @@ from pipellm.plan.memory import state_bytes
 from pipellm.plan.partitioner import Plan, make_plan
 from pipellm.plan.profile import RunShape, profile_layers
 from pipellm.plan.report import format_plan
+from pipellm.plan.schedules import format_schedules
 
 
 def plan_run(cfg: TrainConfig, hf_config, family: ModelFamily, device: torch.device, device_memory: float,
-             num_stages: int, parts: list[int] | str, must_fit: bool = False) -> tuple[Plan, str]:
+             num_stages: int, parts: list[int] | str, must_fit: bool = False, schedule: str | None = None,
+             p2p_seconds: float = 0.0) -> tuple[Plan, str]:
     """Profile on ``device`` and plan the run (``parts: auto`` chooses; anything else is evaluated); the plan and
-    its printout."""
+    its printout. ``schedule``: also time each layer's F, B and W passes, simulate 1F1B and ZB-H1 on the plan's
+    stages (``pipellm.plan.schedules``) and print ``schedule``'s order of passes."""
     shape = RunShape.of(cfg, device.type == "cuda")
     state = state_bytes(cfg.deepspeed, cfg.data_degree)
-    profile = profile_layers(family, hf_config, shape, device)
+    profile = profile_layers(family, hf_config, shape, device, split_passes=schedule is not None)
+    if cfg.lora is not None:
+        from pipellm.plan.lora_memory import with_lora
+
+        profile = with_lora(profile, cfg.lora, cfg.quantize_base, family, hf_config, shape.dtype)
     counts = None if parts == "auto" else Partition.of_parts(parts, family, hf_config, num_stages).parts
     plan = make_plan(profile, state, num_stages, cfg.gradient_accumulation_steps, device_memory, counts,
                      must_fit=must_fit)
-    return plan, format_plan(plan, profile, state, shape, family.name, cfg, parts)
+    text = format_plan(plan, profile, state, shape, family.name, cfg, parts)
+    if schedule is not None:
+        costs = [profile.stage_passes(stage.start, stage.stop) for stage in plan.stages]
+        text += "\n" + format_schedules(costs, plan.micro_batches, p2p_seconds, schedule, scale=1e3)
+    return plan, text

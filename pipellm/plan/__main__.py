@@ -13,6 +13,7 @@ from pipellm.pipeline.partition import PipelineLayers
 from pipellm.plan import plan_run
 from pipellm.plan.memory import GIB
 from pipellm.plan.profile import device_memory_bytes, local_device
+from pipellm.plan.schedules import SCHEDULES, PassCosts, format_schedules
 
 NAMED_PARTS = ("auto", "uniform", "parameters")
 
@@ -33,17 +34,63 @@ def parse_args(argv) -> argparse.Namespace:
         prog="python -m pipellm.plan",
         description="Profile the model's layers on this device and print the pipeline plan: layers, time and "
                     "memory per stage, and whether it fits. Starts no training.")
-    parser.add_argument("--config", required=True, help="training YAML (only model_path's config.json is read)")
+    parser.add_argument("--config", help="training YAML (only model_path's config.json is read)")
     parser.add_argument("--device-memory-gib", type=float, default=None,
                         help="memory per device (default: this GPU's total; on CPU the RAM / processes)")
     parser.add_argument("--num-stages", type=int, default=None, help="pipeline stages (default: the config's)")
     parser.add_argument("--parts", default=None,
                         help="auto, uniform, parameters or counts like 17,17 (default: the config's `parts`)")
+    schedule = parser.add_argument_group(
+        "schedule simulator", "step time and bubble of 1F1B and ZB-H1 from per-stage pass costs "
+        "(pipellm.plan.schedules); with --stage-costs no config or device is needed")
+    schedule.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
+                          help="print this schedule's order of passes per stage, and both schedules' figures")
+    schedule.add_argument("--stage-costs", nargs="+", metavar="F,B,W", default=None,
+                          help="milliseconds of one micro batch's forward, input-gradient and weight-gradient "
+                               "passes: one triple per stage, or one for all --num-stages stages")
+    schedule.add_argument("--micro-batches", type=int, default=None,
+                          help="micro batches per step, with --stage-costs (with --config: its gradient "
+                               "accumulation steps)")
+    schedule.add_argument("--p2p-ms", type=float, default=0.0, help="one stage-to-stage transfer, milliseconds")
     return parser.parse_args(argv)
+
+
+def parse_stage_costs(texts: list[str], num_stages: int | None) -> list[PassCosts]:
+    """``--stage-costs``: one ``F,B,W`` triple per stage, or one for all ``--num-stages``."""
+    try:
+        costs = [PassCosts(*(float(x) for x in text.split(","))) for text in texts]
+    except (TypeError, ValueError):
+        raise PipellmError(f"--stage-costs {' '.join(texts)}: give F,B,W milliseconds per stage, e.g. "
+                           f"--stage-costs 8.9,9.1,8.6 8.9,9.1,8.6") from None
+    if any(min(c.forward, c.input_grad, c.weight_grad) < 0 for c in costs):
+        raise PipellmError(f"--stage-costs {' '.join(texts)}: costs must be >= 0")
+    if len(costs) == 1 and num_stages:
+        return costs * num_stages
+    if num_stages and len(costs) != num_stages:
+        raise PipellmError(f"--stage-costs has {len(costs)} triples for --num-stages {num_stages}: give one per "
+                           f"stage, or one for all")
+    return costs
+
+
+def schedule_text(args: argparse.Namespace) -> str:
+    """Both schedules simulated on ``--stage-costs`` (the order table of ``--schedule``)."""
+    costs = parse_stage_costs(args.stage_costs, args.num_stages)
+    if args.micro_batches is None or args.micro_batches < 1:
+        raise PipellmError("--micro-batches: give the micro batches per step (>= 1) with --stage-costs")
+    if args.p2p_ms < 0:
+        raise PipellmError(f"--p2p-ms must be >= 0, got {args.p2p_ms}")
+    return format_schedules(costs, args.micro_batches, args.p2p_ms, args.schedule)
 
 
 def plan_text(args: argparse.Namespace) -> str:
     """The printed plan for the command's arguments; ``PipellmError`` for a bad one."""
+    if args.stage_costs:
+        return schedule_text(args)
+    if not args.config:
+        raise PipellmError("give --config X.yml (plan a run) or --stage-costs F,B,W ... (simulate schedules)")
+    if args.micro_batches is not None:
+        raise PipellmError("--micro-batches goes with --stage-costs; with --config the micro batches are the "
+                           "config's gradient accumulation steps")
     cfg = load_config(args.config)
     model_dir = cfg.model_path
     if not cfg.from_scratch and Path(model_dir).is_dir():
@@ -64,7 +111,10 @@ def plan_text(args: argparse.Namespace) -> str:
     device = local_device()
     memory = args.device_memory_gib * GIB if args.device_memory_gib is not None else \
         device_memory_bytes(device, num_stages * cfg.data_degree)
-    return plan_run(cfg, hf_config, family, device, memory, num_stages, parts)[1]
+    if args.p2p_ms < 0:
+        raise PipellmError(f"--p2p-ms must be >= 0, got {args.p2p_ms}")
+    return plan_run(cfg, hf_config, family, device, memory, num_stages, parts, schedule=args.schedule,
+                    p2p_seconds=args.p2p_ms / 1e3)[1]
 
 
 def main(argv=None) -> None:

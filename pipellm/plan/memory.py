@@ -113,13 +113,18 @@ def estimate_stage(profile: Profile, state: StateBytes, stage: int, start: int, 
                    micro_batches: int, allowance: float) -> StageEstimate:
     """Time and memory of stage ``stage`` holding user-counted layers ``[start, stop)``."""
     items = profile.items()[start:stop]
-    params = sum(item.params for item in items)
-    if start == 0 and stop == profile.layers.num_user_layers:
-        params -= profile.tied_params  # one module serves as embedding and head
+    params = sum(item.params if item.trainable is None else item.trainable for item in items)  # those that train
+    frozen_bytes = sum(item.frozen_bytes for item in items)
+    if start == 0 and stop == profile.layers.num_user_layers and profile.tied_params:
+        # One module serves as embedding and head.
+        if profile.embed.trainable == 0:  # frozen (LoRA)
+            frozen_bytes -= profile.tied_params * profile.embed.frozen_bytes / profile.embed.params
+        else:
+            params -= profile.tied_params
     # DeepSpeed keeps each in-flight micro batch's received input and the clone its forward runs on.
     per_micro_batch = 2 * items[0].input_bytes + sum(item.held_bytes for item in items)
     return StageEstimate(
         start=start, stop=stop, seconds=sum(item.seconds for item in items),
-        weights=params * state.weights, grads=params * state.grads, optimizer=params * state.optimizer,
+        weights=frozen_bytes + params * state.weights, grads=params * state.grads, optimizer=params * state.optimizer,
         in_flight=min(num_stages - stage, micro_batches), activations_per_micro_batch=per_micro_batch,
         working=max(item.working_bytes or 0 for item in items), step=params * state.step, allowance=allowance)

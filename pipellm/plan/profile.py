@@ -14,6 +14,7 @@ import torch
 from pipellm.config import TrainConfig
 from pipellm.models.base import ModelFamily
 from pipellm.pipeline.partition import PipelineLayers
+from pipellm.plan.schedules import PassCosts
 
 WARMUP_STEPS = 3
 """Untimed forward+backward passes first: allocator growth, kernel selection and ``torch.compile``."""
@@ -33,11 +34,13 @@ class RunShape:
     packed: bool
     compile_layers: bool
     loss_chunk_tokens: int | None = None
+    attention_backend: str = "auto"
 
     @classmethod
     def of(cls, cfg: TrainConfig, on_gpu: bool) -> RunShape:
         return cls(cfg.micro_batch_size, cfg.max_seq_len, cfg.deepspeed_settings.dtype, cfg.use_grad_ckpt, cfg.use_flash_attn,
-                   cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers, cfg.loss_chunk_tokens)
+                   cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers, cfg.loss_chunk_tokens,
+                   cfg.attention_backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,12 @@ class LayerCost:
     """The tensors the layer receives (a stage keeps its received input and the clone it runs on)."""
     params: int
     """Parameters the layer holds (the head: final norm + output projection, or the tied embedding's replica)."""
+    passes: PassCosts | None = None
+    """``seconds`` split into forward, input-gradient and weight-gradient passes (``split_passes``), else None."""
+    trainable: int | None = None
+    """Of ``params``, those that train (LoRA: ``pipellm.plan.lora_memory``); None: all."""
+    frozen_bytes: float = 0.0
+    """What the frozen ones of ``params`` take (weights only)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +81,22 @@ class Profile:
         """The user-counted pipeline layers in order: embedding, decoders, head."""
         return [self.embed] + [self.decoder] * self.layers.num_decoders + [self.head]
 
+    def stage_passes(self, start: int, stop: int) -> PassCosts:
+        """F, B and W seconds of a stage holding user-counted layers ``[start, stop)`` (``split_passes``)."""
+        items = [item.passes for item in self.items()[start:stop]]
+        return PassCosts(*(sum(getattr(p, f) for p in items) for f in ("forward", "input_grad", "weight_grad")))
+
+    def with_backward_split_of(self, eager: Profile) -> Profile:
+        """Compiled layers run one backward graph for all gradients, so their B and W cannot be timed apart:
+        split each kind's measured backward (``seconds - forward``) in the eager layer's B : W proportion."""
+        def split(cost: LayerCost, reference: PassCosts) -> LayerCost:
+            backward, forward = cost.seconds - cost.passes.forward, cost.passes.forward
+            share = reference.input_grad / max(reference.input_grad + reference.weight_grad, 1e-12)
+            return dataclasses.replace(cost, passes=PassCosts(forward, backward * share, backward * (1 - share)))
+        return dataclasses.replace(self, embed=split(self.embed, eager.embed.passes),
+                                   decoder=split(self.decoder, eager.decoder.passes),
+                                   head=split(self.head, eager.head.passes))
+
 
 def local_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -84,14 +109,21 @@ def device_memory_bytes(device: torch.device, processes_per_host: int) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / processes_per_host
 
 
-def profile_layers(family: ModelFamily, hf_config, shape: RunShape, device: torch.device) -> Profile:
+def profile_layers(family: ModelFamily, hf_config, shape: RunShape, device: torch.device,
+                   split_passes: bool = False) -> Profile:
     """Measure the embedding, one decoder layer and the head as ``build_pipeline`` builds them, then free them
     (and forget their peak, so a training run's peak memory figure is its own).
 
     Each layer runs on the previous one's (detached) output, so shapes and dtypes are those that travel between
-    stages; the head's measurement includes the loss, which the last stage computes.
+    stages; the head's measurement includes the loss, which the last stage computes. ``split_passes``: also time
+    the forward alone and the input gradient alone (``torch.autograd.grad`` to the layer's inputs: eager layers
+    then skip the weight-gradient matmuls); W is the rest of the backward. Compiled layers take the B : W split
+    of the same layers run eagerly (``Profile.with_backward_split_of``).
     """
-    profile = _build_and_measure(family, hf_config, shape, device)
+    profile = _build_and_measure(family, hf_config, shape, device, split_passes)
+    if split_passes and shape.compile_layers:
+        eager = _build_and_measure(family, hf_config, dataclasses.replace(shape, compile_layers=False), device, True)
+        profile = profile.with_backward_split_of(eager)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -99,14 +131,15 @@ def profile_layers(family: ModelFamily, hf_config, shape: RunShape, device: torc
     return profile
 
 
-def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: torch.device) -> Profile:
+def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: torch.device,
+                       split_passes: bool) -> Profile:
     from pipellm.models.attention import AttentionOptions
     from pipellm.pipeline.loss import token_mean_loss
     from pipellm.pipeline.stages import init_weights, layer_specs
 
     layers = PipelineLayers.of(family, hf_config)
     specs = layer_specs(family, hf_config, shape.grad_ckpt,
-                        AttentionOptions(use_flash_attn=shape.flash_attn, packed=shape.packed), shape.compile_layers,
+                        AttentionOptions(shape.flash_attn, shape.packed, shape.attention_backend), shape.compile_layers,
                         shape.loss_chunk_tokens)
     embed_spec, decoder_spec = specs[layers.index("embed")], specs[layers.index("decoder", 0)]
     norm_spec, head_spec = specs[layers.index("norm")], specs[layers.index("head")]
@@ -131,9 +164,10 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
     def head_and_loss(inputs):
         return token_mean_loss(head(norm(inputs)), (targets, loss_scale), shape.loss_chunk_tokens)
 
-    embed_cost, hidden = _measure(embed, (input_ids, position_ids), list(embed.parameters()), device)
-    decoder_cost, hidden = _measure(decoder, hidden, list(decoder.parameters()), device)
-    head_cost, _ = _measure(head_and_loss, hidden, [*norm.parameters(), *head_module.parameters()], device)
+    measure = functools.partial(_measure, device=device, split_passes=split_passes)
+    embed_cost, hidden = measure(embed, (input_ids, position_ids), list(embed.parameters()))
+    decoder_cost, hidden = measure(decoder, hidden, list(decoder.parameters()))
+    head_cost, _ = measure(head_and_loss, hidden, [*norm.parameters(), *head_module.parameters()])
     tied_params = functools.reduce(getattr, family.tied_weight.split("."), embed).numel() if layers.tied else 0
     return Profile(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -143,8 +177,8 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
         layers=layers, tied_params=tied_params)
 
 
-def _measure(layer: Callable, inputs: tuple, params: list[torch.Tensor], device: torch.device
-             ) -> tuple[LayerCost, tuple]:
+def _measure(layer: Callable, inputs: tuple, params: list[torch.Tensor], device: torch.device,
+             split_passes: bool = False) -> tuple[LayerCost, tuple]:
     """Time and memory of ``layer`` (forward + backward) on ``inputs``; also its outputs, detached, as the next
     layer's inputs (floating tensors require grad, as a received activation does). ``params``: the layer's."""
     def forward():
@@ -157,23 +191,42 @@ def _measure(layer: Callable, inputs: tuple, params: list[torch.Tensor], device:
         for t in inputs:
             t.grad = None
 
+    wanted = [t for t in inputs if t.requires_grad]  # none for the embedding (token ids): its backward is all W
+
+    def input_grad(outputs):
+        tensors = [t for t in outputs if t.requires_grad]
+        torch.autograd.grad(tensors, wanted, [torch.ones_like(t) for t in tensors], allow_unused=True)
+
     for _ in range(WARMUP_STEPS):
         backward(forward())
-    seconds = []
-    for _ in range(TIMED_STEPS):
-        _sync(device)
-        start = time.perf_counter()
-        backward(forward())
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
+    seconds = _median_seconds(lambda: backward(forward()), device)
+    passes = None
+    if split_passes:
+        forward_seconds = _median_seconds(forward, device)
+        input_grad_seconds = max(_median_seconds(lambda: input_grad(forward()), device) - forward_seconds, 0.0) \
+            if wanted else 0.0
+        passes = PassCosts(forward_seconds, input_grad_seconds,
+                           max(seconds - forward_seconds - input_grad_seconds, 0.0))
     if device.type == "cuda":
         outputs, held, working = _allocated_bytes(forward, backward, device)
     else:
         outputs, held, working = _saved_bytes(forward, backward, [*inputs, *params])
-    cost = LayerCost(seconds=statistics.median(seconds), held_bytes=held, working_bytes=working,
-                     input_bytes=sum(t.nbytes for t in inputs), params=0)
+    cost = LayerCost(seconds=seconds, held_bytes=held, working_bytes=working,
+                     input_bytes=sum(t.nbytes for t in inputs), params=0, passes=passes)
     next_inputs = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in outputs)
     return cost, next_inputs
+
+
+def _median_seconds(run: Callable, device: torch.device) -> float:
+    """The median of ``TIMED_STEPS`` timed calls of ``run``."""
+    seconds = []
+    for _ in range(TIMED_STEPS):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def _sync(device: torch.device) -> None:

@@ -34,6 +34,11 @@ def format_plan(plan: Plan, profile: Profile, state: StateBytes, shape: RunShape
         f"{state.optimizer:g} B, step temporaries {state.step:g} B ({state.layout})",
         f"parts: {plan.parts} ({how})",
     ]
+    if cfg.lora is not None:
+        trained = sum(c.params if c.trainable is None else c.trainable for c in profile.items())
+        lines.insert(-1, f"LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}: {trained:,} of "
+                         f"{sum(c.params for c in profile.items()):,} parameters train (per-parameter memory above); "
+                         f"the frozen base keeps its weights only ({cfg.quantize_base or dtype})")
     header = ("stage", "layers", "ms/micro batch", "weights", "grads", "optimizer",
               "activations (in flight x per micro batch + peak)", "step temporaries", "allowance", "total")
     rows = [header] + [(

@@ -27,7 +27,7 @@ from pipellm.pipeline.loss import Objective
 from pipellm.training.checkpointer import ResumePoint
 from pipellm.training.distributed import StepWatch, all_reduce
 from pipellm.training.optim import deepspeed_optimizer
-from pipellm.training.parameters import NamedParameters, ParameterSet
+from pipellm.training.parameters import NamedParameters, ParameterSet, nothing_to_train, optional_hook
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Engine(abc.ABC):
         import deepspeed
 
         self.model, self.parameter_set = model, setup.parameter_set
-        self.trainable = setup.parameter_set.trainable(named_parameters)
+        self.trainable = setup.parameter_set.trainable(named_parameters) or nothing_to_train(model)
         optimizer, lr_scheduler, ds_config = deepspeed_optimizer(
             model, self.trainable, ds_config, cfg.no_weight_decay, cfg.lr_schedule, setup.total_steps)
         ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
@@ -90,8 +90,9 @@ class Engine(abc.ABC):
         """The global batch's loss, without gradients."""
 
     @abc.abstractmethod
-    def num_parameters(self) -> int:
-        """Parameters of the whole model (a tied weight once), the same on every rank."""
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameters of the whole model (a tied weight once; with ``trainable_only`` those that train), the same
+        on every rank."""
 
     @abc.abstractmethod
     def run_layout(self) -> dict:
@@ -124,6 +125,13 @@ class Engine(abc.ABC):
 
     def save(self, save_dir: Path, tag: str) -> None:
         """This rank's files of a checkpoint into ``save_dir/tag`` (all ranks; ends with a barrier)."""
+        self.save_states(save_dir, tag)
+        write_files = optional_hook(self.parameter_set, "write_files")
+        if write_files is not None and self.ds.global_rank == 0:
+            write_files(save_dir / tag)
+
+    def save_states(self, save_dir: Path, tag: str) -> None:
+        """The weights and optimizer state (DeepSpeed's checkpoint; the pipeline engine's are layout-free)."""
         self.ds.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
                                 exclude_frozen_parameters=not self.parameter_set.saves_frozen)
 

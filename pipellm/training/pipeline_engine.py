@@ -19,6 +19,7 @@ from pipellm.pipeline.schedule import OneForwardOneBackward, PipelineSchedule
 from pipellm.training.distributed import StallWatchdog, all_reduce
 from pipellm.training.engine import Engine, EngineSetup
 from pipellm.training.parameter_states import ParameterStates
+from pipellm.training.parameters import NOTHING_TO_TRAIN, optional_hook
 from pipellm.training.stage_checkpoint import StageCheckpoint, engine_state, restore_engine_state
 
 
@@ -35,8 +36,15 @@ class PipelineEngine(Engine):
         self.model = model = build_stage(cfg, setup, hf_config, family)
         weights_dir = setup.resume.path if setup.resume is not None else (
             None if cfg.from_scratch else cfg.model_path)
-        if weights_dir is not None:
-            load_pipeline_weights(model, family, hf_config, weights_dir)
+        if setup.parameter_set.saves_frozen:
+            if weights_dir is not None:
+                load_pipeline_weights(model, family, hf_config, weights_dir)
+        else:  # the frozen base from model_path, what trains from the checkpoint (if any) once the set added it
+            if not cfg.from_scratch:
+                load_pipeline_weights(model, family, hf_config, cfg.model_path)
+            prepare_layers(model, family, hf_config, setup.parameter_set)
+            if setup.resume is not None:
+                load_pipeline_weights(model, family, hf_config, setup.resume.path, strict=False)
         super().__init__(cfg, model, checkpoint_named_parameters(model, family, hf_config), cfg.deepspeed, setup)
         self.checkpoint = StageCheckpoint(model, family, hf_config, self.trainable, ParameterStates.of(self.ds))
         self.replica, self.replicas = model.data_parallel_rank, cfg.data_degree
@@ -49,9 +57,11 @@ class PipelineEngine(Engine):
     def eval_step(self, micro_batches: list) -> float:
         return float(self.schedule.eval_batch(self.ds, micro_batches))
 
-    def num_parameters(self) -> int:
-        """Each stage counts its own (a tied copy once), replica 0 only."""
-        local = sum(p.numel() for p in self.model.parameters() if not is_pipeline_replicated(p))
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Each stage counts its own (a tied copy once; not a placeholder), replica 0 only."""
+        local = sum(p.numel() for name, p in self.model.named_parameters()
+                    if not is_pipeline_replicated(p) and name != NOTHING_TO_TRAIN and
+                    (p.requires_grad or not trainable_only))
         return int(all_reduce(torch.tensor([local if self.replica == 0 else 0], dtype=torch.float64))[0])
 
     def run_layout(self) -> dict:
@@ -65,7 +75,7 @@ class PipelineEngine(Engine):
         """Which layers each stage holds, and the process grid (a rank's RNG states belong to its place in it)."""
         return {"stage_boundaries": list(self.model.parts), **self.model.grid_layout}
 
-    def save(self, save_dir: Path, tag: str) -> None:
+    def save_states(self, save_dir: Path, tag: str) -> None:
         import deepspeed.comm as dist
 
         directory = save_dir / tag
@@ -86,6 +96,19 @@ class PipelineEngine(Engine):
             self.checkpoint.load_optimizer(checkpoint)
 
 
+def prepare_layers(model, family: ModelFamily, hf_config, parameter_set) -> None:
+    """The parameter set's changes to each of this stage's layers (LoRA: adapters into the decoders)."""
+    from pipellm.pipeline.partition import PipelineLayers
+    from pipellm.pipeline.weights import stage_modules
+
+    prepare = optional_hook(parameter_set, "prepare_layer")
+    layers = PipelineLayers.of(family, hf_config)
+    for layer_index, module in stage_modules(model):
+        file_index = layers.file_index(layer_index)
+        if prepare is not None:
+            prepare(module, layers.kind(file_index)[0], file_index)
+
+
 def build_stage(cfg: TrainConfig, setup: EngineSetup, hf_config, family: ModelFamily):
     """This rank's stage, randomly initialised, with the objective as its loss; ``parts: auto`` is decided here
     (it needs the process group: rank 0 measures, every rank takes its split)."""
@@ -103,4 +126,5 @@ def build_stage(cfg: TrainConfig, setup: EngineSetup, hf_config, family: ModelFa
                           cfg.model_topo.parts, use_grad_ckpt=cfg.use_grad_ckpt, use_flash_attn=cfg.use_flash_attn,
                           seed=cfg.seed, compile_layers=on_gpu if cfg.compile_layers is None else cfg.compile_layers,
                           device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu", packed=cfg.packing,
-                          loss_chunk_tokens=cfg.loss_chunk_tokens, objective=setup.objective)
+                          loss_chunk_tokens=cfg.loss_chunk_tokens, objective=setup.objective,
+                          attention_backend=cfg.attention_backend)

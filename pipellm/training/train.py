@@ -20,6 +20,7 @@ from pipellm.pipeline.layer_files import layer_file_name, resolve_checkpoint_dir
 from pipellm.pipeline.partition import PipelineLayers
 from pipellm.training import trainer
 from pipellm.training.distributed import rendezvous_without_launcher
+from pipellm.training.lora import check_lora_model
 
 DESCRIPTION = ("Train a model with DeepSpeed pipeline parallelism. Run it under the deepspeed launcher, which "
                "starts one process per GPU (stages x replicas = the config's model_topo dims), e.g. "
@@ -39,6 +40,7 @@ def check_layer_files(cfg: TrainConfig, layers: PipelineLayers) -> None:
 
 def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     """Everything that can fail on bad input, done before any process group work; the engine to build."""
+    from pipellm.models.flex_attention import check_attention_backend
     from pipellm.training.optim import check_pipeline_settings
 
     args = parse_launcher_args(DESCRIPTION, argv)
@@ -52,7 +54,9 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     layers = PipelineLayers.of(family, hf_config)
     layers.check_parts(cfg.model_topo.parts, cfg.pipe_degree, cfg.source)
     check_pipeline_settings(cfg.deepspeed)
+    check_attention_backend(cfg)
     check_layer_files(cfg, layers)
+    check_lora_model(cfg.lora, cfg.quantize_base, family, hf_config, cfg.source)
     from pipellm.training.pipeline_engine import PipelineEngine  # imports deepspeed: after the checks
 
     return cfg, functools.partial(PipelineEngine, hf_config=hf_config, family=family)

@@ -23,7 +23,8 @@ from pipellm.data import IGNORE_INDEX
 from pipellm.data.batches import Schedule, load_training_data, micro_batches
 from pipellm.errors import PipellmError
 from pipellm.observe.gpu_profile import start_gpu_profile
-from pipellm.observe.metrics import MetricsLog, StepFigures, StepTimer, device_peak_flops, flops_per_token
+from pipellm.observe.metrics import (MetricsLog, ModelFlops, StepFigures, StepTimer, attention_pairs,
+                                     device_peak_flops)
 from pipellm.observe.run_info import write_run_info
 from pipellm.observe.sinks import open_sinks
 from pipellm.pipeline.loss import Objective
@@ -35,7 +36,7 @@ from pipellm.training.early_stopping import EarlyStoppingState
 from pipellm.training.engine import Engine, EngineSetup
 from pipellm.training.objective import build_objective
 from pipellm.training.optim import NonFiniteRun
-from pipellm.training.parameters import AllParameters
+from pipellm.training.parameters import parameter_set
 from pipellm.training.preemption import StopOnSigterm
 from pipellm.training.run_lock import RunLock
 
@@ -65,7 +66,7 @@ class Trainer:
         self.order = Schedule(self.data.plan, cfg.n_epochs, cfg.max_steps)
         self.total_steps = self.order.total_steps
         self.cadence = Cadence.of(cfg, self.total_steps, has_eval=bool(self.data.eval_rows))
-        self.engine = build_engine(cfg, EngineSetup(resume, self.total_steps, objective, AllParameters(),
+        self.engine = build_engine(cfg, EngineSetup(resume, self.total_steps, objective, parameter_set(cfg),
                                                     self.gpu_profile.finish if self.gpu_profile else None))
         # After the engine: run_info's hash is of the config as run, with the split `parts: auto` chose.
         write_run_info(cfg, self.data, config_digest=config_hash(dump_resolved(cfg)), data_key=data_key,
@@ -131,7 +132,8 @@ class Trainer:
                 watchdog.enter("the all-reduce of the stages' peak memory")
                 record = self.figures.record(step=done, epoch=self.order.locate(step)[0], loss=loss, lr=lr,
                                              grad_norm=engine.grad_norm(), tokens=int(lengths.sum()),
-                                             seconds=seconds, elapsed=self.timer.elapsed,
+                                             pairs=attention_pairs(position_ids, lengths), seconds=seconds,
+                                             elapsed=self.timer.elapsed,
                                              peak_mem_gib_per_stage=engine.peak_memory_per_stage())
                 record.update(self.objective.figures(loss, "train"))
             if self.cadence.eval_due(done):
@@ -166,8 +168,10 @@ class Trainer:
     def _step_figures(self) -> StepFigures:
         cfg, hf_config = self.cfg, self.engine.hf_config
         embedding = hf_config.vocab_size * hf_config.hidden_size
+        total = self.engine.num_parameters()
         return StepFigures(cfg.global_batch_size, cfg.max_seq_len, cfg.pipe_degree * cfg.data_degree,
-                           flops_per_token(hf_config, self.engine.num_parameters(), embedding, cfg.max_seq_len),
+                           ModelFlops.of(hf_config, total, embedding,
+                                         frozen_params=total - self.engine.num_parameters(trainable_only=True)),
                            cfg.peak_flops_per_gpu or device_peak_flops())
 
     def _close(self) -> None:

@@ -120,6 +120,11 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     rendezvous_without_launcher(cfg, "train_ds_zero.py")
     validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config = read_hf_config(cfg.model_path)
+    if cfg.lora is not None:
+        from pipellm.models import get_family
+        from pipellm.training.lora import check_lora_model
+
+        check_lora_model(cfg.lora, cfg.quantize_base, get_family(hf_config.model_type), hf_config, cfg.source)
     from pipellm.training.zero_engine import ZeroEngine  # imports deepspeed: after the checks
 
     return cfg, functools.partial(ZeroEngine, hf_config=hf_config)

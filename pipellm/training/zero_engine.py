@@ -14,6 +14,7 @@ from pipellm.config import DeepSpeedSettings, TrainConfig
 from pipellm.pipeline.loss import HeadOutput
 from pipellm.training.distributed import all_reduce
 from pipellm.training.engine import Engine, EngineSetup
+from pipellm.training.parameters import optional_hook
 
 
 def attention_implementation(use_flash_attn: bool) -> str:
@@ -78,7 +79,8 @@ class ZeroEngine(Engine):
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
         # pipellm's optimizers are plain torch optimizers that ZeRO steps on its flat fp32 partitions (CPU ones too).
         ds_config = dict(cfg.deepspeed, **zero_settings(cfg.deepspeed))
-        model = build_model(cfg, hf_config, ds_config)
+        prepare = optional_hook(setup.parameter_set, "prepare_transformers_model", lambda model: model)
+        model = prepare(build_model(cfg, hf_config, ds_config))
         super().__init__(cfg, model, list(model.named_parameters()), ds_config, setup)
         self.replica, self.replicas = dist.get_rank(), dist.get_world_size()
         self.dims = cfg.model_topo.process_topology.dims
@@ -112,9 +114,10 @@ class ZeroEngine(Engine):
             total += loss.detach().float()
         return float(all_reduce(total.reshape(1))[0]) / (len(micro_batches) * self.replicas)
 
-    def num_parameters(self) -> int:
+    def num_parameters(self, trainable_only: bool = False) -> int:
         # ZeRO-3 leaves each rank a slice of every parameter; ds_numel is the whole parameter's size.
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters()
+                   if p.requires_grad or not trainable_only)
 
     def run_layout(self) -> dict:
         return {"layout": {"zero_stage": 3, "dims": self.dims}, "coordinates": {"replica": self.replica}}
