@@ -2,9 +2,11 @@
 
 pipellm drives DeepSpeed's ``PipelineModule`` / ``PipelineEngine`` through their public API except where that API
 has no way in: choosing each stage's layers ourselves, reading the process grid, timing every pipeline
-instruction, loading the bf16 optimizer's own state and making checkpoint reads refuse arbitrary pickles. Those
-reach into private members, which a DeepSpeed release may rename; ``TESTED`` (also ``setup.py``'s pin) is the
-range the test suite covers, and importing pipellm with another release stops with one line.
+instruction, and reading and writing each parameter's share of the optimizer state that DeepSpeed's optimizer
+wrappers hold (``pipellm.training.parameter_states``; gathering and setting a whole parameter's state goes through
+the public ``deepspeed.utils.safe_*`` functions). Those reach into private members, which a DeepSpeed release
+may rename; ``TESTED`` (also ``setup.py``'s pin) is the range the test suite covers, and importing pipellm with
+another release stops with one line.
 """
 from __future__ import annotations
 
@@ -92,22 +94,62 @@ def instruction_names() -> set[str]:
     return {kind.__name__ for kind in PipelineEngine._INSTRUCTION_MAP}
 
 
-def load_bf16_optimizer_state(engine, save_dir: str, tag: str) -> None:
-    """DeepSpeed 0.19's bf16 optimizer without ZeRO saves its state to ``bf16_zero_*`` files, but its
-    ``load_checkpoint`` hands it the per-stage file's copy, which it cannot read: load those files directly."""
-    engine._load_zero_checkpoint(save_dir, tag, load_optimizer_states=True)
+def flat_fp32_partitions(optimizer) -> list[tuple[list[torch.nn.Parameter], torch.Tensor]] | None:
+    """DeepSpeed's optimizers that keep each parameter group's fp32 master weights as one flat tensor partitioned
+    over the data-parallel replicas (ZeRO 1/2's and the bf16 optimizer's): per group, its low-precision
+    parameters and this rank's flat fp32 partition (what the torch optimizer steps). None for the others."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return list(zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups))
+    if isinstance(optimizer, BF16_Optimizer):
+        return list(zip(optimizer.bf16_groups, optimizer.fp32_groups_flat_partition))
+    return None
 
 
-def read_checkpoints_weights_only(engine) -> None:
-    """Make DeepSpeed's checkpoint reads refuse anything but tensors and plain data (it unpickles freely).
-    Allowed besides, as the optimizer states hold them: the plain dataclass the bf16 and ZeRO optimizers map
-    parameters with, ZeRO's stage enum, and the loss scalers (static: a scale and a flag, kept even in fp32;
-    dynamic, fp16's: its scale, counters and settings)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+def fp32_masters(optimizer) -> dict[int, torch.Tensor] | None:
+    """fp16 without ZeRO (DeepSpeed's unfused fp16 optimizer: pipellm's torch optimizers are not its fused Adam):
+    ``id(fp16 parameter) -> its fp32 master``, the tensor the torch optimizer steps. None for the others."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    def load(path, map_location=None):
-        with torch.serialization.safe_globals([fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    engine.checkpoint_engine.load = load
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return None
+    return {id(low): master for lows, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+            for low, master in zip(lows, masters)}
+
+
+def partition_fragment(param: torch.nn.Parameter) -> tuple[int, int, int] | None:
+    """Where this rank's share of a partitioned parameter lies: ``(start in the flattened parameter, start in
+    the flat fp32 partition, length)``; None when this rank holds none of it."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    return mapping.lp_fragment_address.start, mapping.hp_fragment_address.start, mapping.lp_fragment_address.numel
+
+
+def relink_partition_state(optimizer) -> None:
+    """Point each parameter's view of the partitioned optimizer state at the torch optimizer's current state
+    tensors (DeepSpeed links them once, after the first step; a loaded state replaces those tensors)."""
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+"""What fp16's dynamic loss scaling changes as it runs (its settings come from the config)."""
+
+
+def loss_scale_state(optimizer) -> dict | None:
+    """fp16's dynamic loss scale and its counters (ZeRO keeps them in ``loss_scaler``, the fp16 optimizer in
+    ``loss_scale_config``); None when the loss scale is static (fp32, bf16, a fixed fp16 scale)."""
+    holder = getattr(optimizer, "loss_scaler", None) or getattr(optimizer, "loss_scale_config", None)
+    if holder is None or not (getattr(holder, "dynamic", False) or getattr(holder, "dynamic_loss_scale", False)):
+        return None
+    return {name: float(value) if torch.is_tensor(value) else value
+            for name in LOSS_SCALE_FIELDS if (value := getattr(holder, name, None)) is not None}
+
+
+def restore_loss_scale_state(optimizer, state: dict) -> None:
+    holder = getattr(optimizer, "loss_scaler", None) or getattr(optimizer, "loss_scale_config", None)
+    for name, value in state.items():
+        setattr(holder, name, value)

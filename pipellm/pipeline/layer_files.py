@@ -3,9 +3,11 @@
 A pipeline checkpoint directory holds one ``layer_XX-model_states.pt`` per pipeline layer but a tied head
 (``pipellm.pipeline.partition.PipelineLayers`` numbers them), named and laid out exactly as DeepSpeed's
 ``PipelineModule`` saves and loads them (each is ``torch.save`` of one layer module's
-``state_dict``), next to ``config.json`` and the tokenizer files. A training save directory holds one such
-directory per checkpoint tag (``global_step<N>``), a ``latest`` file naming the newest and, with eval data, a
-``best`` file naming the one with the best eval loss (saving and resuming: ``pipellm.training.checkpointer``).
+``state_dict``), next to ``config.json`` and the tokenizer files; a training checkpoint adds, per layer file
+with trainable parameters, ``layer_XX-optim_states.pt``: their optimizer state by checkpoint name
+(``pipellm.training.stage_checkpoint``). A training save directory holds one such directory per checkpoint tag
+(``global_step<N>``), a ``latest`` file naming the newest and, with eval data, a ``best`` file naming the one
+with the best eval loss (saving and resuming: ``pipellm.training.checkpointer``).
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ _NOT_COPIED = {LATEST, "zero_to_fp32.py"}
 def layer_file_name(idx: int) -> str:
     """File name DeepSpeed's ``PipelineModule`` uses for pipeline layer ``idx`` (no tensor parallelism)."""
     return f"layer_{idx:02d}-model_states.pt"
+
+
+def optimizer_file_name(idx: int) -> str:
+    """A training checkpoint's optimizer state of pipeline layer ``idx``'s trainable parameters, by checkpoint
+    name (``pipellm.training.stage_checkpoint``)."""
+    return f"layer_{idx:02d}-optim_states.pt"
 
 
 def has_layer_files(directory: Path) -> bool:

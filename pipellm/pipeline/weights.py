@@ -47,6 +47,15 @@ def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_
                                f"{' '.join(first_line)}") from None
 
 
+def layer_state(module: nn.Module, saves_frozen: bool) -> dict:
+    """What a layer file holds of a layer's module, as DeepSpeed's ``PipelineModule`` saves it: its state dict,
+    frozen parameters left out unless ``saves_frozen``, each tensor copied to the CPU alone (a view into a flat
+    buffer would save the whole buffer)."""
+    frozen = set() if saves_frozen else {name for name, p in module.named_parameters() if not p.requires_grad}
+    return {key: value.detach().to("cpu", copy=True) for key, value in module.state_dict().items()
+            if key not in frozen}
+
+
 def checkpoint_named_parameters(model: BoundedPipelineModule, family: ModelFamily, hf_config) -> list[tuple[str, nn.Parameter]]:
     """This stage's parameters, each named by its Hugging Face checkpoint key (``model.layers.3.mlp.up_proj.weight``,
     ``model.norm.weight``), so name-based rules read the same on every stage and in ``train_ds_zero.py``. The

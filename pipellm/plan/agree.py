@@ -19,7 +19,8 @@ def agreed_auto_parts(cfg: TrainConfig, hf_config, family: ModelFamily, resume=N
     raises the same ``PipellmError``.
 
     A run resuming its optimizer state (``resume``, a ``pipellm.training.checkpointer.ResumePoint``) on the same process
-    grid keeps the checkpoint's split instead: that state is saved per stage, and a new measurement may differ.
+    grid keeps the checkpoint's split instead: a new measurement may differ, and on the same split the run
+    continues bit-exactly (on another grid the state follows whatever split is planned).
     """
     import deepspeed.comm as dist
 

@@ -1,9 +1,9 @@
 """Checkpoints a run can be resumed from exactly: where to resume, atomic saves, ``latest``, ``best``, keep-last-N.
 
 **A save** at step N writes ``save_path/global_stepN.tmp-<host>-<pid>/`` (rank 0's host and pid; the engine's
-files: for the pipeline DeepSpeed's per-layer ``layer_XX-model_states.pt`` and per-stage
-``mp_rank_XX_model_states.pt`` with the optimizer and LR scheduler states; pipellm's ``pipellm_state.pt`` and one
-``rng_state_rankR.pt`` per rank), then, once every rank is done, renames it to ``global_stepN/`` (each node's
+files: for the pipeline per layer ``layer_XX-model_states.pt`` and ``layer_XX-optim_states.pt``, the weights and
+the optimizer state by checkpoint name, ``pipellm.training.stage_checkpoint``; pipellm's ``pipellm_state.pt`` and
+one ``rng_state_rankR.pt`` per rank), then, once every rank is done, renames it to ``global_stepN/`` (each node's
 local rank 0 renames its own copy, so nodes without a shared file system work too) and only then moves
 ``latest`` (and ``best``) atomically. A run killed mid-save leaves a temporary directory that resuming ignores
 and the next run on ``save_path`` removes at its start (it holds the run lock, ``pipellm.training.run_lock``, so
@@ -11,13 +11,16 @@ no other live run writes there); ``latest`` still names the previous complete ch
 want of disk (full, read-only) ends the run with one line naming the file and how much to free; ``latest``
 again still names the previous checkpoint.
 
-**Resuming** (``resume: auto`` or a path) restores the weights, the optimizer and LR scheduler states, the step
-(the data order is a pure function of seed and step, ``pipellm.data.batches.Schedule``, so the step is the data
-position, mid-epoch included), every rank's RNG states and the early-stopping state; ``MetricsLog`` cuts
-``metrics.jsonl`` back to the checkpoint's step: the run continues exactly as an uninterrupted one
-(bit-identical on CPU fp32). The optimizer state is saved per stage, so it cannot follow a changed
-``parts``/``dims``; then only ``resume_weights_only: true`` resumes (weights in the new layout, fresh optimizer
-state). An engine without a resume state (the ZeRO-3 baseline) writes no ``pipellm_state.pt``: not resumable.
+**Resuming** (``resume: auto`` or a path) restores the weights, the optimizer state (fp32 master weights
+included) and LR scheduler state, the step (the data order is a pure function of seed, step and the global batch
+size, ``pipellm.data.batches.Schedule``, so the step is the data position, mid-epoch included, whatever the
+replica count), every rank's RNG states and the early-stopping state; ``MetricsLog`` cuts ``metrics.jsonl`` back
+to the checkpoint's step: the run continues exactly as an uninterrupted one (bit-identical on CPU fp32). The
+checkpoint is layout-free, so the run may resume on another layout (``dims``, ``parts``, world size, ZeRO-1 on or
+off); then the RNG states, which belong to a rank's place in the old grid, are reseeded from (seed, step, rank).
+A changed ``train_batch_size``, precision or optimizer type is refused (``resume_weights_only: true`` starts a new
+run from the weights, at the checkpoint's step and learning rate, with a fresh optimizer state). An engine
+without a resume state (the ZeRO-3 baseline) writes no ``pipellm_state.pt``: not resumable.
 """
 from __future__ import annotations
 
@@ -35,12 +38,15 @@ from pipellm.files import HOST, directory_bytes, disk_error, write_text_atomical
 from pipellm.pipeline.layer_files import LATEST, copy_model_files, follow_latest
 from pipellm.training.distributed import RankFailure
 from pipellm.training.early_stopping import EarlyStoppingState
-from pipellm.training.rng import capture_rng, restore_rng, rng_file
+from pipellm.training.rng import capture_rng, reseed_rng, restore_rng, rng_file
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 TMP_SUFFIX = ".tmp"
 STATE_FILE = "pipellm_state.pt"
 BEST = "best"
+OPTIMIZER_STATE_FORMAT = "per-parameter"
+"""``pipellm_state.pt``'s ``optimizer_state``: saved per parameter by checkpoint name, any layout resumes it
+(``pipellm.training.stage_checkpoint``)."""
 
 
 def tag_of(step: int) -> str:
@@ -58,8 +64,8 @@ def _remove_tree(path: Path) -> None:
 class ResumePoint:
     """The checkpoint a run resumes from (found before any process group exists)."""
 
-    def __init__(self, path: Path, weights_only: bool):
-        self.path, self.weights_only = path, weights_only
+    def __init__(self, path: Path, weights_only: bool, seed: int):
+        self.path, self.weights_only, self.seed = path, weights_only, seed
         self.state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         self.step: int = self.state["step"]
 
@@ -87,28 +93,56 @@ class ResumePoint:
             raise PipellmError(f"`resume` {cfg.resume}: {path} is not a resumable checkpoint (no {STATE_FILE}); "
                                f"give a save directory with a `latest` file or a global_stepN directory written "
                                f"by pipellm training, or start from its weights with `model_path: {path}`")
-        return cls(path, cfg.resume_weights_only)
+        point = cls(path, cfg.resume_weights_only, cfg.seed)
+        point.check_config(cfg)
+        return point
 
-    def check_layout(self, current: dict) -> None:
-        """The optimizer state is per stage: refuse it (with the way out) when the layout changed."""
-        saved = self.state["layout"]
-        if saved != current and not self.weights_only:
-            raise PipellmError(
-                f"`resume` {self.path} was saved with stage boundaries {saved['stage_boundaries']} on {saved['axes']} "
-                f"{saved['dims']}, this run has {current['stage_boundaries']} on {current['axes']} {current['dims']}: "
-                f"the optimizer state (saved per stage) cannot follow; set `resume_weights_only: true` to load the "
-                f"weights in the new layout and continue with a fresh optimizer state, or restore `model_topo`")
+    def check_config(self, cfg: TrainConfig) -> None:
+        """What the optimizer state and the data position need unchanged (any layout may change); a new run from
+        the weights (``resume_weights_only``) needs none of it."""
+        from pipellm.training.optim import optimizer_class
 
-    def describe(self) -> str:
-        what = ("weights only, fresh optimizer state" if self.weights_only
-                else "weights, optimizer, LR scheduler, RNG states")
+        if self.weights_only:
+            return
+        saved, way_out = self.state, "or set `resume_weights_only: true` to start a new run from its weights"
+        if saved.get("optimizer_state") != OPTIMIZER_STATE_FORMAT:
+            raise PipellmError(f"`resume` {self.path} was saved by an earlier pipellm, with DeepSpeed's per-stage "
+                               f"optimizer files, which this version does not read; resume it with that version, "
+                               f"{way_out}")
+        if saved["global_batch_size"] != cfg.global_batch_size:
+            raise PipellmError(f"`train_batch_size` {cfg.global_batch_size} differs from the "
+                               f"{saved['global_batch_size']} {self.path} was trained with: the step counts global "
+                               f"batches of {saved['global_batch_size']} (the data position, the LR schedule); keep "
+                               f"{saved['global_batch_size']} with any `dims` and micro batch size, {way_out}")
+        precision = cfg.deepspeed_settings.precision
+        if saved["precision"] != precision:
+            raise PipellmError(f"`resume` {self.path} was trained in {saved['precision']} and this run is {precision}: "
+                               f"its fp32 master weights and optimizer state resume in the same precision; restore "
+                               f"`{saved['precision']}.enabled`, {way_out}")
+        optimizer = optimizer_class(cfg.deepspeed.get("optimizer")).__name__
+        if saved["optimizer"] != optimizer:
+            raise PipellmError(f"`resume` {self.path} was trained with {saved['optimizer']}, this run's "
+                               f"`optimizer.type` is {optimizer}: their states differ; restore it, {way_out}")
+
+    def layout_changed(self, layout: dict) -> bool:
+        return self.state["layout"] != layout
+
+    def describe(self, layout: dict) -> str:
+        """What was restored, in words; ``layout`` is this run's."""
+        if self.weights_only:
+            what = "weights only, fresh optimizer state"
+        elif self.layout_changed(layout):
+            what = (f"weights, optimizer, LR scheduler states; layout {describe_layout(self.state['layout'])} -> "
+                    f"{describe_layout(layout)}, RNG states reseeded")
+        else:
+            what = "weights, optimizer, LR scheduler, RNG states"
         return f"pipellm: resumed from {self.path} at step {self.step} ({what})"
 
-    @property
-    def weights_dir(self) -> Path | None:
-        """Where to load the weights from before ``deepspeed.initialize``; None when the engine loads them
-        together with the optimizer state."""
-        return self.path if self.weights_only else None
+
+def describe_layout(layout: dict) -> str:
+    """``pipe 2 x data 1, stage boundaries [0, 3, 7]``"""
+    grid = " x ".join(f"{axis} {dim}" for axis, dim in zip(layout["axes"], layout["dims"]))
+    return f"{grid}, stage boundaries {layout['stage_boundaries']}"
 
 
 class Checkpointer:
@@ -149,12 +183,17 @@ class Checkpointer:
         start_step = self._agree_on_start()
         if self.resume is None:
             return start_step
-        engine.load(self.resume.path, self.resume.weights_only, self.resume.state)
-        if not self.resume.weights_only:
-            restore_rng(torch.load(self.resume.path / rng_file(dist.get_rank()), weights_only=True))
-        early_stopping.load_state_dict(self.resume.state["early_stopping"])
+        resume = self.resume
+        engine.load(resume.path, resume.weights_only, resume.state)
+        layout = engine.checkpoint_layout()
+        if not resume.weights_only:
+            if resume.layout_changed(layout):  # a rank's RNG states belong to its place in the saved grid
+                reseed_rng(resume.seed, resume.step, dist.get_rank())
+            else:
+                restore_rng(torch.load(resume.path / rng_file(dist.get_rank()), weights_only=True))
+        early_stopping.load_state_dict(resume.state["early_stopping"])
         if dist.get_rank() == 0:
-            print(self.resume.describe(), file=sys.stderr)
+            print(resume.describe(layout), file=sys.stderr)
         return start_step
 
     def _agree_on_start(self) -> int:

@@ -60,6 +60,8 @@ class Engine(abc.ABC):
     watchdog: StepWatch
     """Follows each step's operations: a peer that goes away (and in the pipeline a stall) ends the run with one
     line."""
+    trainable: NamedParameters
+    """What the optimizer steps, by the names the parameter set gives (checkpoints key its state by them)."""
     replica: int
     replicas: int
     stage: int = 0
@@ -70,9 +72,9 @@ class Engine(abc.ABC):
         import deepspeed
 
         self.model, self.parameter_set = model, setup.parameter_set
-        trainable = setup.parameter_set.trainable(named_parameters) or nothing_to_train(model)
+        self.trainable = setup.parameter_set.trainable(named_parameters) or nothing_to_train(model)
         optimizer, lr_scheduler, ds_config = deepspeed_optimizer(
-            model, trainable, ds_config, cfg.no_weight_decay, cfg.lr_schedule, setup.total_steps)
+            model, self.trainable, ds_config, cfg.no_weight_decay, cfg.lr_schedule, setup.total_steps)
         ds_config.setdefault("steps_per_print", 10**9)  # pipellm logs; keep DeepSpeed's own step lines quiet
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                                 config=ds_config)
@@ -123,11 +125,15 @@ class Engine(abc.ABC):
 
     def save(self, save_dir: Path, tag: str) -> None:
         """This rank's files of a checkpoint into ``save_dir/tag`` (all ranks; ends with a barrier)."""
-        self.ds.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
-                                exclude_frozen_parameters=not self.parameter_set.saves_frozen)
+        self.save_states(save_dir, tag)
         write_files = optional_hook(self.parameter_set, "write_files")
         if write_files is not None and self.ds.global_rank == 0:
             write_files(save_dir / tag)
+
+    def save_states(self, save_dir: Path, tag: str) -> None:
+        """The weights and optimizer state (DeepSpeed's checkpoint; the pipeline engine's are layout-free)."""
+        self.ds.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
+                                exclude_frozen_parameters=not self.parameter_set.saves_frozen)
 
     def resume_state(self) -> dict | None:
         """What ``pipellm_state.pt`` holds of the engine; None: its checkpoints do not resume."""

@@ -3,7 +3,8 @@ engine, run by a ``pipellm.pipeline.schedule.PipelineSchedule``.
 
 The stage is built from the family (``pipellm.pipeline.stages.build_pipeline``) with the objective as its loss,
 loads only its own layer files (or a checkpoint's, on resume), and its parameters are named by their Hugging
-Face checkpoint keys for the optimizer. Every instruction of the schedule is timed by the stall watchdog.
+Face checkpoint keys for the optimizer. Its checkpoints are layout-free (``pipellm.training.stage_checkpoint``).
+Every instruction of the schedule is timed by the stall watchdog.
 """
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from pathlib import Path
 import torch
 
 from pipellm.config import TrainConfig
-from pipellm.errors import PipellmError
 from pipellm.models.base import ModelFamily
-from pipellm.pipeline.deepspeed_compat import (is_pipeline_replicated, load_bf16_optimizer_state,
-                                               read_checkpoints_weights_only)
+from pipellm.pipeline.deepspeed_compat import is_pipeline_replicated
 from pipellm.pipeline.schedule import OneForwardOneBackward, PipelineSchedule
 from pipellm.training.distributed import StallWatchdog, all_reduce
 from pipellm.training.engine import Engine, EngineSetup
+from pipellm.training.parameter_states import ParameterStates
 from pipellm.training.parameters import NOTHING_TO_TRAIN, optional_hook
+from pipellm.training.stage_checkpoint import StageCheckpoint, engine_state, restore_engine_state
 
 
 class PipelineEngine(Engine):
@@ -33,9 +34,7 @@ class PipelineEngine(Engine):
 
         self.hf_config, self.schedule = hf_config, schedule
         self.model = model = build_stage(cfg, setup, hf_config, family)
-        if setup.resume is not None:
-            setup.resume.check_layout(self.checkpoint_layout())
-        weights_dir = setup.resume.weights_dir if setup.resume is not None else (
+        weights_dir = setup.resume.path if setup.resume is not None else (
             None if cfg.from_scratch else cfg.model_path)
         if setup.parameter_set.saves_frozen:
             if weights_dir is not None:
@@ -44,9 +43,10 @@ class PipelineEngine(Engine):
             if not cfg.from_scratch:
                 load_pipeline_weights(model, family, hf_config, cfg.model_path)
             prepare_layers(model, family, hf_config, setup.parameter_set)
-            if setup.resume is not None and setup.resume.weights_dir is not None:
-                load_pipeline_weights(model, family, hf_config, setup.resume.weights_dir, strict=False)
+            if setup.resume is not None:
+                load_pipeline_weights(model, family, hf_config, setup.resume.path, strict=False)
         super().__init__(cfg, model, checkpoint_named_parameters(model, family, hf_config), cfg.deepspeed, setup)
+        self.checkpoint = StageCheckpoint(model, family, hf_config, self.trainable, ParameterStates.of(self.ds))
         self.replica, self.replicas = model.data_parallel_rank, cfg.data_degree
         self.stage, self.num_stages = model.stage_id, model.num_stages
         self.watchdog = StallWatchdog(self.ds, model.stage_id, cfg.collective_timeout_s, before_exit=setup.on_stall)
@@ -72,41 +72,28 @@ class PipelineEngine(Engine):
                 "coordinates": {"stage": self.stage, "replica": self.replica}}
 
     def checkpoint_layout(self) -> dict:
-        """What a stage's optimizer state depends on: which layers each stage holds, and the process grid."""
+        """Which layers each stage holds, and the process grid (a rank's RNG states belong to its place in it)."""
         return {"stage_boundaries": list(self.model.parts), **self.model.grid_layout}
 
+    def save_states(self, save_dir: Path, tag: str) -> None:
+        import deepspeed.comm as dist
+
+        directory = save_dir / tag
+        directory.mkdir(parents=True, exist_ok=True)
+        self.checkpoint.save(directory, self.parameter_set.saves_frozen)
+        dist.barrier()
+
     def resume_state(self) -> dict:
-        """The layout (to detect a changed one), and for weights-only resumes the LR scheduler and the learning
-        rates it set (DeepSpeed saves both per stage, with the optimizer state, in a file a changed layout
-        cannot read)."""
-        return {"layout": self.checkpoint_layout(),
-                "lr_scheduler": self.ds.lr_scheduler.state_dict() if self.ds.lr_scheduler is not None else None,
-                "lrs": [group["lr"] for group in self.ds.optimizer.param_groups]}
+        """The layout it was saved on (for the log and the RNG states), the LR scheduler, learning rates, skipped
+        steps and loss scale (``stage_checkpoint.engine_state``)."""
+        return {"layout": self.checkpoint_layout(), **engine_state(self.ds)}
 
     def load(self, checkpoint: Path, weights_only: bool, state: dict) -> None:
-        """Weights only: the weights were loaded before ``deepspeed.initialize``; the schedule's position here.
-        Otherwise the weights with the optimizer and LR scheduler states."""
-        engine = self.ds
-        if weights_only:
-            if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
-                engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-            # The scheduler sets the rates after each step: the next step trains at the ones saved.
-            for group, lr in zip(engine.optimizer.param_groups, state["lrs"]):
-                group["lr"] = lr
-            engine.global_steps = state["step"]
-            engine.global_samples = state["step"] * engine.train_batch_size()
-            return
-        read_checkpoints_weights_only(engine)
-        # DeepSpeed's bf16 optimizer without ZeRO cannot read its state from the per-stage file (deepspeed_compat).
-        bf16_without_zero = engine.bfloat16_enabled() and not engine.zero_optimization()
-        path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
-                                         load_optimizer_states=not bf16_without_zero,
-                                         load_module_strict=self.parameter_set.saves_frozen)
-        if path is None:
-            raise PipellmError(f"`resume` {checkpoint}: DeepSpeed found no model states to load; the "
-                               f"checkpoint is incomplete, resume from an earlier one")
-        if bf16_without_zero:
-            load_bf16_optimizer_state(engine, str(checkpoint.parent), checkpoint.name)
+        """The weights were loaded before ``deepspeed.initialize``; here the schedule's position and, unless
+        weights only, every trainable parameter's optimizer state and fp32 master weight."""
+        restore_engine_state(self.ds, state, state["step"], weights_only)
+        if not weights_only:
+            self.checkpoint.load_optimizer(checkpoint)
 
 
 def prepare_layers(model, family: ModelFamily, hf_config, parameter_set) -> None:

@@ -1,5 +1,6 @@
 """Every RNG state of a process (python, numpy's global one, torch, CUDA), saved with each checkpoint (one file
-per rank) and restored on resume, so a resumed run draws the same numbers as an uninterrupted one."""
+per rank) and restored on resume, so a resumed run draws the same numbers as an uninterrupted one; a run resumed
+on another layout reseeds them instead (``reseed_rng``)."""
 from __future__ import annotations
 
 import random
@@ -28,3 +29,12 @@ def restore_rng(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """Every generator of this process seeded from ``(seed, step, rank)``: a run resumed on another layout, whose
+    ranks' saved states belong to their places in the old grid, draws new numbers that are still reproducible."""
+    value = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # CUDA's generators too

@@ -1,8 +1,10 @@
 """``deepspeed train_ds.py --config X.yml``: pipeline-parallel training. What is checked before any process group
 (``prepare``); the loop is ``pipellm.training.trainer``, the engine ``pipellm.training.pipeline_engine``.
 
-A checkpoint ``save_path/global_step<N>/`` holds DeepSpeed's per-layer files (``layer_XX-model_states.pt``, the
-same format as ``convert_model.py hg_to_pp`` writes), optimizer state, and the model's config and tokenizer, so
+A checkpoint ``save_path/global_step<N>/`` holds the per-layer weight files (``layer_XX-model_states.pt``, the
+same format as ``convert_model.py hg_to_pp`` writes), the per-layer optimizer state by checkpoint name
+(``layer_XX-optim_states.pt``: any layout resumes it, ``pipellm.training.stage_checkpoint``), and the model's
+config and tokenizer, so
 ``convert_model.py pp_to_hg --input-path save_path`` exports it directly (it follows ``latest``).
 """
 from __future__ import annotations
