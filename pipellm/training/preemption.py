@@ -14,7 +14,12 @@ class StopOnSigterm:
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._request)
+        self._previous = signal.signal(signal.SIGTERM, self._request)
+
+    def release(self) -> None:
+        """The handler there was before the run: a process that goes on after it (a test training several runs
+        in turn) is not left ignoring SIGTERM."""
+        signal.signal(signal.SIGTERM, self._previous)
 
     def _request(self, signum, frame) -> None:
         self.requested = True

@@ -185,10 +185,12 @@ class Trainer:
                            cfg.peak_flops_per_gpu or device_peak_flops())
 
     def _close(self) -> None:
-        """The metrics log and the GPU profile, complete on disk: however the run ends."""
+        """The metrics log and the GPU profile, complete on disk, and SIGTERM's handler as it was: however the run
+        ends."""
         self.log.close()
         if self.gpu_profile:
             self.gpu_profile.finish()
+        self.preemption.release()
 
     def _finish(self, done: int, stop_reason: str | None) -> None:
         self._close()
