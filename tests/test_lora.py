@@ -15,6 +15,7 @@ that weight's gradient G.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -423,3 +424,58 @@ def test_mfu_counts_frozen_parameters_without_weight_gradients():
     frozen = total - adapters
     lora = ModelFlops.of(config, total, embedding, frozen_params=frozen)
     assert (lora.per_token, lora.per_pair) == (4 * (frozen - embedding) + 6 * adapters, 12 * 2 * 8)
+
+
+# --- QLoRA: the 4-bit base needs bitsandbytes' CUDA kernels; CPU machines (CI) skip this test ---
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="QLoRA needs a CUDA GPU and bitsandbytes")
+def test_qlora_trains_on_an_nf4_base_and_exports_merged_bf16(tmp_path, tiny_pp_model):
+    """One GPU, one process (``python train_ds.py`` with ``dims: [1, 1]``): the run's decoder layers are
+    bitsandbytes NF4 layers under peft's adapters, the loss falls, and the merged export is a bf16 checkpoint that
+    transformers loads and that scores the data better than the base."""
+    import json
+    import subprocess
+    import sys
+
+    import bitsandbytes as bnb
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from pipellm.config.load import load_config
+    from pipellm.convert.converters import pp_to_hg
+    from pipellm.models import load_model_config
+    from pipellm.models.attention import AttentionOptions
+    from pipellm.quickstart import mean_token_loss
+    from pipellm.training.lora import LoraParameters
+    from test_resume import REPO, metrics, run_config
+
+    hf_base, pp_base = tiny_pp_model
+    save = tmp_path / "save"
+    config = run_config(tmp_path, pp_base, save, n_epochs=8, eval_steps=0, eval_ratio=0.0, keep_last_n=None,
+                        early_stopping={"patience": 0, "min_delta": 0.0}, save_steps=1000, bf16={"enabled": True},
+                        lora={"r": 8, "alpha": 16.0, "target_modules": TARGETS}, quantize_base="nf4")
+    config["model_topo"] = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}, "parts": [6]}
+    config["optimizer"]["params"]["lr"] = 1e-2
+    path = tmp_path / "qlora.yml"
+    path.write_text(yaml.safe_dump(config))
+
+    # What the run builds: each decoder's linear modules become NF4 layers that peft wraps with adapters.
+    hf_config, family = load_model_config(pp_base)
+    with torch.device("cuda"):
+        decoder = family.decoder(hf_config, AttentionOptions())
+    LoraParameters.of(load_config(path)).prepare_layer(decoder, "decoder", 1)
+    quantized = [name for name, module in decoder.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert len(quantized) == 7, quantized  # every linear module, adapted or not
+
+    done = subprocess.run([sys.executable, "train_ds.py", "--config", str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = metrics(save)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5, [r["loss"] for r in records]
+    latest = save / (save / "latest").read_text().strip()
+    assert json.loads((latest / "lora.json").read_text())["quantize_base"] == "nf4"
+    exported = pp_to_hg(save, tmp_path / "merged")
+    assert AutoModelForCausalLM.from_pretrained(exported).dtype == torch.bfloat16
+    data = [str(tmp_path / "data40.jsonl")]
+    assert mean_token_loss(exported, data, 64) < mean_token_loss(hf_base, data, 64) - 0.5
