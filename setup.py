@@ -23,6 +23,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.19,<0.20",  # pipellm.pipeline.deepspeed_compat: the releases the tests cover
         "transformers>=5,<6",
+        "peft>=0.14",  # LoRA / QLoRA adapters (pipellm.training.lora): peft's own layers, not a copy
         "sentencepiece",
         "protobuf",
         "psutil",  # the run lock tells a live holder from a reused pid (pipellm.training.run_lock)
