@@ -35,7 +35,7 @@ def test_smoke_sweep_writes_table_plot_and_records_failures(tmp_path):
     assert points["zero3-best"]["micro"] == "4"  # the largest micro batch allowed (4 rows per GPU) fits
 
     markdown = (out / "results.md").read_text()
-    assert "| zero3-mb3 | failed |" in markdown and "(mb 4)" in markdown and "MFU = tokens/s/GPU" in markdown
+    assert "| zero3-mb3 | failed |" in markdown and "(mb 4)" in markdown and "MFU = (6 x (N - N_embedding) x T" in markdown
     assert "## Reading" in markdown
     assert (out / "throughput_memory.png").read_bytes()[:4] == b"\x89PNG"
 
