@@ -23,17 +23,18 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from pipellm.errors import PipellmError
 
 
-def uses_flex(backend: str, query: torch.Tensor) -> bool:
-    """Whether attention that needs a mask (packed rows, ALiBi) runs FlexAttention: ``flex`` always, ``auto`` on
-    CUDA (where it compiles to a fused kernel), ``sdpa`` never (SDPA with a dense mask)."""
-    return backend == "flex" or (backend == "auto" and query.is_cuda)
+def uses_flex(backend: str) -> bool:
+    """Whether attention that needs a mask (packed rows, ALiBi) runs FlexAttention: only with ``flex``. ``auto``
+    keeps SDPA with a dense mask until FlexAttention's backward has run on a GPU (it has none on CPU, so the suite
+    proves its forward only; ``tests/test_flex_attention.py`` holds the GPU check of its gradients)."""
+    return backend == "flex"
 
 
 def check_attention_backend(cfg) -> None:
     """``attention_backend: flex`` needs a GPU to train (FlexAttention has no backward on CPU): one line if not."""
     if cfg.attention_backend == "flex" and not torch.cuda.is_available():
         raise PipellmError(f"{cfg.source}: `attention_backend: flex`: torch's FlexAttention has no backward on CPU; "
-                           f"use `auto` (FlexAttention on GPUs, SDPA with a mask on CPU) or `sdpa`")
+                           f"use `auto` or `sdpa` (SDPA with a dense mask)")
 
 
 @functools.cache
