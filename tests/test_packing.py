@@ -273,5 +273,5 @@ def test_load_training_data_from_config(tmp_path, tok):
     assert n == 15 and len(data.eval_rows) >= 1
     summary = data.summary()
     assert "15 records in 5 file(s)" in summary and "(packed)" in summary and "fill ratio" in summary
-    batches = list(data.eval_batches(4))
+    batches = [data.rows_of(rows, data.eval_store) for rows in data.eval_row_batches(4)]
     assert all(b[0].shape == (4, 128) for b in batches)

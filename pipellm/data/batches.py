@@ -279,11 +279,6 @@ class TrainingData:
             chunk = list(self.eval_rows[start:start + global_batch_size])
             yield chunk + [None] * (global_batch_size - len(chunk))
 
-    def eval_batches(self, global_batch_size: int):
-        """``rows_of`` each of ``eval_row_batches``."""
-        for rows in self.eval_row_batches(global_batch_size):
-            yield self.rows_of(rows, self.eval_store)
-
     def summary(self) -> str:
         """One log line: counts per file, rows, fill ratio, eval size."""
         def count(key):

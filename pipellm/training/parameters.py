@@ -47,7 +47,6 @@ class AllParameters:
         return list(named_parameters)
 
 
-
 def optional_hook(parameter_set: ParameterSet, name: str, default=None):
     """The set's optional method ``name`` (``ParameterSet``'s comment), or ``default``."""
     return getattr(parameter_set, name, default)

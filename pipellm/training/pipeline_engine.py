@@ -102,11 +102,12 @@ def prepare_layers(model, family: ModelFamily, hf_config, parameter_set) -> None
     from pipellm.pipeline.weights import stage_modules
 
     prepare = optional_hook(parameter_set, "prepare_layer")
+    if prepare is None:
+        return
     layers = PipelineLayers.of(family, hf_config)
     for layer_index, module in stage_modules(model):
         file_index = layers.file_index(layer_index)
-        if prepare is not None:
-            prepare(module, layers.kind(file_index)[0], file_index)
+        prepare(module, layers.kind(file_index)[0], file_index)
 
 
 def build_stage(cfg: TrainConfig, setup: EngineSetup, hf_config, family: ModelFamily):
