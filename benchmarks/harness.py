@@ -173,14 +173,16 @@ class Outcome:
 
 
 def launch(point: Point, model_dir: Path, data: Path, work: Path, warmup: int, timeout: float | None = None,
-           echo: bool = False) -> Outcome:
-    """Train ``point`` with the deepspeed launcher; its config, log and metrics go to ``work``."""
+           echo: bool = False, launcher: bool = True) -> Outcome:
+    """Train ``point`` with the deepspeed launcher (``launcher=False``, one process: the trainer alone, which sets
+    up its own one-process group); its config, log and metrics go to ``work``."""
     work.mkdir(parents=True, exist_ok=True)
     save = work / "save"
     config_path = work / "config.yml"
     config_path.write_text(yaml.safe_dump(point.config(model_dir, data, save)))
+    trainer = [str(REPO / TRAINERS[point.trainer]), "--config", str(config_path)]
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(point.gpus),
-               "--master_port", str(free_port()), str(REPO / TRAINERS[point.trainer]), "--config", str(config_path)]
+               "--master_port", str(free_port()), *trainer] if launcher else [sys.executable, *trainer]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     log_path = work / "log.txt"
     with open(log_path, "w") as log:

@@ -118,6 +118,29 @@ class DPO:
 
 
 @dataclasses.dataclass
+class Speed:
+    """Optional faster paths of the pipeline stage, each off by default until ``benchmarks/stage_levers.py`` has
+    measured it on a GPU (its before/after table is in ``benchmarks/results/``). Pipeline training only."""
+
+    liger_kernels: bool = False
+    """Decoder RMSNorm, SwiGLU and rotary (llama and the families built from its modules) through liger-kernel's
+    Triton kernels (``pip install 'pipellm[liger]'``; CUDA only). Equal to the torch path up to rounding
+    (``tests/test_speed_gpu.py``)."""
+    loss_kernel: Literal["torch", "compiled", "liger"] = "torch"
+    """The last stage's cross entropy: ``torch`` (``F.cross_entropy`` on an fp32 copy of the logits, or
+    ``loss_chunk_tokens`` chunks), ``compiled`` (the same, ``torch.compile``d: the upcast is fused into the loss
+    kernels, so no fp32 copy of the logits is written) or ``liger`` (liger-kernel's fused linear + cross entropy:
+    the logits never exist whole; CUDA only, ``objective: token_mean`` only)."""
+    sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
+    """The one SDPA kernel unmasked causal attention uses on CUDA (an error if it cannot serve the shape);
+    ``auto``: torch's choice (with ``use_flash_attn`` the fused kernels, cuDNN first)."""
+    batches_on_device_early: bool = False
+    """Copy a step's micro batches to the GPU at once (pinned, non-blocking) before the schedule runs, instead of
+    DeepSpeed copying each micro batch from pageable memory as it loads it (a copy that waits for the GPU to drain,
+    so the host cannot queue the next micro batch's kernels ahead)."""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """pipellm's keys of the training YAML. DeepSpeed's keys are kept apart in ``deepspeed``."""
 
@@ -247,6 +270,8 @@ class TrainConfig:
     quantize_base: Literal["nf4"] | None = None
     """With ``lora``: ``nf4`` stores the frozen base's decoder linear weights in 4 bits (QLoRA, bitsandbytes'
     ``Linear4bit``; needs a GPU where bitsandbytes runs). null: the base keeps the run's precision."""
+    speed: Speed = dataclasses.field(default_factory=Speed)
+    """Optional faster paths of the pipeline stage (see ``Speed``), all off by default."""
     source: ClassVar[str] = "the training YAML"
     """The file the config was read from (``load_config`` sets it; not a key), named by errors found later."""
 

@@ -30,6 +30,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pipellm.models.flex_attention import document_attention, uses_flex
 
 FUSED_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+"""``speed.sdpa_backend`` -> the one SDPA kernel it names."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,8 @@ class AttentionOptions:
     backend: str = "auto"
     """Attention that needs a mask (packed rows, ALiBi): ``flex`` (FlexAttention), ``sdpa`` (a dense mask) or
     ``auto`` (SDPA until FlexAttention is proven on GPUs); see ``pipellm.models.flex_attention.uses_flex``."""
+    sdpa_backend: str = "auto"
+    """The one SDPA kernel on CUDA (``SDPA_BACKENDS``: ``speed.sdpa_backend``), or ``auto``: see ``sdpa_backends``."""
 
 
 @functools.cache
@@ -134,12 +139,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options:
         kwargs = dict(is_causal=True, scale=scale)
     if alibi_slopes is not None:
         kwargs = dict(attn_mask=alibi_mask(position_ids, alibi_slopes, q.dtype, options.packed), scale=scale)
-    if use_flash_attn and q.is_cuda:
-        with sdpa_kernel(FUSED_SDPA_BACKENDS, set_priority=True):
-            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    else:
+    backends = sdpa_backends(options, q)
+    if backends is None:
         out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    else:
+        with sdpa_kernel(backends, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
     return out.transpose(1, 2)
+
+
+def sdpa_backends(options: AttentionOptions, q: torch.Tensor) -> list[SDPBackend] | None:
+    """The SDPA kernels allowed on CUDA, in priority order: the one ``sdpa_backend`` names, else the fused ones
+    with ``use_flash_attn``; None: torch's own choice (always on CPU)."""
+    if not q.is_cuda:
+        return None
+    if options.sdpa_backend != "auto":
+        return [SDPA_BACKENDS[options.sdpa_backend]]
+    return FUSED_SDPA_BACKENDS if options.use_flash_attn else None
 
 
 def alibi_mask(position_ids: torch.Tensor, alibi_slopes: torch.Tensor, dtype: torch.dtype,

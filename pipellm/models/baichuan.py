@@ -19,7 +19,7 @@ from transformers import LlamaConfig
 
 from pipellm.models.attention import AttentionOptions, causal_attention
 from pipellm.errors import PipellmError
-from pipellm.models import llama
+from pipellm.models import kernels, llama
 from pipellm.models.base import Export, KeyMap, ModelFamily, Supported
 from pipellm.models.bloom import AlibiSlopes
 
@@ -72,8 +72,8 @@ class BaichuanAttention(nn.Module):
             out = causal_attention(q, k, v, self.attention, position_ids, alibi_slopes=self.alibi(x.device))
         else:
             cos, sin = (t.unsqueeze(1) for t in self.rotary(position_ids, x.dtype))
-            q = q * cos + llama.rotate_half(q) * sin
-            k = k * cos + llama.rotate_half(k) * sin
+            q = q * cos + kernels.rotate_half(q) * sin
+            k = k * cos + kernels.rotate_half(k) * sin
             out = causal_attention(q, k, v, self.attention, position_ids)
         return self.o_proj(out.reshape(batch, seq, hidden))
 

@@ -78,3 +78,14 @@ def chunked_linear_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targ
     """Each token's ``cross_entropy(hidden @ weight.T, targets)`` in fp32, ``(tokens,)``, 0 where not labelled
     (per-token log-probs for preference objectives)."""
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, "none")
+
+
+def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """What ``chunked_linear_cross_entropy`` returns, by liger-kernel's fused linear + cross entropy
+    (``speed.loss_kernel: liger``; CUDA only): it projects chunks of its own choosing, keeps the softmax in fp32
+    and writes the input and weight gradients in the forward. The weight gradient is accumulated in fp32, as here.
+    Equal to ``chunked_linear_cross_entropy`` up to rounding (``tests/test_speed_gpu.py``)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum",
+                                            accum_dtype=torch.float32)

@@ -8,6 +8,7 @@ model. ``pipellm.training.objective`` picks it from the config's ``objective`` k
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Protocol
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from pipellm.data import IGNORE_INDEX
 from pipellm.observe.metrics import perplexity
-from pipellm.pipeline.chunked_loss import chunked_linear_cross_entropy
+from pipellm.pipeline.chunked_loss import chunked_linear_cross_entropy, liger_linear_cross_entropy
 
 Labels = tuple[torch.Tensor, torch.Tensor]
 """``(targets, loss_scale)`` of a micro batch, as ``pipellm.data.batches.micro_batches`` makes them."""
@@ -50,7 +51,22 @@ class Objective(Protocol):
         rewards: ``pipellm.pipeline.preference``)."""
 
 
-def token_mean_loss(outputs: HeadOutput, labels: Labels, chunk_tokens: int | None = None) -> torch.Tensor:
+def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy summed over the labelled tokens, in fp32 (on an fp32 copy of the logits)."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+@functools.cache
+def compiled_cross_entropy():
+    """``logits_cross_entropy`` compiled (``speed.loss_kernel: compiled``): inductor fuses the fp32 upcast into the
+    softmax reductions and their backward, so no fp32 copy of the logits (tokens x vocab x 4 bytes) is written or
+    read back. The same function; reductions may round differently (``tests/test_speed.py``)."""
+    return torch.compile(logits_cross_entropy, dynamic=False)
+
+
+def token_mean_loss(outputs: HeadOutput, labels: Labels, chunk_tokens: int | None = None,
+                    kernel: str = "torch") -> torch.Tensor:
     """Cross entropy summed over a micro batch's labelled tokens, times ``loss_scale`` (plus ``outputs.aux``).
 
     The training loop sets ``loss_scale = gradient_accumulation_steps * D / (labelled tokens in the global
@@ -62,17 +78,20 @@ def token_mean_loss(outputs: HeadOutput, labels: Labels, chunk_tokens: int | Non
     ``aux`` over the global batch's micro batches (all replicas). With one micro batch that is the term on the
     global batch; with several it is the reference's term only if the term is linear in the tokens, which
     mixtral's load-balancing loss is not (see ``pipellm.models.mixtral``). Without logits, ``hidden`` is
-    projected and scored ``chunk_tokens`` tokens at a time (``pipellm.pipeline.chunked_loss``).
+    projected and scored ``chunk_tokens`` tokens at a time (``pipellm.pipeline.chunked_loss``), or by liger's
+    fused linear + cross entropy with ``kernel`` ``liger``; ``kernel`` ``compiled`` compiles the logits' loss
+    (``pipellm.config.schema.Speed.loss_kernel``).
     """
     targets, loss_scale = labels
     if outputs.logits is not None:
-        logits = outputs.logits
-        losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        cross_entropy = compiled_cross_entropy() if kernel == "compiled" else logits_cross_entropy
+        losses = cross_entropy(outputs.logits, targets)
     else:
-        hidden = outputs.hidden
-        losses = chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), outputs.weight,
-                                              targets.view(-1), chunk_tokens)
+        hidden = outputs.hidden.reshape(-1, outputs.hidden.shape[-1])
+        if kernel == "liger":
+            losses = liger_linear_cross_entropy(hidden, outputs.weight, targets.view(-1))
+        else:
+            losses = chunked_linear_cross_entropy(hidden, outputs.weight, targets.view(-1), chunk_tokens)
     loss = losses * loss_scale.to(losses.dtype).reshape(())
     return loss if outputs.aux is None else loss + outputs.aux
 
@@ -83,13 +102,15 @@ class TokenMeanCrossEntropy:
 
     chunk_tokens: int | None = None
     """``loss_chunk_tokens``: the size of the chunks a deferred projection is scored in."""
+    kernel: str = "torch"
+    """``speed.loss_kernel``: ``torch``, ``compiled`` or ``liger`` (see ``token_mean_loss``)."""
 
     @classmethod
     def from_config(cls, cfg) -> "TokenMeanCrossEntropy":
-        return cls(cfg.loss_chunk_tokens)
+        return cls(cfg.loss_chunk_tokens, cfg.speed.loss_kernel)
 
     def loss(self, output: HeadOutput, labels: Labels) -> torch.Tensor:
-        return token_mean_loss(output, labels, self.chunk_tokens)
+        return token_mean_loss(output, labels, self.chunk_tokens, self.kernel)
 
     def figures(self, loss: float, split: str) -> dict[str, float]:
         return {"eval_ppl": perplexity(loss)} if split == "eval" else {}

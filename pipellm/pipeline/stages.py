@@ -24,7 +24,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipellm.models.attention import AttentionOptions
+from pipellm.config.schema import Speed
 from pipellm.models.base import ModelFamily
+from pipellm.models.kernels import use_liger_kernels
 from pipellm.pipeline.loss import HeadOutput, Objective, TokenMeanCrossEntropy
 from pipellm.pipeline.deepspeed_compat import BoundedPipelineModule
 from pipellm.pipeline.partition import Partition
@@ -120,11 +122,12 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: AttentionOptions,
-                compile_layers: bool = False, loss_chunk_tokens: int | None = None) -> list:
+                compile_layers: bool = False, loss_chunk_tokens: int | None = None, loss_kernel: str = "torch") -> list:
     """DeepSpeed layer specs: embed, decoders, final norm, head (tied to the embedding when the config says so),
-    in ``pipellm.pipeline.partition.PipelineLayers``' order."""
+    in ``pipellm.pipeline.partition.PipelineLayers``' order. The head leaves the projection to the loss with
+    ``loss_chunk_tokens`` or liger's fused linear + cross entropy (``loss_kernel`` ``liger``)."""
     embed_cls = stage_class(EmbedStage, family.embed)
-    defer = loss_chunk_tokens is not None
+    defer = loss_chunk_tokens is not None or loss_kernel == "liger"
     if family.is_tied(hf_config):
         embed = TiedLayerSpec("embed", embed_cls, hf_config, tied_weight_attr=[family.tied_weight])
         head_forward = functools.partial(tied_head_forward, weight_path=family.tied_weight,
@@ -145,21 +148,23 @@ def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_
                    use_flash_attn: bool = False, compile_layers: bool = False, seed: int = 42,
                    device: str | torch.device = "cpu", packed: bool = False,
                    loss_chunk_tokens: int | None = None, objective: Objective | None = None,
-                   attention_backend: str = "auto") -> BoundedPipelineModule:
+                   attention_backend: str = "auto", speed: Speed = Speed()) -> BoundedPipelineModule:
     """Build this rank's stage, randomly initialised (``load_pipeline_weights`` then loads a checkpoint).
 
     ``packed``: rows may hold several samples (``packing: true``); attention keeps to each sample.
     ``attention_backend``: the kernel of attention that needs a mask (``AttentionOptions.backend``).
     ``loss_chunk_tokens``: the loss projects and scores this many tokens at a time (``pipellm.pipeline.chunked_loss``).
     ``objective``: what the last stage's output is scored by (default: ``TokenMeanCrossEntropy``).
+    ``speed``: the optional faster paths (``pipellm.config.schema.Speed``): liger's decoder kernels, the loss
+    kernel (the head defers its projection to liger's fused loss), the SDPA kernel.
     Each layer's initialisation is seeded by its layer file index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
     specs = layer_specs(family, hf_config, use_grad_ckpt,
-                        AttentionOptions(use_flash_attn, packed, attention_backend), compile_layers,
-                        loss_chunk_tokens)
+                        AttentionOptions(use_flash_attn, packed, attention_backend, speed.sdpa_backend),
+                        compile_layers, loss_chunk_tokens, speed.loss_kernel)
     partition = Partition.of_parts(parts, family, hf_config, topology.get_dim("pipe"))
-    loss_fn = (objective or TokenMeanCrossEntropy(loss_chunk_tokens)).loss
+    loss_fn = (objective or TokenMeanCrossEntropy(loss_chunk_tokens, speed.loss_kernel)).loss
     # Allocating on the target device directly skips a host copy of the stage (and is much faster to init).
     with torch.device(device):
         model = BoundedPipelineModule(specs, partition.boundaries, topology=topology, loss_fn=loss_fn)
@@ -167,4 +172,6 @@ def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_
         for layer_index, module in stage_modules(model):
             torch.manual_seed(seed + partition.layers.file_index(layer_index))
             init_weights(module, std)
+    if speed.liger_kernels:
+        use_liger_kernels(model)
     return model

@@ -49,9 +49,12 @@ class PipelineEngine(Engine):
         self.checkpoint = StageCheckpoint(model, family, hf_config, self.trainable, ParameterStates.of(self.ds))
         self.replica, self.replicas = model.data_parallel_rank, cfg.data_degree
         self.stage, self.num_stages = model.stage_id, model.num_stages
+        self.batches_on_device_early = cfg.speed.batches_on_device_early and torch.cuda.is_available()
         self.watchdog = StallWatchdog(self.ds, model.stage_id, cfg.collective_timeout_s, before_exit=setup.on_stall)
 
     def train_step(self, micro_batches: list) -> float:
+        if self.batches_on_device_early:
+            micro_batches = on_device(micro_batches, self.ds.device)
         return float(self.schedule.train_batch(self.ds, micro_batches))
 
     def eval_step(self, micro_batches: list) -> float:
@@ -96,6 +99,19 @@ class PipelineEngine(Engine):
             self.checkpoint.load_optimizer(checkpoint)
 
 
+def on_device(batch, device):
+    """``batch`` (tensors in tuples, lists and named tuples) with every host tensor copied to ``device`` through
+    pinned memory, without waiting (``speed.batches_on_device_early``). DeepSpeed's loading of each micro batch
+    then copies on the device, which does not make the host wait for the GPU as a pageable host copy does."""
+    if torch.is_tensor(batch):
+        return batch.pin_memory().to(device, non_blocking=True) if batch.device.type == "cpu" else batch
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(on_device(item, device) for item in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(on_device(item, device) for item in batch)
+    return batch
+
+
 def prepare_layers(model, family: ModelFamily, hf_config, parameter_set) -> None:
     """The parameter set's changes to each of this stage's layers (LoRA: adapters into the decoders)."""
     from pipellm.pipeline.partition import PipelineLayers
@@ -128,4 +144,4 @@ def build_stage(cfg: TrainConfig, setup: EngineSetup, hf_config, family: ModelFa
                           seed=cfg.seed, compile_layers=on_gpu if cfg.compile_layers is None else cfg.compile_layers,
                           device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu", packed=cfg.packing,
                           loss_chunk_tokens=cfg.loss_chunk_tokens, objective=setup.objective,
-                          attention_backend=cfg.attention_backend)
+                          attention_backend=cfg.attention_backend, speed=cfg.speed)

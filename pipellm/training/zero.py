@@ -40,6 +40,7 @@ from pathlib import Path
 
 from pipellm.config import ModelTopo, TrainConfig, load_config, parse_launcher_args, validate_environment
 from pipellm.config.checks import complete_batch_sizes
+from pipellm.config.schema import Speed
 from pipellm.config.load import read_yaml
 from pipellm.errors import PipellmError
 from pipellm.training import trainer
@@ -113,6 +114,8 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     for key in ("compile_layers", "loss_chunk_tokens"):
         if getattr(cfg, key):
             raise PipellmError(f"`{key}` is not supported by train_ds_zero.py; remove it or set it to null")
+    if cfg.speed != Speed():
+        raise PipellmError("`speed` is pipeline training's (train_ds.py); remove it for train_ds_zero.py")
     stage = cfg.deepspeed.setdefault("zero_optimization", {}).setdefault("stage", 3)
     if stage != 3:
         raise PipellmError(f"`zero_optimization.stage` is {stage}; train_ds_zero.py is the ZeRO-3 baseline: "

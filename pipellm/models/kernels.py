@@ -1,0 +1,103 @@
+"""The elementwise kernels of llama-style blocks (RMSNorm, SwiGLU, rotary), and liger-kernel's Triton ones.
+
+llama's modules (and the families built from them: mixtral, baichuan2, chatglm3) call their kernel through an
+attribute (``RMSNorm.norm_kernel``, ``LlamaMLP.swiglu_kernel``, ``LlamaAttention.rotary_kernel``) whose default is
+the torch function here. ``speed.liger_kernels`` (``pipellm.config.schema.Speed``) sets, on every module of a stage
+that has one of these attributes, liger-kernel's function instead (``LIGER``): a table, so a family opts in by
+naming its attribute the same. The model files hold the torch definitions; liger is imported only when asked for.
+
+Both compute the same function; they differ by rounding only (liger keeps fp32 inside a fused kernel where torch
+rounds each step to the activations' precision): ``tests/test_speed_gpu.py`` compares them on a GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipellm.errors import PipellmError
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in fp32 and cast back before the scale, as transformers' llama does."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of ``[batch, heads, seq, head_dim]`` queries and keys; ``cos``/``sin``: ``[batch, seq, head_dim]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def liger_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_rms_norm as kernel
+
+    # casting_mode "llama": fp32 statistics, cast to x's dtype before the weight, as ``rms_norm``.
+    return kernel(x, weight, eps, 0.0, "llama", False)
+
+
+def liger_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_swiglu as kernel
+
+    return kernel(gate, up)
+
+
+def liger_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from liger_kernel.transformers.functional import liger_rope as kernel
+
+    return kernel(q, k, cos, sin)
+
+
+LIGER = {"norm_kernel": liger_rms_norm, "swiglu_kernel": liger_swiglu, "rotary_kernel": liger_rotary}
+"""Kernel attribute of a module -> liger-kernel's function for it."""
+
+
+def use_liger_kernels(model: nn.Module) -> int:
+    """Point every kernel attribute of ``model``'s modules named in ``LIGER`` at liger's function; returns how
+    many were set (0: the stage has no llama-style block)."""
+    count = 0
+    for module in model.modules():
+        for attribute, kernel in LIGER.items():
+            if hasattr(module, attribute):
+                setattr(module, attribute, kernel)
+                count += 1
+    return count
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def check_speed(cfg) -> None:
+    """One line naming the key when a ``speed`` setting cannot run here (before any process group exists)."""
+    speed = cfg.speed
+    liger_keys = [key for key, on in (("speed.liger_kernels", speed.liger_kernels),
+                                      ("speed.loss_kernel: liger", speed.loss_kernel == "liger")) if on]
+    for key in liger_keys:
+        if not torch.cuda.is_available():
+            raise PipellmError(f"{cfg.source}: `{key}` runs Triton kernels on CUDA only; turn it off on this machine")
+        if not liger_available():
+            raise PipellmError(f"{cfg.source}: `{key}` needs liger-kernel: pip install 'pipellm[liger]' "
+                               f"(or turn it off)")
+    if speed.loss_kernel != "torch" and cfg.loss_chunk_tokens is not None:
+        raise PipellmError(f"{cfg.source}: `speed.loss_kernel: {speed.loss_kernel}` and `loss_chunk_tokens` are two "
+                           f"ways to compute the loss: set `loss_chunk_tokens: null` or `speed.loss_kernel: torch`")
+    if speed.loss_kernel == "liger" and cfg.objective != "token_mean":
+        raise PipellmError(f"{cfg.source}: `speed.loss_kernel: liger` serves `objective: token_mean` only "
+                           f"(this config has `{cfg.objective}`); use `torch` or `compiled`")

@@ -1,0 +1,89 @@
+"""The ``speed`` levers on CPU: the compiled loss equals the eager one, liger's kernels replace exactly the llama-style
+kernel attributes, and settings that cannot run fail before training with one line. Liger's kernels, the SDPA
+backends and the early batch copy run on CUDA only: ``tests/test_speed_gpu.py``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipellm.config.schema import Speed
+from pipellm.models import chatglm, kernels, llama
+from test_config import assert_fails, write_config
+
+
+def test_compiled_loss_equals_the_eager_loss_and_gradient():
+    from pipellm.pipeline.loss import compiled_cross_entropy, logits_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 16, 97, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 97, (2, 16))
+    targets[0, :5] = -100  # unlabelled tokens count for nothing in both
+    compiled = compiled_cross_entropy()(logits, targets)
+    (compiled_grad,) = torch.autograd.grad(compiled, logits)
+    eager = logits_cross_entropy(logits, targets)
+    (eager_grad,) = torch.autograd.grad(eager, logits)
+    assert compiled.dtype == eager.dtype == torch.float32 and compiled_grad.dtype == torch.bfloat16
+    # The same function: only the order of the fp32 sums may differ (a few ulp of the loss); the bf16 gradient is
+    # the same rounding of the same fp32 values.
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+
+
+def test_liger_kernel_table_covers_the_modules_that_use_kernels():
+    from transformers import LlamaConfig
+
+    from pipellm.quickstart import TINY_LLAMA
+
+    config = LlamaConfig.from_pretrained(TINY_LLAMA)
+    decoder = llama.LlamaDecoderLayer(config)
+    assert decoder.input_layernorm.norm_kernel is kernels.rms_norm and decoder.mlp.swiglu_kernel is kernels.swiglu
+    assert decoder.self_attn.rotary_kernel is kernels.rotary
+    keys = set(decoder.state_dict())
+    # Two norms, the MLP's SwiGLU, the attention's rotary; the weights are untouched.
+    assert kernels.use_liger_kernels(decoder) == 4
+    assert decoder.input_layernorm.norm_kernel is kernels.liger_rms_norm
+    assert decoder.post_attention_layernorm.norm_kernel is kernels.liger_rms_norm
+    assert decoder.mlp.swiglu_kernel is kernels.liger_swiglu
+    assert decoder.self_attn.rotary_kernel is kernels.liger_rotary
+    assert set(decoder.state_dict()) == keys
+    # A family built from llama's modules gets them too (chatglm's norms); one without any gets nothing.
+    assert kernels.use_liger_kernels(chatglm.RMSNorm(8, 1e-5)) == 1
+    assert kernels.use_liger_kernels(torch.nn.Linear(2, 2)) == 0
+
+
+SPEED_ERRORS = {
+    "liger on CPU": (dict(speed={"liger_kernels": True}), False,
+                     ["`speed.liger_kernels` runs Triton kernels on CUDA only"]),
+    "liger loss on CPU": (dict(speed={"loss_kernel": "liger"}), False,
+                          ["`speed.loss_kernel: liger` runs Triton kernels on CUDA only"]),
+    "two loss paths": (dict(speed={"loss_kernel": "compiled"}, loss_chunk_tokens=4), False,
+                       ["`speed.loss_kernel: compiled` and `loss_chunk_tokens` are two ways"]),
+    "liger loss with dpo": (dict(speed={"loss_kernel": "liger"}, objective="dpo"), True,
+                            ["`speed.loss_kernel: liger` serves `objective: token_mean` only"]),
+    "sdpa choice": (dict(speed={"sdpa_backend": "fastest"}), False,
+                    ["`speed.sdpa_backend` must be one of auto, cudnn, flash, efficient, math"]),
+    "misspelt speed key": (dict(speed={"liger": True}), False, ["unknown key `speed.liger`"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SPEED_ERRORS))
+def test_speed_settings_that_cannot_run_fail_with_one_line(case, tmp_path, tiny_pp_model, capsys, monkeypatch):
+    overrides, on_gpu_with_liger, expected = SPEED_ERRORS[case]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: on_gpu_with_liger)
+    monkeypatch.setattr(kernels, "liger_available", lambda: on_gpu_with_liger)
+    assert_fails(capsys, monkeypatch, tmp_path, write_config(tmp_path, tiny_pp_model, **overrides), *expected)
+
+
+def test_the_zero3_baseline_refuses_speed_settings(tmp_path, tiny_pp_model, capsys, monkeypatch):
+    from pipellm.training.zero import main as zero_main
+
+    path = write_config(tmp_path, tiny_pp_model, speed={"loss_kernel": "compiled"}, from_scratch=True,
+                        model_path=str(tiny_pp_model[0]), model_topo={"process_topology": {"dims": [1, 2]}})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        zero_main(["--config", str(path)])
+    assert exit_info.value.code == 2
+    assert "`speed` is pipeline training's" in capsys.readouterr().err
+    assert Speed() == Speed(liger_kernels=False, loss_kernel="torch", sdpa_backend="auto",
+                            batches_on_device_early=False)
