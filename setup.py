@@ -41,5 +41,6 @@ setup(
         "plot": ["matplotlib"],
         "nvml": ["nvidia-ml-py"],  # the GPU profile's sampler (pipellm.observe.gpu_profile)
         "ray": ["ray>=2.40"],  # python -m pipellm.ray (plain ray: the dashboard's extras are not needed)
+        "liger": ["liger-kernel>=0.8.5"],  # speed.liger_kernels, speed.loss_kernel: liger (CUDA Triton kernels)
     },
 )

@@ -1,6 +1,6 @@
 """One pipeline stage with each speed lever off and on: which of them pay (issue 15, "a faster stage").
 
-    python benchmarks/stage_levers.py --out benchmarks/results/stage_levers_h200     # one GPU, about 7 minutes
+    python benchmarks/stage_levers.py --out benchmarks/results/stage_levers_h200     # one GPU, about 6 minutes
     python benchmarks/stage_levers.py --smoke --out /tmp/levers                        # CPU: the machinery only
 
 The stage is ``run_pipeline.py --preset 7b-16 --stages 1 --seq 2048 --micro 2``: llama-7B's shape with 16 decoder
@@ -20,6 +20,7 @@ losses agree to a few thousandths (the kernels' equality is proven by ``tests/te
 
 Writes ``results.csv``, ``results.md`` (table, machine, versions, MFU formula, command), ``levers.png`` and each
 run's log and config under ``points/NAME/``, rewritten after every run so a run cut short keeps what it measured.
+Without matplotlib (the GPU image) there is no plot: ``--replot --out DIR`` draws it later from ``results.csv``.
 """
 from __future__ import annotations
 
@@ -89,9 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--combine", action=argparse.BooleanOptionalAction, default=True,
                         help="finish with `combined`: each group's best lever that paid")
     parser.add_argument("--keep-above", type=float, default=0.01, help="a lever pays above this gain (0.01: 1%%)")
-    parser.add_argument("--budget-s", type=float, default=420, help="stop starting runs after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=330, help="stop starting runs after this many seconds")
     parser.add_argument("--point-timeout", type=float, default=240)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: proves the machinery only")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw --out's levers.png from its results.csv (e.g. on a machine with matplotlib)")
     if parser.parse_args(argv).smoke:  # the smoke settings are defaults: flags given still win
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
@@ -300,8 +303,18 @@ def plot(rows: list[dict], path: Path, title: str) -> str | None:
     return None
 
 
+def replot(out: Path) -> None:
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    for row in rows:
+        row["tokens_per_sec_per_gpu"] = float(row["tokens_per_sec_per_gpu"] or 0)
+    device = json.loads((out / "environment.json").read_text())["device"]
+    print(plot(rows, out / "levers.png", f"stage levers on {device}") or f"wrote {out / 'levers.png'}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        return replot(Path(args.out))
     levers = Levers(args)
     levers.run()
     ok = sum(r["status"] == "ok" for r in levers.rows)

@@ -29,6 +29,9 @@ def test_smoke_run_writes_csv_markdown_plot_and_versions(tmp_path):
     assert json.loads((out / "environment.json").read_text())["device"] == "cpu"
     assert (out / "levers.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "points" / "baseline" / "log.txt").is_file()
+    (out / "levers.png").unlink()  # as on the GPU image, which has no matplotlib: drawn later from the CSV
+    stage_levers.main(["--replot", "--out", str(out)])
+    assert (out / "levers.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # variant -> (status, tokens/s, final loss); "liger" fails, "eager" is liger-eager's "before".
