@@ -60,6 +60,8 @@ SPEED_ERRORS = {
                        ["`speed.loss_kernel: compiled` and `loss_chunk_tokens` are two ways"]),
     "liger loss with dpo": (dict(speed={"loss_kernel": "liger"}, objective="dpo"), True,
                             ["`speed.loss_kernel: liger` serves `objective: token_mean` only"]),
+    "compiled loss with dpo": (dict(speed={"loss_kernel": "compiled"}, objective="dpo"), False,
+                               ["`speed.loss_kernel: compiled` serves `objective: token_mean` only"]),
     "sdpa choice": (dict(speed={"sdpa_backend": "fastest"}), False,
                     ["`speed.sdpa_backend` must be one of auto, cudnn, flash, efficient, math"]),
     "misspelt speed key": (dict(speed={"liger": True}), False, ["unknown key `speed.liger`"]),

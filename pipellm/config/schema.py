@@ -130,7 +130,7 @@ class Speed:
     """The last stage's cross entropy: ``torch`` (``F.cross_entropy`` on an fp32 copy of the logits, or
     ``loss_chunk_tokens`` chunks), ``compiled`` (the same, ``torch.compile``d: the upcast is fused into the loss
     kernels, so no fp32 copy of the logits is written) or ``liger`` (liger-kernel's fused linear + cross entropy:
-    the logits never exist whole; CUDA only, ``objective: token_mean`` only)."""
+    the logits never exist whole; CUDA only). ``objective: token_mean`` only; not with ``loss_chunk_tokens``."""
     sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     """The one SDPA kernel unmasked causal attention uses on CUDA (an error if it cannot serve the shape);
     ``auto``: torch's choice (with ``use_flash_attn`` the fused kernels, cuDNN first)."""

@@ -98,6 +98,6 @@ def check_speed(cfg) -> None:
     if speed.loss_kernel != "torch" and cfg.loss_chunk_tokens is not None:
         raise PipellmError(f"{cfg.source}: `speed.loss_kernel: {speed.loss_kernel}` and `loss_chunk_tokens` are two "
                            f"ways to compute the loss: set `loss_chunk_tokens: null` or `speed.loss_kernel: torch`")
-    if speed.loss_kernel == "liger" and cfg.objective != "token_mean":
-        raise PipellmError(f"{cfg.source}: `speed.loss_kernel: liger` serves `objective: token_mean` only "
-                           f"(this config has `{cfg.objective}`); use `torch` or `compiled`")
+    if speed.loss_kernel != "torch" and cfg.objective != "token_mean":
+        raise PipellmError(f"{cfg.source}: `speed.loss_kernel: {speed.loss_kernel}` serves `objective: token_mean` "
+                           f"only (this config has `{cfg.objective}`, which computes its own loss); use `torch`")
