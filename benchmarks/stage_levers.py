@@ -70,6 +70,8 @@ VARIANTS = {
     "sdpa-efficient": Variant("attention", {"speed": {"sdpa_backend": "efficient"}}),
     "baseline-again": Variant("baseline", {}),
 }
+COMMON_KEYS = {"use_tensorboard": False}
+"""Set in every run: the figures come from ``metrics.jsonl``; event files would only cost time (and the package)."""
 DEFAULT_ORDER = ("baseline,loss-compiled,loss-liger,liger,sdpa-cudnn,early-batches,sdpa-flash,loss-chunked,eager,"
                  "liger-eager,sdpa-efficient,baseline-again")
 SMOKE = {"preset": "tiny", "layers": "2", "seq": 32, "micro": 2, "global_batch": 4, "steps": 3, "warmup": 1,
@@ -213,7 +215,7 @@ class Levers:
     def point(self, variant: Variant) -> harness.Point:
         args = self.args
         return harness.Point("pipeline", args.seq, args.global_batch, args.micro, 1, args.steps, dtype=args.dtype,
-                             extra=merged(variant.overrides))
+                             extra=merged(COMMON_KEYS, variant.overrides))
 
     def find(self, name: str) -> dict | None:
         return next((r for r in self.rows if r["variant"] == name and r["status"] == "ok"), None)

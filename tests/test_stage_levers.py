@@ -79,6 +79,7 @@ def test_gains_failures_budget_and_combined(tmp_path, monkeypatch):
     baseline_config = dict(launched)["baseline"]
     for name, config in launched:
         changed = {k for k in config if config[k] != baseline_config.get(k)} - {"save_path"}
+        assert config["use_tensorboard"] is False
         allowed = {"speed"} if name == "combined" else set(stage_levers.VARIANTS[name].overrides)
         assert changed <= allowed, (name, changed)
     table = (tmp_path / "results.md").read_text()
