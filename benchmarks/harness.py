@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -250,6 +251,15 @@ def summarize(records: list[dict], warmup: int) -> dict:
         "peak_mem_gib_per_stage": per_stage, "peak_mem_gib_per_gpu": max(per_stage),
         "final_loss": timed[-1]["loss"],
     }
+
+
+def write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """A results CSV: one line per row, the ``fields`` in order (a field a row lacks is empty)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in fields})
 
 
 def free_port() -> int:

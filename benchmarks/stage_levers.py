@@ -231,11 +231,7 @@ class Levers:
             row["loss_diff_vs_baseline"] = row["final_loss"] - baseline["final_loss"]
 
     def write(self) -> None:
-        with open(self.out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: row.get(k, "") for k in FIELDS})
+        harness.write_rows(self.out / "results.csv", FIELDS, self.rows)
         (self.out / "results.md").write_text(self.markdown())
         note = plot(self.rows, self.out / "levers.png", f"{self.env['device']}, {self.args.preset} "
                     f"({self.layers} layers), seq {self.args.seq}, micro {self.args.micro}")

@@ -28,7 +28,6 @@ exit status and log) and the method is not tried at longer sequences. Results ar
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import shlex
@@ -207,11 +206,7 @@ class Sweep:
     # -- reporting -------------------------------------------------------------------------------------------
 
     def write(self) -> None:
-        with open(self.out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: row.get(k, "") for k in FIELDS})
+        harness.write_rows(self.out / "results.csv", FIELDS, self.rows)
         (self.out / "results.md").write_text(self.markdown())
         plot_note = plot(self.points(), self.out / "throughput_memory.png", self.env["device"])
         if plot_note:
