@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from pipellm.config import TrainConfig
+from pipellm.config.schema import Speed
 from pipellm.models.base import ModelFamily
 from pipellm.pipeline.partition import PipelineLayers
 from pipellm.plan.schedules import PassCosts
@@ -35,12 +36,14 @@ class RunShape:
     compile_layers: bool
     loss_chunk_tokens: int | None = None
     attention_backend: str = "auto"
+    speed: Speed = dataclasses.field(default_factory=Speed)
+    """The run's ``speed`` levers: the layers are measured as they will train."""
 
     @classmethod
     def of(cls, cfg: TrainConfig, on_gpu: bool) -> RunShape:
         return cls(cfg.micro_batch_size, cfg.max_seq_len, cfg.deepspeed_settings.dtype, cfg.use_grad_ckpt, cfg.use_flash_attn,
                    cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers, cfg.loss_chunk_tokens,
-                   cfg.attention_backend)
+                   cfg.attention_backend, cfg.speed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,13 +137,15 @@ def profile_layers(family: ModelFamily, hf_config, shape: RunShape, device: torc
 def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: torch.device,
                        split_passes: bool) -> Profile:
     from pipellm.models.attention import AttentionOptions
+    from pipellm.models.kernels import use_liger_kernels
     from pipellm.pipeline.loss import token_mean_loss
     from pipellm.pipeline.stages import init_weights, layer_specs
 
     layers = PipelineLayers.of(family, hf_config)
     specs = layer_specs(family, hf_config, shape.grad_ckpt,
-                        AttentionOptions(shape.flash_attn, shape.packed, shape.attention_backend), shape.compile_layers,
-                        shape.loss_chunk_tokens)
+                        AttentionOptions(shape.flash_attn, shape.packed, shape.attention_backend,
+                                         shape.speed.sdpa_backend), shape.compile_layers,
+                        shape.loss_chunk_tokens, shape.speed.loss_kernel)
     embed_spec, decoder_spec = specs[layers.index("embed")], specs[layers.index("decoder", 0)]
     norm_spec, head_spec = specs[layers.index("norm")], specs[layers.index("head")]
     torch.manual_seed(0)
@@ -150,6 +155,8 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
     for module in (embed, decoder, norm, head_module):
         init_weights(module, getattr(hf_config, "initializer_range", 0.02))
         module.to(shape.dtype).train()
+        if shape.speed.liger_kernels:
+            use_liger_kernels(module)
     head = functools.partial(head_spec.forward_fn, embed) if layers.tied else head_module
 
     batch, seq = shape.micro_batch, shape.seq_len
@@ -162,7 +169,8 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
         return sum(p.numel() for m in modules for p in m.parameters())
 
     def head_and_loss(inputs):
-        return token_mean_loss(head(norm(inputs)), (targets, loss_scale), shape.loss_chunk_tokens)
+        return token_mean_loss(head(norm(inputs)), (targets, loss_scale), shape.loss_chunk_tokens,
+                               shape.speed.loss_kernel)
 
     measure = functools.partial(_measure, device=device, split_passes=split_passes)
     embed_cost, hidden = measure(embed, (input_ids, position_ids), list(embed.parameters()))
