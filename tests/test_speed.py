@@ -23,10 +23,10 @@ def test_compiled_loss_equals_the_eager_loss_and_gradient():
     eager = logits_cross_entropy(logits, targets)
     (eager_grad,) = torch.autograd.grad(eager, logits)
     assert compiled.dtype == eager.dtype == torch.float32 and compiled_grad.dtype == torch.bfloat16
-    # The same function: only the order of the fp32 sums may differ (a few ulp of the loss); the bf16 gradient is
-    # the same rounding of the same fp32 values.
+    # The same function: only the order of the fp32 sums and the exp implementation may differ (a few fp32 ulp), so
+    # the loss agrees to fp32 rounding and each bf16 gradient element to one bf16 ulp (2^-7 relative) at most.
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
-    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=2 ** -7, atol=0)
 
 
 def test_liger_kernel_table_covers_the_modules_that_use_kernels():
