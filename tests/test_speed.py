@@ -88,4 +88,18 @@ def test_the_zero3_baseline_refuses_speed_settings(tmp_path, tiny_pp_model, caps
     assert exit_info.value.code == 2
     assert "`speed` is pipeline training's" in capsys.readouterr().err
     assert Speed() == Speed(liger_kernels=False, loss_kernel="torch", sdpa_backend="auto",
-                            batches_on_device_early=False)
+                            fewer_host_syncs=False)
+
+
+def test_fewer_host_syncs_turns_deepspeed_throughput_timer_off_unless_the_yaml_sets_it():
+    from pipellm.training.pipeline_engine import without_throughput_timer
+
+    ds_config = {"train_batch_size": 4, "bf16": {"enabled": True}}
+    assert without_throughput_timer(ds_config) == {**ds_config, "timers": {"throughput": {"enabled": False}}}
+    own = {**ds_config, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    assert without_throughput_timer(own) == own
+    assert "timers" not in ds_config  # the config is not changed in place
+    from deepspeed.utils.config import get_timers_config  # what DeepSpeed's engine reads the block with
+
+    assert get_timers_config(without_throughput_timer(ds_config)).enabled is False
+    assert get_timers_config(ds_config).enabled and get_timers_config(ds_config).synchronized

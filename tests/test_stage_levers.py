@@ -37,7 +37,7 @@ def test_smoke_run_writes_csv_markdown_plot_and_versions(tmp_path):
 # variant -> (status, tokens/s, final loss); "liger" fails, "eager" is liger-eager's "before".
 OUTCOMES = {"baseline": ("ok", 1000.0, 2.5), "loss-compiled": ("ok", 1030.0, 2.501), "loss-liger": ("ok", 1050.0, 2.5),
             "sdpa-cudnn": ("ok", 1005.0, 2.5), "liger": ("failed", None, None), "eager": ("ok", 800.0, 2.5),
-            "liger-eager": ("ok", 900.0, 2.5), "early-batches": ("ok", 1020.0, 2.5)}
+            "liger-eager": ("ok", 900.0, 2.5), "host-syncs": ("ok", 1020.0, 2.5)}
 
 
 def fake_launch(point, model_dir, data, work, warmup, timeout=None, echo=False, launcher=True):
@@ -61,7 +61,7 @@ def test_gains_failures_budget_and_combined(tmp_path, monkeypatch):
     monkeypatch.setattr(stage_levers, "versions", lambda: {"device": "cpu", "torch": "x"})
     monkeypatch.setattr(stage_levers, "plot", lambda rows, path, title: None)
     launched.clear()
-    variants = "baseline,loss-compiled,loss-liger,sdpa-cudnn,liger,eager,liger-eager,early-batches"
+    variants = "baseline,loss-compiled,loss-liger,sdpa-cudnn,liger,eager,liger-eager,host-syncs"
     args = stage_levers.parse_args(["--out", str(tmp_path), "--layers", "2", "--variants", variants])
     levers = stage_levers.Levers(args)
     levers.run()
@@ -70,10 +70,10 @@ def test_gains_failures_budget_and_combined(tmp_path, monkeypatch):
     assert abs(rows["liger-eager"]["gain_vs_before"] - 900 / 800 + 1) < 1e-12  # against eager, not the baseline
     assert abs(rows["loss-compiled"]["loss_diff_vs_baseline"] - 0.001) < 1e-9
     assert rows["liger"]["status"] == "failed" and "gain_vs_before" not in rows["liger"]
-    # One winner per group above 1% over the baseline: loss-liger (loss), early-batches (host). sdpa-cudnn's +0.5%
+    # One winner per group above 1% over the baseline: loss-liger (loss), host-syncs (host). sdpa-cudnn's +0.5%
     # is noise; liger-eager's 12.5% is over eager (slower than the baseline), so it is no lever on the baseline.
     combined_config = dict(launched)["combined"]
-    assert combined_config["speed"] == {"loss_kernel": "liger", "batches_on_device_early": True}
+    assert combined_config["speed"] == {"loss_kernel": "liger", "fewer_host_syncs": True}
     assert combined_config["compile_layers"] is None
     # Every run trained the same data with the same batch: only the variant's keys differ from the baseline's.
     baseline_config = dict(launched)["baseline"]

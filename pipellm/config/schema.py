@@ -134,10 +134,12 @@ class Speed:
     sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     """The one SDPA kernel unmasked causal attention uses on CUDA (an error if it cannot serve the shape);
     ``auto``: torch's choice (with ``use_flash_attn`` the fused kernels, cuDNN first)."""
-    batches_on_device_early: bool = False
-    """Copy a step's micro batches to the GPU at once (pinned, non-blocking) before the schedule runs, instead of
-    DeepSpeed copying each micro batch from pageable memory as it loads it (a copy that waits for the GPU to drain,
-    so the host cannot queue the next micro batch's kernels ahead)."""
+    fewer_host_syncs: bool = False
+    """No host-device synchronisation per micro batch, so the host queues the next micro batch's kernels while the
+    GPU runs: a step's micro batches are copied to the GPU at once (pinned, non-blocking) instead of DeepSpeed
+    copying each from pageable memory as it loads it (a copy that waits for the GPU to drain), and DeepSpeed's
+    throughput timer, which synchronises the device at every forward pass and which pipellm does not read, is
+    turned off (unless the YAML sets DeepSpeed's ``timers`` itself)."""
 
 
 @dataclasses.dataclass

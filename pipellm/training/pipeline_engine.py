@@ -45,15 +45,16 @@ class PipelineEngine(Engine):
             prepare_layers(model, family, hf_config, setup.parameter_set)
             if setup.resume is not None:
                 load_pipeline_weights(model, family, hf_config, setup.resume.path, strict=False)
-        super().__init__(cfg, model, checkpoint_named_parameters(model, family, hf_config), cfg.deepspeed, setup)
+        ds_config = without_throughput_timer(cfg.deepspeed) if cfg.speed.fewer_host_syncs else cfg.deepspeed
+        super().__init__(cfg, model, checkpoint_named_parameters(model, family, hf_config), ds_config, setup)
         self.checkpoint = StageCheckpoint(model, family, hf_config, self.trainable, ParameterStates.of(self.ds))
         self.replica, self.replicas = model.data_parallel_rank, cfg.data_degree
         self.stage, self.num_stages = model.stage_id, model.num_stages
-        self.batches_on_device_early = cfg.speed.batches_on_device_early and torch.cuda.is_available()
+        self.copy_batches_early = cfg.speed.fewer_host_syncs and torch.cuda.is_available()
         self.watchdog = StallWatchdog(self.ds, model.stage_id, cfg.collective_timeout_s, before_exit=setup.on_stall)
 
     def train_step(self, micro_batches: list) -> float:
-        if self.batches_on_device_early:
+        if self.copy_batches_early:
             micro_batches = on_device(micro_batches, self.ds.device)
         return float(self.schedule.train_batch(self.ds, micro_batches))
 
@@ -99,10 +100,17 @@ class PipelineEngine(Engine):
             self.checkpoint.load_optimizer(checkpoint)
 
 
+def without_throughput_timer(ds_config: dict) -> dict:
+    """``ds_config`` with DeepSpeed's throughput timer off (``speed.fewer_host_syncs``): it synchronises the device
+    at the start of every forward pass to time it, and pipellm times its steps itself. A ``timers`` block the
+    YAML sets is kept as it is."""
+    return {"timers": {"throughput": {"enabled": False}}, **ds_config}
+
+
 def on_device(batch, device):
     """``batch`` (tensors in tuples, lists and named tuples) with every host tensor copied to ``device`` through
-    pinned memory, without waiting (``speed.batches_on_device_early``). DeepSpeed's loading of each micro batch
-    then copies on the device, which does not make the host wait for the GPU as a pageable host copy does."""
+    pinned memory, without waiting (``speed.fewer_host_syncs``). DeepSpeed's loading of each micro batch then
+    copies on the device, which does not make the host wait for the GPU as a pageable host copy does."""
     if torch.is_tensor(batch):
         return batch.pin_memory().to(device, non_blocking=True) if batch.device.type == "cpu" else batch
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
