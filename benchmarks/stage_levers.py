@@ -9,15 +9,15 @@ compiled layers, one process (no launcher). Each variant (``VARIANTS``) is the b
 (``speed``: ``pipellm.config.schema.Speed``; ``use_flash_attn``, ``compile_layers``, ``loss_chunk_tokens``), run
 as its own process on the same data, model seed and steps; its "before" is the run it differs from by that one lever
 (the baseline, or ``eager`` for liger without compiled layers). Figures are medians over the steps after the
-warm-up ones. Variants run in the order given, cheapest-to-keep levers first; once the time left (``--budget-s``)
-is less than the median run so far (the first run pays the cold ``torch.compile``; the inductor cache serves the
-rest) the rest are recorded as skipped; a run still going when the budget is spent is killed (a timeout). The first
-run always starts. Then ``combined`` runs the best variant of
-each group (attention, loss, decoder, host) that beat the baseline by more than ``--keep-above`` (noise: compare
-``baseline-again``, the baseline run a second time, when the budget allows).
+warm-up ones. Variants run in the order given, the likeliest to pay first. The first run always starts; a later one
+is skipped (recorded as such) once the time left of ``--budget-s`` is under the median run so far (the first run pays
+the cold ``torch.compile``, whose cache serves the rest), and a run still going when the budget is spent is killed
+(a timeout). Then ``combined`` runs the best variant of each group (attention, loss, decoder, host) that beat the
+baseline by more than ``--keep-above``; ``baseline-again``, the baseline a second time, shows the noise.
 
-Each variant's final loss is printed next to the baseline's: the levers change rounding, never the training, so the
-losses agree to a few thousandths (the kernels' equality is proven by ``tests/test_speed*.py``).
+Each variant's final loss is printed next to the baseline's: a lever changes rounding at most, never the training
+(the kernels' equality is proven by ``tests/test_speed*.py``), so a loss that moves by more than rounding after a
+few steps flags a lever that computes something else.
 
 Writes ``results.csv``, ``results.md`` (table, machine, versions, MFU formula, command), ``levers.png`` and each
 run's log and config under ``points/NAME/``, rewritten after every run so a run cut short keeps what it measured.
@@ -30,6 +30,7 @@ import csv
 import dataclasses
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,7 +155,8 @@ def combination(rows: list[dict], keep_above: float) -> dict | None:
     best: dict[str, dict] = {}
     for row in rows:
         gain = row.get("gain_vs_before")
-        if row["status"] != "ok" or row["versus"] != "baseline" or gain is None or gain <= keep_above:
+        if (row["status"] != "ok" or row["group"] == "baseline" or row["versus"] != "baseline" or gain is None
+                or gain <= keep_above):
             continue
         if row["group"] not in best or gain > best[row["group"]]["gain_vs_before"]:
             best[row["group"]] = row
@@ -202,9 +204,9 @@ class Levers:
         else:
             print(f"[{time.monotonic() - self.started:5.0f}s] {name}: {row['overrides']} ...", flush=True)
             begin = time.monotonic()
+            timeout = min(args.point_timeout, left) if self.durations else args.point_timeout
             outcome = harness.launch(self.point(variant), self.model_dir, self.data, self.out / "points" / name,
-                                     args.warmup, timeout=min(args.point_timeout, left) if self.durations else args.point_timeout,
-                                     launcher=False)
+                                     args.warmup, timeout=timeout, launcher=False)
             self.durations.append(time.monotonic() - begin)
             row.update(status=outcome.status, reason=outcome.reason, log=str(outcome.log.relative_to(self.out)))
             if outcome.figures:
@@ -316,7 +318,10 @@ def main(argv=None) -> None:
     if args.replot:
         return replot(Path(args.out))
     levers = Levers(args)
-    levers.run()
+    try:
+        levers.run()
+    finally:
+        shutil.rmtree(levers.work, ignore_errors=True)  # the synthetic model and data
     ok = sum(r["status"] == "ok" for r in levers.rows)
     print(f"done: {len(levers.rows)} variants, {ok} ok, in {time.monotonic() - levers.started:.0f}s; "
           f"{levers.out / 'results.md'}", flush=True)

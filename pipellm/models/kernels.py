@@ -39,7 +39,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of ``[batch, heads, seq, head_dim]`` queries and keys; ``cos``/``sin``: ``[batch, seq, head_dim]``."""
+    """Rotary embedding of ``[batch, heads, seq, head_dim]`` queries and keys; ``cos``/``sin``: ``[batch, seq,
+    head_dim]``, each half the same (transformers' layout, which liger's kernel relies on)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
