@@ -132,8 +132,10 @@ class Speed:
     kernels, so no fp32 copy of the logits is written) or ``liger`` (liger-kernel's fused linear + cross entropy:
     the logits never exist whole; CUDA only). ``objective: token_mean`` only; not with ``loss_chunk_tokens``."""
     sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
-    """The one SDPA kernel unmasked causal attention uses on CUDA (an error if it cannot serve the shape);
-    ``auto``: torch's choice (with ``use_flash_attn`` the fused kernels, cuDNN first)."""
+    """The one SDPA kernel attention uses on CUDA (an error if it cannot serve the shape or mask); ``auto``: torch's
+    choice (with ``use_flash_attn`` the fused kernels, cuDNN first). Attention the flash-attn package or
+    FlexAttention serves (``use_flash_attn`` with flash-attn installed, ``attention_backend: flex``) does not use
+    SDPA."""
     fewer_host_syncs: bool = False
     """No host-device synchronisation per micro batch, so the host queues the next micro batch's kernels while the
     GPU runs: a step's micro batches are copied to the GPU at once (pinned, non-blocking) instead of DeepSpeed
