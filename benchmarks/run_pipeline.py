@@ -3,6 +3,7 @@
     python benchmarks/run_pipeline.py --preset 7b --seq 2048 --micro 2 --global-batch 32 --stages 2 --flash
     python benchmarks/run_pipeline.py --preset 7b --layers 16 --stages 1 --seq 2048 --micro 2   # one stage of 2
     python benchmarks/run_pipeline.py --preset 7b --layers 16 --stages 1 --packed --attention-backend flex
+    python benchmarks/run_pipeline.py --preset 7b-16 --stages 1 --micro 2 --yaml-json '{"speed": {"sdpa_backend": "cudnn"}}'
 
 Writes a random-init llama config of the chosen shape (no download), synthetic pretrain data long enough to fill
 every row (no padding; ``--packed``: variable-length samples packed into rows), and a training YAML with ``from_scratch: true``; runs ``deepspeed train_ds.py``; reads
@@ -50,6 +51,8 @@ def main() -> None:
                         help="variable-length samples (seq/16 .. seq/3 words) packed into rows (packing: true)")
     parser.add_argument("--attention-backend", choices=("auto", "sdpa", "flex"), default="auto",
                         help="attention_backend: the kernel of packed rows' attention")
+    parser.add_argument("--yaml-json", type=json.loads, default={},
+                        help='more YAML keys as JSON, over the run\'s own: \'{"speed": {"sdpa_backend": "cudnn"}}\'')
     parser.add_argument("--csv", default=str(harness.REPO / "benchmarks" / "results" / "pipeline_runs.csv"))
     args = parser.parse_args()
     if args.layers is not None and args.layers < args.stages:
@@ -63,7 +66,8 @@ def main() -> None:
                           args.steps, replicas=args.replicas, parts=args.parts, flash=args.flash,
                           grad_ckpt=args.grad_ckpt, eager=args.eager, dtype=args.dtype,
                           loss_chunk_tokens=args.loss_chunk_tokens,
-                          extra={"attention_backend": args.attention_backend, "packing": args.packed})
+                          extra={"attention_backend": args.attention_backend, "packing": args.packed,
+                                 **args.yaml_json})
     outcome = harness.launch(point, model_dir, data, work / "run", args.warmup, echo=True)
     if outcome.status != "ok":
         print(f"FAILED ({outcome.status}: {outcome.reason}): {args}; log {outcome.log}")
@@ -77,20 +81,25 @@ def main() -> None:
         "stages": args.stages, "replicas": args.replicas, "parts": args.parts, "flash": args.flash,
         "grad_ckpt": args.grad_ckpt, "compile": not args.eager and gpu is not None,
         "dtype": args.dtype, "loss_chunk_tokens": args.loss_chunk_tokens, "packed": args.packed,
-        "attention_backend": args.attention_backend, "timed_steps": figures["timed_steps"],
+        "attention_backend": args.attention_backend, "yaml_json": json.dumps(args.yaml_json, sort_keys=True),
+        "timed_steps": figures["timed_steps"],
         **{key: figures[key] for key in ("samples_per_sec", "tokens_per_sec_per_gpu", "mfu", "mfu_all_positions",
                                           "peak_mem_gib_per_stage", "final_loss")},
         "device": gpu or "cpu", "host": platform.node(),
     }
     print("RESULT " + json.dumps(row))
-    csv_path = Path(args.csv)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_row(Path(args.csv), row)
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One more row; a file written with other columns (an older version of this script) is rewritten with
+    both sets (the old rows' new columns empty), so no value lands under another column's name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
+    fields = list(dict.fromkeys([*(rows[0] if rows else {}), *row]))
+    temporary = path.with_name(path.name + ".tmp")
+    harness.write_rows(temporary, fields, [*rows, row])
+    temporary.replace(path)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,14 @@ def test_gains_failures_budget_and_combined(tmp_path, monkeypatch):
     skipped.run()  # the first run always starts; then no time is left
     assert [r["status"] for r in skipped.rows] == ["ok", "skipped"] and [n for n, _ in launched] == ["baseline"]
     assert "time budget" in skipped.rows[1]["reason"]
+
+
+def test_run_pipeline_rows_keep_their_columns_when_the_columns_change(tmp_path):
+    import run_pipeline
+
+    path = tmp_path / "runs.csv"
+    path.write_text("preset,mfu\n7b,0.5\n")  # written before `yaml_json` existed
+    run_pipeline.append_row(path, {"preset": "7b-16", "yaml_json": "{}", "mfu": 0.55})
+    rows = list(csv.DictReader(open(path)))
+    assert rows == [{"preset": "7b", "mfu": "0.5", "yaml_json": ""},
+                    {"preset": "7b-16", "mfu": "0.55", "yaml_json": "{}"}]
