@@ -276,6 +276,10 @@ def check_lora(cfg: TrainConfig, source: str) -> None:
                          ("target_modules", bool(lora.target_modules), "at least one module name, e.g. [q_proj]")):
         if not ok:
             raise PipellmError(f"{source}: `lora.{key}` {getattr(lora, key)!r} is not valid: give {fix}")
+    if cfg.quantize_base is not None and cfg.objective in PAIRWISE_OBJECTIVES and cfg.dpo.reference != "initial":
+        raise PipellmError(f"{source}: `dpo.reference` {cfg.dpo.reference} with `quantize_base`: QLoRA's 4-bit base "
+                           f"cannot load the reference's weights; use `dpo.reference: initial` (the base, adapters "
+                           f"off) or train LoRA without `quantize_base`")
 
 
 PAIRWISE_OBJECTIVES = ("dpo",)
@@ -323,6 +327,15 @@ def expand_data_directories(cfg: TrainConfig) -> None:
         cfg.eval_data_path = [str(file) for entry in cfg.eval_data_paths for file in data_files(entry)]
 
 
+def lora_checkpoint(path: str) -> bool:
+    """A LoRA run's save directory or tag directory (``pipellm.training.lora.LORA_FILE`` in it or its latest tag)."""
+    from pipellm.pipeline.layer_files import follow_latest
+    from pipellm.training.lora import LORA_FILE
+
+    directory = follow_latest(Path(path)) or Path(path)
+    return (directory / LORA_FILE).is_file()
+
+
 def validate_environment(cfg: TrainConfig, world_size: int) -> None:
     """Checks that need the file system or the launcher: paths (data directories expanded) and world size."""
     model_path = Path(cfg.model_path)
@@ -337,6 +350,10 @@ def validate_environment(cfg: TrainConfig, world_size: int) -> None:
     if cfg.dpo.reference != "initial" and not Path(cfg.dpo.reference).is_dir():
         raise PipellmError(f"`dpo.reference` {cfg.dpo.reference} is not a directory; name a pipeline checkpoint "
                            f"(hg_to_pp output or a training save directory) or use `initial`")
+    if cfg.dpo.reference != "initial" and lora_checkpoint(cfg.dpo.reference):
+        raise PipellmError(f"`dpo.reference` {cfg.dpo.reference} is a LoRA checkpoint (its layer files hold only "
+                           f"adapters); export it merged (convert_model.py pp_to_hg), convert that back "
+                           f"(hg_to_pp) and name the result")
     save_path = Path(cfg.save_path)
     if save_path.exists() and not save_path.is_dir():
         raise PipellmError(f"`save_path` {save_path} exists and is not a directory")
