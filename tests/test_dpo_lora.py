@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import types
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
@@ -105,7 +106,29 @@ def other_model_checkpoint(config, tmp_path):
     return other, hg_to_pp(tmp_path / "other_hf", tmp_path / "other_pp")
 
 
-def test_dpo_lora_matches_peft_with_the_adapters_off_as_reference(tmp_path):
+KINDS = ("initial", "trained", "other")
+"""The equivalence cases of each grid: peft's initial adapters (``lora_B`` zero: step 0), trained ones (``lora_B``
+random), and trained ones against a full checkpoint of another model as ``dpo.reference``."""
+
+
+def spawned_rank(rank, config, states, samples, cases, out_dir, train_config):
+    """One spawn of 2 processes for every test here: the equivalence cases, then two steps of ``train_ds.py``
+    (``pipellm.training.train.main``, with the launcher's variables and without the launcher)."""
+    from pipellm.training.train import main
+
+    dpo_lora_rank(rank, config, states, samples, cases, out_dir)
+    main(["--config", train_config])
+
+
+@pytest.fixture(scope="module")
+def dpo_lora(tmp_path_factory, tiny_pp_model):
+    """peft's figures of each kind, the cases, every rank's results of them, and the directory of the trainer
+    run (``config.yml``, ``save/``)."""
+    import yaml
+
+    from test_dpo import dpo_config
+
+    tmp_path = tmp_path_factory.mktemp("dpo_lora")
     torch.manual_seed(0)
     config = tiny_config()
     samples = make_pairs(4, torch.Generator().manual_seed(1))
@@ -120,14 +143,23 @@ def test_dpo_lora_matches_peft_with_the_adapters_off_as_reference(tmp_path):
     states["trained"], references["trained"] = peft_state(policy), expected(policy, None, samples)
     other, other_dir = other_model_checkpoint(config, tmp_path)
     references["other"] = expected(policy, other, samples)
-    kinds = [("initial", None), ("trained", None), ("other", str(other_dir))]
-    cases = [(dims, "trained" if kind == "other" else kind, directory)
-             for dims in ([2, 1], [1, 2]) for kind, directory in kinds]
-    run_distributed(2, dpo_lora_rank, config, states, samples, cases, str(tmp_path))
+    cases = [(dims, "trained" if kind == "other" else kind, str(other_dir) if kind == "other" else None)
+             for dims in ([2, 1], [1, 2]) for kind in KINDS]
+    pairs = tmp_path / "pairs.jsonl"  # 8 of the shipped pairs: one global batch of 16 samples a step
+    pairs.write_text("".join(PREFERENCE_DATA.read_text().splitlines(keepends=True)[:8]))
+    train_config = dict(dpo_config(tmp_path, tiny_pp_model[1]), data_path=str(pairs), eval_ratio=0.0, max_steps=2,
+                        lora={"r": RANK, "alpha": ALPHA, "dropout": 0.1, "target_modules": TARGETS})
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(train_config))
+    run_distributed(2, spawned_rank, config, states, samples, cases, str(tmp_path), str(tmp_path / "config.yml"))
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return references, cases, per_rank, tmp_path
+
+
+def test_dpo_lora_matches_peft_with_the_adapters_off_as_reference(dpo_lora):
+    references, cases, per_rank, _ = dpo_lora
     assert references["trained"]["loss"] != references["initial"]["loss"]  # the adapters count
     for index, (dims, _, _) in enumerate(cases):
-        kind = kinds[index % len(kinds)][0]
+        kind = KINDS[index % len(KINDS)]
         reference, seen = references[kind], set()
         for results in per_rank:
             result = results[index]
@@ -202,3 +234,40 @@ def test_qlora_with_a_dpo_reference_checkpoint_fails_with_one_line(tmp_path, tin
                         lora={"r": 4}, quantize_base="nf4", dpo={"reference": str(tiny_pp_model[1])})
     assert_fails(capsys, monkeypatch, tmp_path, path, "with `quantize_base`: QLoRA's 4-bit base cannot load the "
                                                       "reference's weights; use `dpo.reference: initial`")
+
+
+def test_dpo_lora_trains_from_log_2_and_exports_like_sft_lora(dpo_lora, tiny_pp_model):
+    """Two steps of ``train_ds.py`` on shipped pairs with LoRA on 2 stages (``dpo_lora``'s spawn): step 1's
+    loss is exactly log 2 (policy = reference: peft's ``lora_B`` starts at zero), the cache is under a LoRA run's
+    key, and ``pp_to_hg`` merges the trained adapters as peft's ``merge_and_unload`` does."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from pipellm.config import load_config
+    from pipellm.convert.converters import pp_to_hg
+    from pipellm.data.batches import load_training_data
+    from pipellm.data.tokenizer import load_tokenizer
+    from pipellm.training.reference import cache_key
+
+    tmp_path = dpo_lora[-1]
+    save = tmp_path / "save"
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["loss"] == LOG_2 and records[0]["rewards/margins"] == 0.0
+    assert records[1]["loss"] != LOG_2  # the adapters moved the policy away from the reference
+    cfg = load_config(tmp_path / "config.yml")
+    data = load_training_data(cfg, load_tokenizer(cfg.model_path), show_progress=False, pairs=True)
+    assert [p.name for p in (save / "reference_logps").iterdir()] == [f"{cache_key(cfg, data)}.npz"]
+
+    merged = load_file(pp_to_hg(save, tmp_path / "merged") / "model.safetensors")
+    adapter = pp_to_hg(save, tmp_path / "adapter", lora_export="adapter")
+    base = LlamaForCausalLM.from_pretrained(tiny_pp_model[0], dtype=torch.float32)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    expected_state = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    assert merged.keys() == expected_state.keys()
+    for key, tensor in expected_state.items():
+        assert torch.equal(merged[key], tensor), key
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base_state["model.layers.0.self_attn.q_proj.weight"])

@@ -114,7 +114,8 @@ class DPO:
     reference: str = "initial"
     """The reference model: ``initial`` (the weights the run starts from) or a pipeline checkpoint directory
     (``hg_to_pp`` output, a training save directory or ``global_stepN``). Its log-probs are computed once before
-    training and cached in ``save_path/reference_logps/`` (``pipellm.training.reference``)."""
+    training and cached in ``save_path/reference_logps/`` (``pipellm.training.reference``). With ``lora:``,
+    ``initial`` is the base with the adapters off, and a path must be a full checkpoint (not a LoRA save)."""
 
 
 @dataclasses.dataclass
