@@ -6,17 +6,23 @@ with DeepSpeed's 1F1B and with ZB-H1: the losses and every parameter gradient ag
 its F/B/W passes in the order of ``pipellm.plan.schedules.zb_h1`` (what ``pipellm.plan --schedule zb-h1`` prints).
 Cases: llama on 4 stages with tied embeddings and grad checkpointing; mixtral (router aux loss) on 2 stages x 2
 replicas; llama on 2 stages x 2 replicas with bf16 and ZeRO-1, compared on the weights after two AdamW steps.
+fp32 gradients agree to rounding (rtol 1e-5, atol 1e-7: 1F1B's last stage divides the loss by the accumulation
+steps, ZB-H1's the gradient of the stage's output); bf16 weights agree bit for bit. ``train_ds.py`` with
+``pipeline_schedule: zb-h1`` trains the same loss curve as with 1F1B, and the config check refuses fp16.
 """
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, MixtralConfig
 
-from distributed import run_distributed
+from conftest import REPO
+from distributed import free_port, run_distributed
 from equivalence import MICRO_BATCH, make_batch
+from launches import launcher, losses, write_config
 
 LLAMA = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0)
@@ -107,3 +113,22 @@ def test_each_stage_runs_the_simulators_zb_h1_order(per_rank, name):
         stage = topology.get_coord(rank).pipe
         for order in results[name]["zb-h1"]["orders"]:
             assert [tuple(op) for op in order] == zb_h1(stage, dims[0], gas), f"rank {rank}"
+
+
+def test_train_ds_with_zb_h1_trains_the_1f1b_loss_curve(tmp_path, tiny_pp_model, launcher_run_2x1):
+    config = write_config(tmp_path / "zb.yml", tiny_pp_model[1], tmp_path / "zb", [2, 1], pipeline_schedule="zb-h1")
+    result = subprocess.run(launcher(config, "--num_gpus", "2", port=free_port()), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "zb") == pytest.approx(losses(launcher_run_2x1), rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (dict(pipeline_schedule="zb-h2"), "`pipeline_schedule` must be one of 1f1b, zb-h1"),
+    (dict(pipeline_schedule="zb-h1", fp16={"enabled": True}), "`pipeline_schedule: zb-h1` runs with fp32 or bf16"),
+])
+def test_zb_h1_config_is_checked(overrides, expected, tmp_path, tiny_pp_model, capsys, monkeypatch):
+    import test_config  # its config and one-line-error helpers
+
+    path = test_config.write_config(tmp_path, tiny_pp_model, **overrides)
+    test_config.assert_fails(capsys, monkeypatch, tmp_path, path, expected)
