@@ -5,7 +5,8 @@ On one process group of 4 CPU ranks, each case builds the same seeded tiny model
 with DeepSpeed's 1F1B and with ZB-H1: the losses and every parameter gradient agree (fp32), and every stage ran
 its F/B/W passes in the order of ``pipellm.plan.schedules.zb_h1`` (what ``pipellm.plan --schedule zb-h1`` prints).
 Cases: llama on 4 stages with tied embeddings and grad checkpointing; mixtral (router aux loss) on 2 stages x 2
-replicas; llama on 2 stages x 2 replicas with bf16 and ZeRO-1, compared on the weights after two AdamW steps.
+replicas; llama on 2 stages x 2 replicas with LoRA (adapters only train); and with bf16 and ZeRO-1, compared on the
+weights after two AdamW steps.
 fp32 gradients agree to rounding (rtol 1e-5, atol 1e-7: 1F1B's last stage divides the loss by the accumulation
 steps, ZB-H1's the gradient of the stage's output); bf16 weights agree bit for bit. ``train_ds.py`` with
 ``pipeline_schedule: zb-h1`` trains the same loss curve as with 1F1B, and the config check refuses fp16.
@@ -22,6 +23,7 @@ from transformers import LlamaConfig, MixtralConfig
 from conftest import REPO
 from distributed import free_port, run_distributed
 from equivalence import MICRO_BATCH, make_batch
+from pipellm.config.schema import Lora
 from launches import launcher, losses, write_config
 
 LLAMA = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -33,6 +35,7 @@ MIXTRAL = MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num
 CASES = {
     "llama-4stage-tied-ckpt": dict(family="llama", config=LLAMA, dims=[4, 1], gas=6, grad_ckpt=True),
     "mixtral-2stage-2replica": dict(family="mixtral", config=MIXTRAL, dims=[2, 2], gas=3),
+    "llama-2stage-2replica-lora": dict(family="llama", config=LLAMA, dims=[2, 2], gas=3, lora=Lora(r=4, alpha=8.0)),
     "llama-2stage-2replica-bf16-zero1": dict(family="llama", config=LLAMA, dims=[2, 2], gas=4, steps=2,
                                              deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}),
 }
@@ -54,26 +57,48 @@ def run_schedule(case: dict, schedule_name: str) -> dict:
 
     model = build_pipeline(get_family(case["family"]), case["config"], ProcessTopology(axes=["pipe", "data"],
                            dims=dims), "uniform", seed=0, use_grad_ckpt=case.get("grad_ckpt", False))
-    optimizer = GradCapture(model.parameters()) if steps is None else torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if "lora" in case:
+        add_lora(model, case["family"], case["config"], case["lora"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = GradCapture(trainable) if steps is None else torch.optim.AdamW(trainable, lr=1e-2)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": gas,
         "train_batch_size": MICRO_BATCH * gas * dims[1], "steps_per_print": 10**9, "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True, **case.get("deepspeed", {})})
-    schedule = schedule_named(schedule_name)
+    schedule = schedule_named(schedule_name, recompute=case.get("grad_ckpt", False))
     if hasattr(schedule, "attach"):
         schedule.attach(engine)
-    result = {"losses": [], "orders": []}
+    result = {"losses": [], "orders": [], "unsplit": []}
     for step in range(steps or 1):
         input_ids, _, labels = make_batch(MICRO_BATCH * gas * dims[1], torch.Generator().manual_seed(step))
         batches = micro_batches(input_ids, labels, MICRO_BATCH, model.data_parallel_rank, dims[1])
         result["losses"].append(schedule.train_batch(engine, batches).detach().clone())
         result["orders"].append(list(getattr(schedule, "executed", [])))
+        result["unsplit"].append(getattr(schedule, "unsplit", 0))
     if steps is None:
         names = {id(p): name for name, p in model.named_parameters()}
         result["tensors"] = {names[key]: grad for key, grad in optimizer.grads.items()}
     else:
         result["tensors"] = {name: p.detach().float().clone() for name, p in model.named_parameters()}
     return result
+
+
+def add_lora(model, family_name: str, config, lora: Lora) -> None:
+    """peft's adapters into the stage's decoders, only they train (as ``train_ds.py`` does with ``lora:``)."""
+    from pipellm.models import get_family
+    from pipellm.pipeline.weights import checkpoint_named_parameters
+    from pipellm.training.lora import LoraParameters
+    from pipellm.training.pipeline_engine import prepare_layers
+
+    family = get_family(family_name)
+    parameter_set = LoraParameters(lora, seed=0, key_map=family.key_map)
+    prepare_layers(model, family, config, parameter_set)
+    parameter_set.trainable(checkpoint_named_parameters(model, family, config))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # peft starts B at zero, which would leave A without a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def both_schedules(rank: int, out_dir: str) -> None:
@@ -132,3 +157,16 @@ def test_zb_h1_config_is_checked(overrides, expected, tmp_path, tiny_pp_model, c
 
     path = test_config.write_config(tmp_path, tiny_pp_model, **overrides)
     test_config.assert_fails(capsys, monkeypatch, tmp_path, path, expected)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_w_is_split_from_b_where_it_can_be(per_rank, name):
+    """Past the first stage (whose inputs take no gradient), W starts where B left the weights' gradients,
+    except with grad checkpointing (``pipellm.pipeline.split_backward``)."""
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    dims, gas = CASES[name]["dims"], CASES[name]["gas"]
+    topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
+    for rank, results in enumerate(per_rank):
+        first, ckpt = topology.get_coord(rank).pipe == 0, CASES[name].get("grad_ckpt", False)
+        assert results[name]["zb-h1"]["unsplit"] == [gas if first or ckpt else 0] * len(results[name]["zb-h1"]["unsplit"])

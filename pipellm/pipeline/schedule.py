@@ -8,6 +8,7 @@ table; ``pipellm.training.pipeline_engine.PipelineEngine`` runs the configured o
 """
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -37,8 +38,9 @@ class OneForwardOneBackward:
         return engine.eval_batch(iter(micro_batches))
 
 
-def schedule_named(name: str) -> PipelineSchedule:
-    """The schedule of ``pipeline_schedule`` (``pipellm.config.schema.TrainConfig``)."""
+def schedule_named(name: str, recompute: bool = False) -> PipelineSchedule:
+    """The schedule of ``pipeline_schedule`` (``pipellm.config.schema.TrainConfig``); ``recompute``: the stages
+    checkpoint their layers (``use_grad_ckpt``)."""
     from pipellm.pipeline.zero_bubble import ZeroBubbleH1  # imports deepspeed
 
-    return {"1f1b": OneForwardOneBackward, "zb-h1": ZeroBubbleH1}[name]()
+    return {"1f1b": OneForwardOneBackward, "zb-h1": functools.partial(ZeroBubbleH1, recompute=recompute)}[name]()

@@ -8,16 +8,14 @@ table): ``ZeroBubbleH1Schedule`` walks it while it walks DeepSpeed's ``TrainSche
 order of sends and receives (deadlock-free between neighbouring stages) stays as it is. Each send of an input
 gradient stays right after its B; a due W runs after that send, before the next receive.
 
-How the backward is split: B is ``torch.autograd.grad`` of the stage's outputs (the loss on the last stage) with
-respect to the stage's inputs only, keeping the autograd graph; W is ``torch.autograd.backward`` of the same
-outputs and received gradients with respect to the stage's trainable parameters, which accumulates into their
-``.grad`` as DeepSpeed's backward does (the bf16 optimizer's fp32 gradients included), and frees the graph. The
+How the backward is split: ``pipellm.pipeline.split_backward`` (B: autograd with respect to the stage's inputs
+only, recording the gradient at each weight's boundary node; W: autograd from there to the trainable parameters,
+accumulated into their ``.grad`` as DeepSpeed's backward does, the bf16 optimizer's fp32 gradients included). The
 gradient reductions (the tied embedding's all-reduce, the data-parallel all-reduce) run once, after the last W, as
-in 1F1B. Costs: W walks the graph again from the stage's outputs down to each weight, so it repeats the
-activation-gradient work of B (and with grad checkpointing, the recomputation of each checkpointed layer); a
-micro batch's autograd graph (its saved activations) is held from its B until its W, at most ``s + 1`` micro
-batches longer than 1F1B holds it on stage s (the memory table of ``pipellm.plan --schedule zb-h1`` counts
-micro batches held until W). Whether the smaller bubble pays for the repeated work is measured on GPUs, not here.
+in 1F1B. Memory: a micro batch's autograd graph (its saved activations) and the gradients recorded at its boundary
+nodes (for a linear layer, the size of its output) are held from its B until its W; stage s holds at most
+``P`` micro batches not yet through W (``pipellm.plan --schedule zb-h1`` prints the peak per stage). Whether the
+smaller bubble pays on GPUs is not measured yet.
 """
 from __future__ import annotations
 
@@ -29,6 +27,7 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 from pipellm.pipeline.deepspeed_compat import (accumulating_weight_grads, add_pipeline_instructions,
                                                backward_tensors, engine_backward, pipeline_instruction,
                                                release_outputs, set_train_schedule)
+from pipellm.pipeline.split_backward import SplitBackward
 from pipellm.plan.schedules import Op, zb_h1
 
 
@@ -71,11 +70,15 @@ class ZeroBubbleH1:
     """The ``PipelineSchedule`` that trains with ``ZeroBubbleH1Schedule``; evaluation is DeepSpeed's.
 
     ``executed``: the passes (``("F", j)``, ``("B", j)``, ``("W", j)``) of the last training batch on this stage in
-    the order they ran, for comparison with ``pipellm.plan.schedules.zb_h1``."""
+    the order they ran, for comparison with ``pipellm.plan.schedules.zb_h1``; ``unsplit``: how many of its Ws
+    differentiated from the outputs again (``SplitBackward``'s fallback). ``recompute``: the stage's layers are
+    grad-checkpointed (W then runs from the outputs)."""
 
-    def __init__(self):
+    def __init__(self, recompute: bool = False):
+        self.recompute = recompute
         self.executed: list[Op] = []
-        self.pending: collections.deque = collections.deque()  # (micro batch, outputs, their gradients) until W
+        self.unsplit = 0
+        self.pending: collections.deque = collections.deque()  # (micro batch, its SplitBackward) until W
         self.params: list[torch.nn.Parameter] = []
         self.training = False
 
@@ -94,7 +97,7 @@ class ZeroBubbleH1:
         set_train_schedule(engine, ZeroBubbleH1Schedule)
 
     def train_batch(self, engine, micro_batches: list) -> torch.Tensor:
-        self.executed, self.training = [], True
+        self.executed, self.unsplit, self.training = [], 0, True
         try:
             loss = engine.train_batch(iter(micro_batches))
         finally:
@@ -109,17 +112,15 @@ class ZeroBubbleH1:
         """B: the inputs' gradients into their ``.grad`` (``SendGrad`` sends them); the graph stays for W."""
         micro = sum(kind == "B" for kind, _ in self.executed)
         outputs, grads, inputs = backward_tensors(engine, buffer_id)
-        if inputs:
-            with engine_backward(engine):
-                for tensor, grad in zip(inputs, torch.autograd.grad(outputs, inputs, grads, retain_graph=True)):
-                    tensor.grad = grad
-        self.pending.append((micro, outputs, grads))
+        with engine_backward(engine):
+            self.pending.append((micro, SplitBackward(outputs, grads, inputs, self.params, self.recompute)))
         release_outputs(engine, buffer_id)
         self.executed.append(("B", micro))
 
     def weight_grad(self, engine) -> None:
         """W: the oldest pending micro batch's parameter gradients, accumulated; its graph is freed."""
-        micro, outputs, grads = self.pending.popleft()
+        micro, split = self.pending.popleft()
         with engine_backward(engine), accumulating_weight_grads(engine):
-            torch.autograd.backward(outputs, grads, inputs=self.params)
+            split.weight_grads()
+        self.unsplit += not split.split
         self.executed.append(("W", micro))
