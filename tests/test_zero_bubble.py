@@ -172,4 +172,5 @@ def test_w_is_split_from_b_where_it_can_be(per_rank, name):
     topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
     for rank, results in enumerate(per_rank):
         first, ckpt = topology.get_coord(rank).pipe == 0, CASES[name].get("grad_ckpt", False)
-        assert results[name]["zb-h1"]["unsplit"] == [gas if first or ckpt else 0] * len(results[name]["zb-h1"]["unsplit"])
+        unsplit = results[name]["zb-h1"]["unsplit"]
+        assert unsplit == [gas if first or ckpt else 0] * len(unsplit), f"rank {rank}"
