@@ -5,8 +5,8 @@ On one process group of 4 CPU ranks, each case builds the same seeded tiny model
 with DeepSpeed's 1F1B and with ZB-H1: the losses and every parameter gradient agree (fp32), and every stage ran
 its F/B/W passes in the order of ``pipellm.plan.schedules.zb_h1`` (what ``pipellm.plan --schedule zb-h1`` prints).
 Cases: llama on 4 stages with tied embeddings and grad checkpointing; mixtral (router aux loss) on 2 stages x 2
-replicas; llama on 2 stages x 2 replicas with LoRA (adapters only train), bf16 and ZeRO-1, compared on the weights
-after two AdamW steps.
+replicas with ZeRO-1 (its flat fp32 gradient partitions compared); llama on 2 stages x 2 replicas with LoRA
+(adapters only train) and bf16 (DeepSpeed's bf16 optimizer), compared on the weights after two AdamW steps.
 fp32 gradients agree to rounding (rtol 1e-5, atol 1e-7: the same terms added in another order, e.g. 1F1B's last
 stage divides the loss by the accumulation steps, ZB-H1's the gradient of the stage's output); the bf16 weights
 bit for bit. ``train_ds.py`` with
@@ -27,18 +27,20 @@ from equivalence import MICRO_BATCH, make_batch
 from pipellm.config.schema import Lora
 from launches import launcher, losses, write_config
 
-LLAMA = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0)
+LLAMA = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
 MIXTRAL = MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                         initializer_range=0.2, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
                         router_aux_loss_coef=0.1, pad_token_id=None)
 CASES = {
-    "llama-4stage-tied-ckpt": dict(family="llama", config=LLAMA, dims=[4, 1], gas=6, grad_ckpt=True),
-    "mixtral-2stage-2replica": dict(family="mixtral", config=MIXTRAL, dims=[2, 2], gas=3),
-    "llama-2stage-2replica-lora-bf16-zero1": dict(family="llama", config=LLAMA, dims=[2, 2], gas=4, steps=2,
-                                                  lora=Lora(r=4, alpha=8.0), deepspeed={
-                                                      "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}),
+    "llama-4stage-tied-ckpt": dict(family="llama", config=LlamaConfig(**LLAMA, tie_word_embeddings=True),
+                                   dims=[4, 1], gas=6, grad_ckpt=True),
+    "mixtral-2stage-2replica-zero1": dict(family="mixtral", config=MIXTRAL, dims=[2, 2], gas=3,
+                                          deepspeed={"zero_optimization": {"stage": 1}}),
+    "llama-2stage-2replica-lora-bf16": dict(family="llama", config=LlamaConfig(**LLAMA, tie_word_embeddings=False),
+                                            dims=[2, 2], gas=4, steps=2, lora=Lora(r=4, alpha=8.0),
+                                            deepspeed={"bf16": {"enabled": True}}),
 }
 
 
@@ -76,9 +78,10 @@ def run_schedule(case: dict, schedule_name: str) -> dict:
         result["losses"].append(schedule.train_batch(engine, batches).detach().clone())
         result["orders"].append(list(getattr(schedule, "executed", [])))
         result["unsplit"].append(getattr(schedule, "unsplit", 0))
-    if steps is None:
+    if steps is None:  # ZeRO-1 steps its flat fp32 partitions: they are compared in their order
         names = {id(p): name for name, p in model.named_parameters()}
-        result["tensors"] = {names[key]: grad for key, grad in optimizer.grads.items()}
+        result["tensors"] = {names.get(key, f"flat partition {i}"): grad
+                             for i, (key, grad) in enumerate(optimizer.grads.items())}
     else:
         result["tensors"] = {name: p.detach().float().clone() for name, p in model.named_parameters()}
     return result
