@@ -12,10 +12,10 @@ How the backward is split: ``pipellm.pipeline.split_backward`` (B: autograd with
 only, recording the gradient at each weight's boundary node; W: autograd from there to the trainable parameters,
 accumulated into their ``.grad`` as DeepSpeed's backward does, the bf16 optimizer's fp32 gradients included). The
 gradient reductions (the tied embedding's all-reduce, the data-parallel all-reduce) run once, after the last W, as
-in 1F1B. Memory: a micro batch's autograd graph (its saved activations) and the gradients recorded at its boundary
-nodes (for a linear layer, the size of its output) are held from its B until its W; stage s holds at most
-``P`` micro batches not yet through W (``pipellm.plan --schedule zb-h1`` prints the peak per stage). Whether the
-smaller bubble pays on GPUs is not measured yet.
+in 1F1B. Memory: a micro batch's whole autograd graph (all its saved activations) and the gradients recorded at
+its boundary nodes (for a linear layer, the size of its output) are held from its B until its W; stage s holds up
+to ``P`` micro batches so, where 1F1B holds ``P - s`` (``pipellm.plan --schedule zb-h1`` prints the peak per
+stage). Whether the smaller bubble pays on GPUs is not measured yet.
 """
 from __future__ import annotations
 
