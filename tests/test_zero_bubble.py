@@ -177,3 +177,34 @@ def test_w_is_split_from_b_where_it_can_be(per_rank, name):
         first, ckpt = topology.get_coord(rank).pipe == 0, CASES[name].get("grad_ckpt", False)
         unsplit = results[name]["zb-h1"]["unsplit"]
         assert unsplit == [gas if first or ckpt else 0] * len(unsplit), f"rank {rank}"
+
+
+def test_w_runs_only_the_weight_side_of_the_graph():
+    """``SplitBackward``: B and W give the gradients of one backward, and W runs no node of the input path but
+    the boundary nodes (here: no activation's, norm's or residual add's backward)."""
+    from pipellm.pipeline.split_backward import SplitBackward
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8),
+                                 torch.nn.LayerNorm(8))
+    x, grad = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    (x + layers(x)).backward(grad)
+    expected = [x.grad] + [p.grad for p in layers.parameters()]
+    x.grad = None
+    layers.zero_grad(set_to_none=True)
+
+    out = x + layers(x)
+    split = SplitBackward([out], [grad], [x], list(layers.parameters()), recompute=False)
+    assert split.split and all(p.grad is None for p in layers.parameters())
+    ran = []
+    nodes, queue = set(), [out.grad_fn]
+    while queue:
+        node = queue.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            node.register_prehook(lambda grads, node=node: ran.append(node.name()))
+            queue += [child for child, _ in node.next_functions]
+    split.weight_grads()
+    assert not {"GeluBackward0", "AddBackward0"} & set(ran) and ran, ran
+    for got, want in zip([x.grad] + [p.grad for p in layers.parameters()], expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
