@@ -252,7 +252,7 @@ class TrainConfig:
     (DeepSpeed's one-forward-one-backward) or ``zb-h1`` (zero-bubble ZB-H1: each backward split into the input
     gradient, sent upstream at once, and the weight gradients, deferred into the bubble; same gradients as 1F1B,
     proven on CPU; its speed on GPUs is not measured yet; the later stages hold more activations than with 1F1B).
-    ``zb-h1`` needs fp32 or bf16 and ZeRO stage 0 or 1.
+    ``zb-h1`` needs fp32 or bf16 and ZeRO stage 0 or 1. Pipeline training only (``train_ds.py``).
     ``python -m pipellm.plan --schedule zb-h1`` simulates both."""
     source: ClassVar[str] = "the training YAML"
     """The file the config was read from (``load_config`` sets it; not a key), named by errors found later."""
