@@ -302,9 +302,18 @@ def check_pairwise(cfg: TrainConfig, source: str) -> None:
                            f"must be even, got {cfg.micro_batch_size}")
 
 
+def check_pipeline_schedule(cfg: TrainConfig, source: str) -> None:
+    """``zb-h1`` runs its split backward outside ``engine.backward``, so without fp16's loss scaling; the
+    pipeline engine refuses ZeRO stages above 1 anyway."""
+    settings = DeepSpeedSettings.of(cfg.deepspeed)
+    if cfg.pipeline_schedule == "zb-h1" and (settings.precision == "fp16" or settings.zero_stage > 1):
+        raise PipellmError(f"{source}: `pipeline_schedule: zb-h1` runs with fp32 or bf16 and ZeRO stage 0 or 1; "
+                           f"use `bf16: {{enabled: true}}` (ZeRO <= 1) or `pipeline_schedule: 1f1b`")
+
+
 SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
                   check_optimizer_block, check_scheduler_block, check_precision, check_objective,
-                  complete_batch_sizes, check_lora, check_pairwise)
+                  complete_batch_sizes, check_lora, check_pairwise, check_pipeline_schedule)
 
 
 def check_config(cfg: TrainConfig) -> None:

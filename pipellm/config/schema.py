@@ -248,6 +248,13 @@ class TrainConfig:
     quantize_base: Literal["nf4"] | None = None
     """With ``lora``: ``nf4`` stores the frozen base's decoder linear weights in 4 bits (QLoRA, bitsandbytes'
     ``Linear4bit``; needs a GPU where bitsandbytes runs). null: the base keeps the run's precision."""
+    pipeline_schedule: Literal["1f1b", "zb-h1"] = "1f1b"
+    """How the stages order their passes over a step's micro batches (``pipellm.pipeline.schedule``): ``1f1b``
+    (DeepSpeed's one-forward-one-backward) or ``zb-h1`` (zero-bubble ZB-H1: each backward split into the input
+    gradient, sent upstream at once, and the weight gradients, deferred into the bubble; same gradients as 1F1B,
+    proven on CPU; its speed on GPUs is not measured yet; the later stages hold more activations than with 1F1B).
+    ``zb-h1`` needs fp32 or bf16 and ZeRO stage 0 or 1. Pipeline training only (``train_ds.py``).
+    ``python -m pipellm.plan --schedule zb-h1`` simulates both."""
     source: ClassVar[str] = "the training YAML"
     """The file the config was read from (``load_config`` sets it; not a key), named by errors found later."""
 
