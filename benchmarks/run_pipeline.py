@@ -3,6 +3,7 @@
     python benchmarks/run_pipeline.py --preset 7b --seq 2048 --micro 2 --global-batch 32 --stages 2 --flash
     python benchmarks/run_pipeline.py --preset 7b --layers 16 --stages 1 --seq 2048 --micro 2   # one stage of 2
     python benchmarks/run_pipeline.py --preset 7b --layers 16 --stages 1 --packed --attention-backend flex
+    python benchmarks/run_pipeline.py --preset 7b --seq 2048 --micro 2 --global-batch 32 --eager --schedule zb-h1
     python benchmarks/run_pipeline.py --preset 7b-16 --stages 1 --micro 2 --yaml-json '{"speed": {"sdpa_backend": "cudnn"}}'
 
 Writes a random-init llama config of the chosen shape (no download), synthetic pretrain data long enough to fill
@@ -51,6 +52,7 @@ def main() -> None:
                         help="variable-length samples (seq/16 .. seq/3 words) packed into rows (packing: true)")
     parser.add_argument("--attention-backend", choices=("auto", "sdpa", "flex"), default="auto",
                         help="attention_backend: the kernel of packed rows' attention")
+    parser.add_argument("--schedule", choices=("1f1b", "zb-h1"), default="1f1b", help="pipeline_schedule")
     parser.add_argument("--yaml-json", type=json.loads, default={},
                         help='more YAML keys as JSON, over the run\'s own: \'{"speed": {"sdpa_backend": "cudnn"}}\'')
     parser.add_argument("--csv", default=str(harness.REPO / "benchmarks" / "results" / "pipeline_runs.csv"))
@@ -67,7 +69,7 @@ def main() -> None:
                           grad_ckpt=args.grad_ckpt, eager=args.eager, dtype=args.dtype,
                           loss_chunk_tokens=args.loss_chunk_tokens,
                           extra={"attention_backend": args.attention_backend, "packing": args.packed,
-                                 **args.yaml_json})
+                                 "pipeline_schedule": args.schedule, **args.yaml_json})
     outcome = harness.launch(point, model_dir, data, work / "run", args.warmup, echo=True)
     if outcome.status != "ok":
         print(f"FAILED ({outcome.status}: {outcome.reason}): {args}; log {outcome.log}")
@@ -81,8 +83,8 @@ def main() -> None:
         "stages": args.stages, "replicas": args.replicas, "parts": args.parts, "flash": args.flash,
         "grad_ckpt": args.grad_ckpt, "compile": not args.eager and gpu is not None,
         "dtype": args.dtype, "loss_chunk_tokens": args.loss_chunk_tokens, "packed": args.packed,
-        "attention_backend": args.attention_backend, "yaml_json": json.dumps(args.yaml_json, sort_keys=True),
-        "timed_steps": figures["timed_steps"],
+        "attention_backend": args.attention_backend, "schedule": args.schedule,
+        "yaml_json": json.dumps(args.yaml_json, sort_keys=True), "timed_steps": figures["timed_steps"],
         **{key: figures[key] for key in ("samples_per_sec", "tokens_per_sec_per_gpu", "mfu", "mfu_all_positions",
                                           "peak_mem_gib_per_stage", "final_loss")},
         "device": gpu or "cpu", "host": platform.node(),

@@ -62,6 +62,8 @@ SPEED_ERRORS = {
                             ["`speed.loss_kernel: liger` serves `objective: token_mean` only"]),
     "compiled loss with dpo": (dict(speed={"loss_kernel": "compiled"}, objective="dpo"), False,
                                ["`speed.loss_kernel: compiled` serves `objective: token_mean` only"]),
+    "liger with zb-h1": (dict(speed={"liger_kernels": True}, pipeline_schedule="zb-h1"), True,
+                         ["`speed.liger_kernels` with `pipeline_schedule: zb-h1` is not supported"]),
     "sdpa choice": (dict(speed={"sdpa_backend": "fastest"}), False,
                     ["`speed.sdpa_backend` must be one of auto, cudnn, flash, efficient, math"]),
     "misspelt speed key": (dict(speed={"liger": True}), False, ["unknown key `speed.liger`"]),

@@ -276,6 +276,10 @@ def check_lora(cfg: TrainConfig, source: str) -> None:
                          ("target_modules", bool(lora.target_modules), "at least one module name, e.g. [q_proj]")):
         if not ok:
             raise PipellmError(f"{source}: `lora.{key}` {getattr(lora, key)!r} is not valid: give {fix}")
+    if cfg.quantize_base is not None and cfg.objective in PAIRWISE_OBJECTIVES and cfg.dpo.reference != "initial":
+        raise PipellmError(f"{source}: `dpo.reference` {cfg.dpo.reference} with `quantize_base`: QLoRA's 4-bit base "
+                           f"cannot load the reference's weights; use `dpo.reference: initial` (the base, adapters "
+                           f"off) or train LoRA without `quantize_base`")
 
 
 PAIRWISE_OBJECTIVES = ("dpo",)
@@ -298,9 +302,18 @@ def check_pairwise(cfg: TrainConfig, source: str) -> None:
                            f"must be even, got {cfg.micro_batch_size}")
 
 
+def check_pipeline_schedule(cfg: TrainConfig, source: str) -> None:
+    """``zb-h1`` runs its split backward outside ``engine.backward``, so without fp16's loss scaling; the
+    pipeline engine refuses ZeRO stages above 1 anyway."""
+    settings = DeepSpeedSettings.of(cfg.deepspeed)
+    if cfg.pipeline_schedule == "zb-h1" and (settings.precision == "fp16" or settings.zero_stage > 1):
+        raise PipellmError(f"{source}: `pipeline_schedule: zb-h1` runs with fp32 or bf16 and ZeRO stage 0 or 1; "
+                           f"use `bf16: {{enabled: true}}` (ZeRO <= 1) or `pipeline_schedule: 1f1b`")
+
+
 SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
                   check_optimizer_block, check_scheduler_block, check_precision, check_objective,
-                  complete_batch_sizes, check_lora, check_pairwise)
+                  complete_batch_sizes, check_lora, check_pairwise, check_pipeline_schedule)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -323,6 +336,15 @@ def expand_data_directories(cfg: TrainConfig) -> None:
         cfg.eval_data_path = [str(file) for entry in cfg.eval_data_paths for file in data_files(entry)]
 
 
+def lora_checkpoint(path: str) -> bool:
+    """A LoRA run's save directory or tag directory (``pipellm.training.lora.LORA_FILE`` in it or its latest tag)."""
+    from pipellm.pipeline.layer_files import follow_latest
+    from pipellm.training.lora import LORA_FILE
+
+    directory = follow_latest(Path(path)) or Path(path)
+    return (directory / LORA_FILE).is_file()
+
+
 def validate_environment(cfg: TrainConfig, world_size: int) -> None:
     """Checks that need the file system or the launcher: paths (data directories expanded) and world size."""
     model_path = Path(cfg.model_path)
@@ -337,6 +359,10 @@ def validate_environment(cfg: TrainConfig, world_size: int) -> None:
     if cfg.dpo.reference != "initial" and not Path(cfg.dpo.reference).is_dir():
         raise PipellmError(f"`dpo.reference` {cfg.dpo.reference} is not a directory; name a pipeline checkpoint "
                            f"(hg_to_pp output or a training save directory) or use `initial`")
+    if cfg.dpo.reference != "initial" and lora_checkpoint(cfg.dpo.reference):
+        raise PipellmError(f"`dpo.reference` {cfg.dpo.reference} is a LoRA checkpoint (its layer files hold only "
+                           f"adapters); export it merged (convert_model.py pp_to_hg), convert that back "
+                           f"(hg_to_pp) and name the result")
     save_path = Path(cfg.save_path)
     if save_path.exists() and not save_path.is_dir():
         raise PipellmError(f"`save_path` {save_path} exists and is not a directory")

@@ -114,7 +114,8 @@ class DPO:
     reference: str = "initial"
     """The reference model: ``initial`` (the weights the run starts from) or a pipeline checkpoint directory
     (``hg_to_pp`` output, a training save directory or ``global_stepN``). Its log-probs are computed once before
-    training and cached in ``save_path/reference_logps/`` (``pipellm.training.reference``)."""
+    training and cached in ``save_path/reference_logps/`` (``pipellm.training.reference``). With ``lora:``,
+    ``initial`` is the base with the adapters off, and a path must be a full checkpoint (not a LoRA save)."""
 
 
 @dataclasses.dataclass
@@ -124,8 +125,8 @@ class Speed:
 
     liger_kernels: bool = False
     """Decoder RMSNorm, SwiGLU and rotary (llama and the families built from its modules) through liger-kernel's
-    Triton kernels (``pip install 'pipellm[liger]'``; CUDA only). Equal to the torch path up to rounding
-    (``tests/test_speed_gpu.py``)."""
+    Triton kernels (``pip install 'pipellm[liger]'``; CUDA only; not with ``pipeline_schedule: zb-h1``). Equal to
+    the torch path up to rounding (``tests/test_speed_gpu.py``)."""
     loss_kernel: Literal["torch", "compiled", "liger"] = "torch"
     """The last stage's cross entropy: ``torch`` (``F.cross_entropy`` on an fp32 copy of the logits, or
     ``loss_chunk_tokens`` chunks), ``compiled`` (the same, ``torch.compile``d: the upcast is fused into the loss
@@ -274,6 +275,13 @@ class TrainConfig:
     quantize_base: Literal["nf4"] | None = None
     """With ``lora``: ``nf4`` stores the frozen base's decoder linear weights in 4 bits (QLoRA, bitsandbytes'
     ``Linear4bit``; needs a GPU where bitsandbytes runs). null: the base keeps the run's precision."""
+    pipeline_schedule: Literal["1f1b", "zb-h1"] = "1f1b"
+    """How the stages order their passes over a step's micro batches (``pipellm.pipeline.schedule``): ``1f1b``
+    (DeepSpeed's one-forward-one-backward) or ``zb-h1`` (zero-bubble ZB-H1: each backward split into the input
+    gradient, sent upstream at once, and the weight gradients, deferred into the bubble; same gradients as 1F1B,
+    proven on CPU; its speed on GPUs is not measured yet; the later stages hold more activations than with 1F1B).
+    ``zb-h1`` needs fp32 or bf16 and ZeRO stage 0 or 1. Pipeline training only (``train_ds.py``).
+    ``python -m pipellm.plan --schedule zb-h1`` simulates both."""
     speed: Speed = dataclasses.field(default_factory=Speed)
     """Optional faster paths of the pipeline stage (see ``Speed``), all off by default."""
     source: ClassVar[str] = "the training YAML"

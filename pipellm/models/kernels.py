@@ -91,6 +91,12 @@ def check_speed(cfg) -> None:
     liger_keys = [key for key, on in (("speed.liger_kernels", speed.liger_kernels),
                                       ("speed.loss_kernel: liger", speed.loss_kernel == "liger")) if on]
     for key in liger_keys:
+        if cfg.pipeline_schedule == "zb-h1":
+            # ZB-H1 runs a fused kernel's backward twice (B, then W); liger's rotary writes its incoming gradient
+            # in place, so the second run would read a changed one.
+            raise PipellmError(f"{cfg.source}: `{key}` with `pipeline_schedule: zb-h1` is not supported (liger's "
+                               f"backward kernels may overwrite their incoming gradient, which ZB-H1 uses twice); "
+                               f"turn it off or use `pipeline_schedule: 1f1b`")
         if not torch.cuda.is_available():
             raise PipellmError(f"{cfg.source}: `{key}` runs Triton kernels on CUDA only; turn it off on this machine")
         if not liger_available():

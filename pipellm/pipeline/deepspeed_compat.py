@@ -10,6 +10,8 @@ another release stops with one line.
 """
 from __future__ import annotations
 
+import contextlib
+
 import deepspeed
 import torch
 from deepspeed.pipe import PipelineModule
@@ -84,7 +86,72 @@ def wrap_pipeline_instructions(engine, wrap) -> None:
     """Route every instruction of the engine's schedule (``ForwardPass``, ``SendActivation``, ...) through
     ``wrap(name, method) -> method``; the engine looks instructions up in this map on the instance."""
     engine._INSTRUCTION_MAP = {kind: wrap(kind.__name__, method)
-                               for kind, method in type(engine)._INSTRUCTION_MAP.items()}
+                               for kind, method in engine._INSTRUCTION_MAP.items()}
+
+
+def add_pipeline_instructions(engine, methods: dict) -> None:
+    """Teach the engine more instructions (``{instruction class: method(engine, **kwargs)}``), or replace how it
+    runs one of its own; before ``wrap_pipeline_instructions``, which then times them too."""
+    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, **methods}
+
+
+def pipeline_instruction(engine, kind):
+    """How the engine runs an instruction: ``method(engine, **kwargs)``."""
+    return engine._INSTRUCTION_MAP[kind]
+
+
+def set_train_schedule(engine, make_schedule) -> None:
+    """``train_batch`` runs ``make_schedule(micro_batches=, stages=, stage_id=)`` (a ``PipeSchedule``) instead of
+    DeepSpeed's ``TrainSchedule``; the rest of ``train_batch`` (data iterator, loss aggregation) stays DeepSpeed's."""
+    engine._train_schedule = lambda: make_schedule(micro_batches=engine.micro_batches, stages=engine.num_stages,
+                                                   stage_id=engine.stage_id)
+
+
+def backward_tensors(engine, buffer_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
+                                                      list[torch.Tensor]]:
+    """What ``_exec_backward_pass`` differentiates for the micro batch in ``buffer_id``: the tensors (the loss on
+    the last stage, else the stage's floating-point outputs), the gradients received for them (a copy: the
+    receive buffer is reused; None for the loss) and the stage's inputs that want a gradient (sent upstream)."""
+    if engine.is_pipe_partitioned:
+        raise NotImplementedError("the zero-bubble schedule does not split pipeline activations over model-"
+                                  "parallel ranks")
+    inputs = engine.pipe_buffers["inputs"][buffer_id]
+    inputs = [t for t in (inputs if isinstance(inputs, tuple) else (inputs,))
+              if torch.is_tensor(t) and t.requires_grad]
+    if engine.is_last_stage():
+        return [engine.loss], None, inputs
+    outputs = engine.pipe_buffers["outputs"][buffer_id]
+    outputs = [t for t in (outputs if isinstance(outputs, tuple) else (outputs,)) if t.is_floating_point()]
+    received = engine.grad_layer if isinstance(engine.grad_layer, (list, tuple)) else [engine.grad_layer]
+    return outputs, [grad.clone() for grad in received], inputs
+
+
+def release_outputs(engine, buffer_id: int) -> None:
+    """Drop the engine's reference to a micro batch's outputs once its backward no longer needs the buffer."""
+    engine.pipe_buffers["outputs"][buffer_id] = None
+
+
+@contextlib.contextmanager
+def engine_backward(engine):
+    """A backward pass the engine runs itself (as ``_exec_backward_pass`` marks it: DeepSpeed's post-backward hook
+    then skips its check for a direct ``tensor.backward``)."""
+    engine._running_engine_backward = True
+    try:
+        yield
+    finally:
+        engine._running_engine_backward = False
+
+
+@contextlib.contextmanager
+def accumulating_weight_grads(engine):
+    """Around a backward that writes parameter gradients: DeepSpeed's bf16 optimizer clears the low-precision
+    gradients before and adds them to its fp32 gradients after (as ``_exec_backward_pass`` does)."""
+    bf16 = engine.using_bf16_optimizer
+    if bf16:
+        engine.optimizer.clear_lp_grads()
+    yield
+    if bf16 and not engine._config.bfloat16_config.immediate_grad_update:
+        engine.optimizer.update_hp_grads(clear_lp_grads=False)
 
 
 def instruction_names() -> set[str]:

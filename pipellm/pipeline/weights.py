@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -25,10 +26,11 @@ def stage_modules(model: BoundedPipelineModule) -> list[tuple[int, nn.Module]]:
 
 
 def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_config, model_dir: str | Path,
-                          strict: bool = True) -> None:
+                          strict: bool = True, rename: Callable[[nn.Module, dict], dict] | None = None) -> None:
     """Load only this rank's layers from ``layer_XX-model_states.pt`` files (strict: every key must match; else
     every key of a file must be the layer's, and the layer's other parameters keep their values: a LoRA
-    checkpoint's files hold only what trained)."""
+    checkpoint's files hold only what trained). ``rename(module, state)``: a file's state under the module's
+    names (a full checkpoint into a LoRA stage)."""
     model_dir, layers = Path(model_dir), PipelineLayers.of(family, hf_config)
     for layer_index, module in stage_modules(model):
         path = model_dir / layer_file_name(layers.file_index(layer_index))
@@ -36,6 +38,7 @@ def load_pipeline_weights(model: BoundedPipelineModule, family: ModelFamily, hf_
             raise PipellmError(f"missing pipeline layer file {path}; is `model_path` a `convert_model.py "
                                f"hg_to_pp` output or a training checkpoint of this model?")
         state = load_torch_file(path, map_location=next(module.parameters()).device)
+        state = state if rename is None else rename(module, state)
         try:
             unexpected = module.load_state_dict(state, strict=strict).unexpected_keys
             if unexpected:

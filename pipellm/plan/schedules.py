@@ -17,6 +17,7 @@ later, where the stage would otherwise wait.
 ``simulate`` plays a schedule: each stage runs its passes in order, each as soon as the stage is free and its
 inputs are there (F after the previous stage's F of that micro batch, B after the next stage's B, each + one
 transfer ``p2p``; W after its own B). ``python -m pipellm.plan --schedule zb-h1 --stage-costs ...`` prints it.
+Training with ``pipeline_schedule: zb-h1`` runs ``zb_h1``'s order itself (``pipellm.pipeline.zero_bubble``).
 """
 from __future__ import annotations
 

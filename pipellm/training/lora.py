@@ -16,9 +16,14 @@ with that prefix and without the adapter name ``default``, as ``PeftModel.save_p
 **Checkpoints** hold only what trains (DeepSpeed's ``exclude_frozen_parameters``): each layer file has its
 adapters (an embedding layer without any: an empty file), the optimizer state is the adapters', and
 ``lora.json`` names the base model's path and the adapters' settings (``pipellm.convert.lora_export`` reads it).
+
+**As a DPO reference** (``pipellm.training.reference``) the model is its base: ``reference_mode`` turns every
+adapter off for the reference pass, as peft's ``PeftModel.disable_adapter`` does; a full checkpoint named in
+``dpo.reference`` loads under peft's ``base_layer`` names (``full_layer_state``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -159,6 +164,39 @@ class LoraParameters:
             if train:
                 chosen.append((name, param))
         return chosen
+
+    @contextlib.contextmanager
+    def reference_mode(self, model: nn.Module):
+        """While open, ``model`` computes as its base: every peft layer's adapters off (peft's ``enable_adapters``,
+        as ``PeftModel.disable_adapter``); afterwards on again, with every ``requires_grad`` as it was (peft's
+        toggle sets the adapters' own)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+        trains = [(param, param.requires_grad) for param in model.parameters()]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+            for param, flag in trains:
+                param.requires_grad_(flag)
+
+    def full_layer_state(self, module: nn.Module, state: dict) -> dict:
+        """A full checkpoint's layer file (``state``, no adapters) under the adapted ``module``'s names: each base
+        weight where peft's ``base_layer`` holds it, the adapters' current values kept (a DPO reference loads it
+        and computes with the adapters off)."""
+        if self.quantize_base is not None:
+            raise PipellmError(f"`quantize_base: {self.quantize_base}`: QLoRA's 4-bit base cannot load other "
+                               f"weights for the DPO reference pass (here: the initial `lora.modules_to_save` "
+                               f"layers of a resumed run whose save_path lost its reference_logps cache); start "
+                               f"the run again in a new save_path")
+        own = module.state_dict()
+        base_names = {key.replace(".base_layer.", "."): key for key in own if ".base_layer." in key}
+        renamed = {base_names.get(key, key): value for key, value in state.items()}
+        return {**{key: value for key, value in own.items() if ADAPTER_MARK in key}, **renamed}
 
     def write_files(self, checkpoint_dir: Path) -> None:
         """``lora.json``: the base model's path and the adapters' settings."""

@@ -32,6 +32,8 @@ class ParameterSet(Protocol):
     #     weights are loaded and before its parameters are named;
     # prepare_transformers_model(model) -> model: the same for a whole transformers model (train_ds_zero.py);
     # write_files(checkpoint_dir): files of the set's own in each checkpoint directory (rank 0).
+    # reference_mode(model): a context in which the model computes as the DPO reference ``initial`` (LoRA: adapters
+    #     off); full_layer_state(module, state) -> state: a full checkpoint's layer file under the module's names.
 
 
 @dataclasses.dataclass(frozen=True)

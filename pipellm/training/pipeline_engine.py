@@ -15,7 +15,7 @@ import torch
 from pipellm.config import TrainConfig
 from pipellm.models.base import ModelFamily
 from pipellm.pipeline.deepspeed_compat import is_pipeline_replicated
-from pipellm.pipeline.schedule import OneForwardOneBackward, PipelineSchedule
+from pipellm.pipeline.schedule import PipelineSchedule, schedule_named
 from pipellm.training.distributed import StallWatchdog, all_reduce
 from pipellm.training.engine import Engine, EngineSetup
 from pipellm.training.parameter_states import ParameterStates
@@ -29,10 +29,11 @@ class PipelineEngine(Engine):
     export_hint = "(export: python convert_model.py pp_to_hg --input-path {save_path} --save-path HF_OUT)"
 
     def __init__(self, cfg: TrainConfig, setup: EngineSetup, *, hf_config, family: ModelFamily,
-                 schedule: PipelineSchedule = OneForwardOneBackward()):
+                 schedule: PipelineSchedule | None = None):
         from pipellm.pipeline.weights import checkpoint_named_parameters, load_pipeline_weights
 
-        self.hf_config, self.schedule = hf_config, schedule
+        self.hf_config = hf_config
+        self.schedule = schedule_named(cfg.pipeline_schedule, cfg.use_grad_ckpt) if schedule is None else schedule
         self.model = model = build_stage(cfg, setup, hf_config, family)
         weights_dir = setup.resume.path if setup.resume is not None else (
             None if cfg.from_scratch else cfg.model_path)
@@ -51,6 +52,9 @@ class PipelineEngine(Engine):
         self.replica, self.replicas = model.data_parallel_rank, cfg.data_degree
         self.stage, self.num_stages = model.stage_id, model.num_stages
         self.copy_batches_early = cfg.speed.fewer_host_syncs and torch.cuda.is_available()
+        attach = optional_hook(self.schedule, "attach")  # before the watchdog times every instruction
+        if attach is not None:
+            attach(self.ds)
         self.watchdog = StallWatchdog(self.ds, model.stage_id, cfg.collective_timeout_s, before_exit=setup.on_stall)
 
     def train_step(self, micro_batches: list) -> float:

@@ -13,11 +13,18 @@ names another pipeline checkpoint (``hg_to_pp`` output or a training save / tag 
 not hold them (a resumed run, another path) its weights are copied to the CPU, the reference's layer files
 loaded for the pass, and the copy put back: no second model on the GPU.
 
+**With LoRA** (``lora:``) the reference is the base with the adapters off (the parameter set's ``reference_mode``,
+peft's adapter toggle, for the pass): with ``initial`` that is the frozen base the stage holds, so no weights move
+(only a resumed run with ``modules_to_save`` reloads the initial weights); a checkpoint path must be a full one (a
+LoRA save holds only adapters: export it merged first), loaded under peft's ``base_layer`` names.
+
 **The cache** (``save_path/reference_logps/<key>.npz``, written by rank 0 through a temporary file): the key
 hashes the reference weights (each layer file's name, size and modification time; the config and seed for
 ``from_scratch``), the data (the tokenized files' cache keys, which cover content, tokenizer and template) and
 what decides the batches and the arithmetic (batch sizes, data degree, packing, seed, weights, precision,
-``loss_chunk_tokens``), so reruns and resumes reuse it and any change recomputes it.
+``loss_chunk_tokens``), so reruns and resumes reuse it and any change recomputes it. A LoRA run's key also
+holds "adapters off" and ``quantize_base`` (a 4-bit base computes other log-probs), not the adapters' rank, scale
+or targets: they do not change the base.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from pipellm.data import IGNORE_INDEX
 from pipellm.data.batches import TrainingData, micro_batches
 from pipellm.errors import PipellmError
 from pipellm.pipeline.preference import PairLabels
+from pipellm.training.parameters import optional_hook
 
 SPLITS = ("train", "eval")
 
@@ -108,7 +116,8 @@ def reference_weights_dir(cfg, resumed: bool) -> Path | None:
     """The directory to load the reference weights from for the pass; None: the stage holds them already."""
     reference = cfg.dpo.reference
     if reference == "initial":
-        if not resumed:
+        # A LoRA run's frozen base stays the initial weights; only layers trained fully have moved on resume.
+        if not resumed or (cfg.lora is not None and not cfg.lora.modules_to_save):
             return None
         if cfg.from_scratch:
             raise PipellmError("`dpo.reference: initial` with `from_scratch`: the resumed run cannot rebuild the "
@@ -138,6 +147,8 @@ def cache_key(cfg, data: TrainingData) -> str:
              "layout": [cfg.global_batch_size, cfg.micro_batch_size, cfg.data_degree, cfg.packing, cfg.seed,
                         cfg.data_weights, cfg.eval_ratio, cfg.max_seq_len, cfg.loss_chunk_tokens,
                         str(cfg.deepspeed_settings.dtype), cfg.model_topo.process_topology.dims]}
+    if cfg.lora is not None:
+        parts["lora"] = {"adapters": "off", "quantize_base": cfg.quantize_base}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -170,30 +181,42 @@ def compute_reference(cfg, data, engine, objective, schedule, batches: PairBatch
 
     from tqdm import tqdm
 
-    from pipellm.training.distributed import all_reduce
-
     started = time.perf_counter()
     sinks: dict[str, dict[int, float]] = {split: {} for split in SPLITS}
     batches_of_pass = list(reference_batches(data, schedule, cfg.global_batch_size))
     bar = tqdm(batches_of_pass, desc="reference log-probs", unit="batch", file=sys.stderr,
                disable=int(os.environ.get("RANK", "0")) != 0, mininterval=1 if sys.stderr.isatty() else 30)
-    with swapped_weights(engine, reference_weights_dir(cfg, resumed)):
+    with reference_model(engine, reference_weights_dir(cfg, resumed)):
         for split, rows in bar:
             input_ids, labels, position_ids, _ = data.rows_of(rows, batches.store(split))
             with objective.recording(sinks[split]):
                 engine.eval_step(batches.micro_batches(rows, split, input_ids, labels, position_ids))
-    out = {}
-    for split in SPLITS:
-        n = len(batches.store(split))
-        values, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        for sample, value in sinks[split].items():
-            values[sample] += value
-            counts[sample] += 1
-        values, counts = all_reduce(values), all_reduce(counts)
-        out[split] = (values / counts.clamp(min=1)).float().numpy()
+    out = {split: gathered_logps(sinks[split], len(batches.store(split))) for split in SPLITS}
     _say(f"pipellm: reference log-probs of {len(data.store)} samples computed in "
          f"{time.perf_counter() - started:.1f}s")
     return out
+
+
+def gathered_logps(sink: dict[int, float], samples: int) -> np.ndarray:
+    """The log-probs every rank recorded of a split's ``samples`` (one per sample; the ranks that scored a sample
+    agree), as one array on every rank."""
+    from pipellm.training.distributed import all_reduce
+
+    values, counts = torch.zeros(samples, dtype=torch.float64), torch.zeros(samples, dtype=torch.float64)
+    for sample, value in sink.items():
+        values[sample] += value
+        counts[sample] += 1
+    values, counts = all_reduce(values), all_reduce(counts)
+    return (values / counts.clamp(min=1)).float().numpy()
+
+
+@contextlib.contextmanager
+def reference_model(engine, weights_dir: Path | None):
+    """The engine's model as the reference while open: the reference's weights (``swapped_weights``) in the
+    parameter set's reference mode (LoRA: adapters off)."""
+    mode = optional_hook(engine.parameter_set, "reference_mode")
+    with swapped_weights(engine, weights_dir), (mode(engine.model) if mode else contextlib.nullcontext()):
+        yield
 
 
 @contextlib.contextmanager
@@ -209,7 +232,8 @@ def swapped_weights(engine, weights_dir: Path | None):
         raise PipellmError("the ZeRO-3 baseline computes reference log-probs only with `dpo.reference: initial` "
                            "on a fresh start; train with train_ds.py, or start the run again")
     own = {key: value.detach().to("cpu", copy=True) for key, value in engine.model.state_dict().items()}
-    load_pipeline_weights(engine.model, get_family(engine.hf_config.model_type), engine.hf_config, weights_dir)
+    load_pipeline_weights(engine.model, get_family(engine.hf_config.model_type), engine.hf_config, weights_dir,
+                          rename=optional_hook(engine.parameter_set, "full_layer_state"))
     try:
         yield
     finally:

@@ -1,0 +1,273 @@
+"""DPO with LoRA (``objective: dpo`` + ``lora:``): the pipeline's reference pass (adapters off, or a full
+checkpoint as the reference), loss and every adapter gradient equal peft's on the transformers model (policy: the
+``PeftModel``; reference: the same model under ``disable_adapter()``, or the other model), fp32, on 2 stages and on
+1 stage x 2 replicas; with peft's zero-initialised ``lora_B`` the loss is exactly log 2. The reference cache's key
+and the bad configurations of the combination."""
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM
+
+from distributed import run_distributed
+from equivalence import GradCapture, load_reference_weights
+from test_dpo import PREFERENCE_DATA, SEQ, Store, make_pairs, reference_logps, rows_of, tiny_config
+
+BETA, RANK, ALPHA = 0.5, 4, 8.0
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+MICRO = 4
+"""Rows per micro batch: 8 rows (4 pairs, one sample a row) are 2 micro batches on 2 stages, 1 per replica."""
+PEFT_PREFIX = "base_model.model."
+LOG_2 = float(torch.tensor(math.log(2), dtype=torch.float32))
+
+
+def dpo_lora_rank(rank, config, states, samples, cases, out_dir):
+    """Each case ``(dims, state, reference_dir)``: the LoRA stage on peft's weights ``states[state]``, the reference
+    pass as the trainer runs it (``reference_model``: adapters off, ``reference_dir``'s weights if given), then one
+    training batch against the log-probs it recorded."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    from pipellm.config.schema import DPO as DPOConfig, Lora
+    from pipellm.data.batches import materialize
+    from pipellm.models import get_family
+    from pipellm.pipeline.preference import DPO
+    from pipellm.pipeline.stages import build_pipeline
+    from pipellm.pipeline.weights import checkpoint_named_parameters
+    from pipellm.training.lora import LoraParameters
+    from pipellm.training.pipeline_engine import prepare_layers
+    from pipellm.training.reference import PairBatches, gathered_logps, reference_model
+
+    family, store, results = get_family("llama"), Store(samples), []
+    rows = rows_of(len(samples) // 2, packed=False)
+    ids, labels, positions, _ = materialize(store, rows, SEQ, pad_id=0)
+    for dims, state, reference_dir in cases:
+        objective = DPO(DPOConfig(BETA))
+        model = build_pipeline(family, config, ProcessTopology(axes=["pipe", "data"], dims=dims), "uniform",
+                               objective=objective)
+        lora = LoraParameters(Lora(r=RANK, alpha=ALPHA, target_modules=TARGETS), seed=0, key_map=family.key_map)
+        prepare_layers(model, family, config, lora)
+        lora.trainable(checkpoint_named_parameters(model, family, config))
+        names = load_reference_weights(model, family, config, states[state])
+        optimizer = GradCapture(model.parameters())
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+            "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": len(rows) // (MICRO * dims[1]),
+            "train_batch_size": len(rows), "steps_per_print": 10**9, "gradient_clipping": 0.0})
+        batches = PairBatches(types.SimpleNamespace(store=store, eval_store=store), MICRO, model.data_parallel_rank,
+                              dims[1])
+        trains = [p.requires_grad for p in model.parameters()]
+        sink: dict[int, float] = {}
+        stage = types.SimpleNamespace(model=model, parameter_set=lora, hf_config=config)
+        with reference_model(stage, reference_dir), objective.recording(sink):
+            engine.eval_batch(iter(batches.micro_batches(rows, "train", ids, labels, positions)))
+        batches.reference = {"train": gathered_logps(sink, len(samples))}
+        loss = engine.train_batch(iter(batches.micro_batches(rows, "train", ids, labels, positions)))
+        results.append({"loss": loss.detach().clone(), "reference": torch.from_numpy(batches.reference["train"]),
+                        "requires_grad_kept": trains == [p.requires_grad for p in model.parameters()],
+                        "grads": {names[k]: g for k, g in optimizer.grads.items() if k in names}})
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def expected(policy, reference_model, samples) -> dict:
+    """peft's figures: the reference log-probs (``reference_model``, or the policy under ``disable_adapter``),
+    the sigmoid DPO loss over the pairs and every adapter's gradient, by the pipeline's names."""
+    policy.zero_grad()
+    with torch.no_grad():
+        if reference_model is None:
+            with policy.disable_adapter():
+                reference = reference_logps(policy, samples)
+        else:
+            reference = reference_logps(reference_model, samples)
+    logps = reference_logps(policy, samples)
+    z = BETA * ((logps[0::2] - logps[1::2]) - (reference[0::2] - reference[1::2]))
+    loss = -torch.nn.functional.logsigmoid(z).mean()
+    loss.backward()
+    grads = {n.removeprefix(PEFT_PREFIX): p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    return {"loss": loss.detach(), "reference": reference, "grads": grads}
+
+
+def peft_state(policy) -> dict:
+    return {k.removeprefix(PEFT_PREFIX): v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+def other_model_checkpoint(config, tmp_path):
+    """A full pipeline checkpoint (``hg_to_pp``) of another model of the same shape: a ``dpo.reference`` path."""
+    from equivalence import copy_tiny_tokenizer
+    from pipellm.convert.converters import hg_to_pp
+
+    torch.manual_seed(5)
+    other = LlamaForCausalLM(config).float().eval()
+    other.save_pretrained(tmp_path / "other_hf")
+    copy_tiny_tokenizer(tmp_path / "other_hf")
+    return other, hg_to_pp(tmp_path / "other_hf", tmp_path / "other_pp")
+
+
+KINDS = ("initial", "trained", "other")
+"""The equivalence cases of each grid: peft's initial adapters (``lora_B`` zero: step 0), trained ones (``lora_B``
+random), and trained ones against a full checkpoint of another model as ``dpo.reference``."""
+
+
+def spawned_rank(rank, config, states, samples, cases, out_dir, train_config):
+    """One spawn of 2 processes for every test here: the equivalence cases, then two steps of ``train_ds.py``
+    (``pipellm.training.train.main``, with the launcher's variables and without the launcher)."""
+    from pipellm.training.train import main
+
+    dpo_lora_rank(rank, config, states, samples, cases, out_dir)
+    main(["--config", train_config])
+
+
+@pytest.fixture(scope="module")
+def dpo_lora(tmp_path_factory, tiny_pp_model):
+    """peft's figures of each kind, the cases, every rank's results of them, and the directory of the trainer
+    run (``config.yml``, ``save/``)."""
+    import yaml
+
+    from test_dpo import dpo_config
+
+    tmp_path = tmp_path_factory.mktemp("dpo_lora")
+    torch.manual_seed(0)
+    config = tiny_config()
+    samples = make_pairs(4, torch.Generator().manual_seed(1))
+    policy = get_peft_model(LlamaForCausalLM(config).float(),
+                            LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
+    states, references = {"initial": peft_state(policy)}, {"initial": expected(policy, None, samples)}
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # trained adapters: lora_B random, so the adapters change the policy and lora_A has a grad
+        for name, p in policy.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    states["trained"], references["trained"] = peft_state(policy), expected(policy, None, samples)
+    other, other_dir = other_model_checkpoint(config, tmp_path)
+    references["other"] = expected(policy, other, samples)
+    cases = [(dims, "trained" if kind == "other" else kind, str(other_dir) if kind == "other" else None)
+             for dims in ([2, 1], [1, 2]) for kind in KINDS]
+    pairs = tmp_path / "pairs.jsonl"  # 8 of the shipped pairs: one global batch of 16 samples a step
+    pairs.write_text("".join(PREFERENCE_DATA.read_text().splitlines(keepends=True)[:8]))
+    train_config = dict(dpo_config(tmp_path, tiny_pp_model[1]), data_path=str(pairs), eval_ratio=0.0, max_steps=2,
+                        lora={"r": RANK, "alpha": ALPHA, "dropout": 0.1, "target_modules": TARGETS})
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(train_config))
+    run_distributed(2, spawned_rank, config, states, samples, cases, str(tmp_path), str(tmp_path / "config.yml"))
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return references, cases, per_rank, tmp_path
+
+
+def test_dpo_lora_matches_peft_with_the_adapters_off_as_reference(dpo_lora):
+    references, cases, per_rank, _ = dpo_lora
+    assert references["trained"]["loss"] != references["initial"]["loss"]  # the adapters count
+    for index, (dims, _, _) in enumerate(cases):
+        kind = KINDS[index % len(KINDS)]
+        reference, seen = references[kind], set()
+        for results in per_rank:
+            result = results[index]
+            assert result["requires_grad_kept"], (dims, kind)
+            torch.testing.assert_close(result["reference"], reference["reference"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-6)
+            if kind == "initial":  # policy == reference at step 0: exactly log 2, in float32
+                assert result["loss"].item() == LOG_2, (dims, result["loss"].item())
+            for name, grad in result["grads"].items():
+                torch.testing.assert_close(grad, reference["grads"][name], rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"{dims} {kind} {name}: {m}")
+                seen.add(name)
+        assert seen == set(reference["grads"]), (dims, kind)
+
+
+def test_reference_cache_key_of_a_lora_run(tmp_path, tiny_pp_model):
+    """A LoRA run's key differs from the full fine-tuning run's and with ``quantize_base``; the adapters' settings,
+    which do not change the base, leave it as it is."""
+    import copy
+
+    from pipellm.config import load_config
+    from pipellm.config.schema import Lora
+    from pipellm.training.reference import cache_key
+    from test_config import write_config
+
+    cfg = load_config(write_config(tmp_path, tiny_pp_model, objective="dpo", data_path=str(PREFERENCE_DATA)))
+    files = types.SimpleNamespace(files=[types.SimpleNamespace(meta={"cache_key": "data"})])
+    data = types.SimpleNamespace(store=files, eval_store=files)
+    full = cache_key(cfg, data)
+    cfg.lora = Lora(r=4, alpha=8.0, target_modules=["q_proj"])
+    lora = cache_key(cfg, data)
+    other_adapters = copy.deepcopy(cfg)
+    other_adapters.lora = Lora(r=8, alpha=2.0, dropout=0.1, target_modules=["v_proj"], modules_to_save=["head"])
+    qlora = copy.deepcopy(cfg)
+    qlora.quantize_base = "nf4"
+    assert len({full, lora, cache_key(qlora, data)}) == 3 and cache_key(other_adapters, data) == lora
+
+
+def test_lora_reference_initial_is_the_stage_itself_on_resume(tmp_path, tiny_pp_model):
+    """A resumed LoRA run's reference ``initial`` is its frozen base (no weights to load) unless layers train
+    fully (``modules_to_save``), whose initial weights come from ``model_path`` again."""
+    from pipellm.config import load_config
+    from pipellm.config.schema import Lora
+    from pipellm.training.reference import reference_weights_dir
+    from test_config import write_config
+
+    cfg = load_config(write_config(tmp_path, tiny_pp_model, objective="dpo", data_path=str(PREFERENCE_DATA)))
+    assert reference_weights_dir(cfg, resumed=True) is not None
+    cfg.lora = Lora(r=4, target_modules=["q_proj"])
+    assert reference_weights_dir(cfg, resumed=False) is None and reference_weights_dir(cfg, resumed=True) is None
+    cfg.lora.modules_to_save = ["head"]
+    assert reference_weights_dir(cfg, resumed=True).resolve() == tiny_pp_model[1].resolve()
+
+
+def test_a_lora_checkpoint_as_dpo_reference_fails_with_one_line(tmp_path, tiny_pp_model, capsys, monkeypatch):
+    from test_config import assert_fails, write_config
+
+    reference = tmp_path / "lora_save" / "global_step4"
+    reference.mkdir(parents=True)
+    (reference / "lora.json").write_text("{}\n")
+    (reference.parent / "latest").write_text("global_step4")
+    path = write_config(tmp_path, tiny_pp_model, objective="dpo", data_path=str(PREFERENCE_DATA),
+                        lora={"r": 4}, dpo={"reference": str(reference.parent)})
+    assert_fails(capsys, monkeypatch, tmp_path, path, f"`dpo.reference` {reference.parent} is a LoRA checkpoint",
+                 "export it merged (convert_model.py pp_to_hg)")
+
+
+def test_qlora_with_a_dpo_reference_checkpoint_fails_with_one_line(tmp_path, tiny_pp_model, capsys, monkeypatch):
+    from test_config import assert_fails, write_config
+
+    path = write_config(tmp_path, tiny_pp_model, objective="dpo", data_path=str(PREFERENCE_DATA),
+                        lora={"r": 4}, quantize_base="nf4", dpo={"reference": str(tiny_pp_model[1])})
+    assert_fails(capsys, monkeypatch, tmp_path, path, "with `quantize_base`: QLoRA's 4-bit base cannot load the "
+                                                      "reference's weights; use `dpo.reference: initial`")
+
+
+def test_dpo_lora_trains_from_log_2_and_exports_like_sft_lora(dpo_lora, tiny_pp_model):
+    """Two steps of ``train_ds.py`` on shipped pairs with LoRA on 2 stages (``dpo_lora``'s spawn): step 1's
+    loss is exactly log 2 (policy = reference: peft's ``lora_B`` starts at zero), the cache is under a LoRA run's
+    key, and ``pp_to_hg`` merges the trained adapters as peft's ``merge_and_unload`` does."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from pipellm.config import load_config
+    from pipellm.convert.converters import pp_to_hg
+    from pipellm.data.batches import load_training_data
+    from pipellm.data.tokenizer import load_tokenizer
+    from pipellm.training.reference import cache_key
+
+    tmp_path = dpo_lora[-1]
+    save = tmp_path / "save"
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["loss"] == LOG_2 and records[0]["rewards/margins"] == 0.0
+    assert records[1]["loss"] != LOG_2  # the adapters moved the policy away from the reference
+    cfg = load_config(tmp_path / "config.yml")
+    data = load_training_data(cfg, load_tokenizer(cfg.model_path), show_progress=False, pairs=True)
+    assert [p.name for p in (save / "reference_logps").iterdir()] == [f"{cache_key(cfg, data)}.npz"]
+
+    merged = load_file(pp_to_hg(save, tmp_path / "merged") / "model.safetensors")
+    adapter = pp_to_hg(save, tmp_path / "adapter", lora_export="adapter")
+    base = LlamaForCausalLM.from_pretrained(tiny_pp_model[0], dtype=torch.float32)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    expected_state = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    assert merged.keys() == expected_state.keys()
+    for key, tensor in expected_state.items():
+        assert torch.equal(merged[key], tensor), key
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base_state["model.layers.0.self_attn.q_proj.weight"])
