@@ -1,6 +1,6 @@
 """One pipeline stage with each speed lever off and on: which of them pay (issue 15, "a faster stage").
 
-    python benchmarks/stage_levers.py --out benchmarks/results/stage_levers_h200     # one GPU, about 6 minutes
+    python benchmarks/stage_levers.py --out benchmarks/results/stage_levers_h200     # one GPU, about 5 minutes
     python benchmarks/stage_levers.py --smoke --out /tmp/levers                        # CPU: the machinery only
 
 The stage is ``run_pipeline.py --preset 7b-16 --stages 1 --seq 2048 --micro 2``: llama-7B's shape with 16 decoder
@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--combine", action=argparse.BooleanOptionalAction, default=True,
                         help="finish with `combined`: each group's best lever that paid")
     parser.add_argument("--keep-above", type=float, default=0.01, help="a lever pays above this gain (0.01: 1%%)")
-    parser.add_argument("--budget-s", type=float, default=330, help="stop starting runs after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=300, help="stop starting runs after this many seconds")
     parser.add_argument("--point-timeout", type=float, default=240)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: proves the machinery only")
     parser.add_argument("--replot", action="store_true",
