@@ -139,9 +139,11 @@ def test_early_batch_copy_keeps_every_tensor_and_structure():
         assert torch.equal(after.cpu(), before)
 
 
-@LIGER
-@pytest.mark.parametrize("speed", [{"liger_kernels": True}, {"loss_kernel": "liger"}, {"loss_kernel": "compiled"},
-                                   {"liger_kernels": True, "loss_kernel": "liger", "sdpa_backend": "efficient"}])
+@CUDA
+@pytest.mark.parametrize("speed", [
+    pytest.param({"liger_kernels": True}, marks=LIGER), pytest.param({"loss_kernel": "liger"}, marks=LIGER),
+    {"loss_kernel": "compiled"}, {"sdpa_backend": "efficient"},
+    pytest.param({"liger_kernels": True, "loss_kernel": "liger", "sdpa_backend": "efficient"}, marks=LIGER)])
 def test_a_stage_with_levers_equals_the_torch_stage(speed):
     """The tiny llama's embedding, decoders, norm and head as the pipeline builds them, fp32 on the GPU: loss and
     every gradient with the levers on equal the torch path's."""
