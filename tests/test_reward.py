@@ -1,7 +1,7 @@
 """Reward model (``objective: reward``): the pipeline's loss, figures and every gradient equal a reference computed
 here with transformers' LlamaForSequenceClassification on the same pairs (fp32; 1 and 2 stages; packed and not;
-whole-batch and chunked head; grad checkpointing; a margin); the pipeline's scores of converted llama and bloom
-``*ForSequenceClassification`` checkpoints equal transformers' on the exported ones; ``--init-reward-head``; bad
+whole-batch and chunked head; grad checkpointing; a margin); the pipeline's scores of converted llama, bloom and
+mixtral ``*ForSequenceClassification`` checkpoints equal transformers' on the exported ones; ``--init-reward-head``; bad
 configs."""
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,15 +91,19 @@ CASES = [([2, 1], False, None, False, 0.0), ([2, 1], True, CHUNK_TOKENS, True, M
 
 
 def classifier_checkpoints(root: Path) -> list[tuple[Path, torch.Tensor]]:
-    """Tiny random llama and bloom ``*ForSequenceClassification`` checkpoints, each with right-padded rows."""
+    """Tiny random llama, bloom and mixtral ``*ForSequenceClassification`` checkpoints, each with right-padded
+    rows."""
     from test_dpo import tiny_config as llama_config
+    from test_mixtral import tiny_config as mixtral_config
+    from transformers import MixtralForSequenceClassification
 
-    llama = llama_config()
-    llama.num_labels = 1
+    llama, mixtral = llama_config(), mixtral_config()
+    llama.num_labels, mixtral.num_labels, mixtral.pad_token_id = 1, 1, 0
     bloom = BloomConfig(vocab_size=97, hidden_size=32, n_layer=2, n_head=4, num_labels=1, pad_token_id=0)
     out, generator = [], torch.Generator().manual_seed(5)
     for name, model in (("llama", LlamaForSequenceClassification(llama)),
-                        ("bloom", BloomForSequenceClassification(bloom))):
+                        ("bloom", BloomForSequenceClassification(bloom)),
+                        ("mixtral", MixtralForSequenceClassification(mixtral))):
         model.save_pretrained(root / name)
         input_ids = torch.randint(1, 97, (3, 9), generator=generator)
         input_ids[0, 6:], input_ids[2, 4:] = 0, 0
@@ -153,7 +156,7 @@ def test_reward_loss_figures_and_grads_match_transformers(pipeline_run, case_ind
 
 
 def test_export_loads_in_transformers_with_the_pipelines_scores(pipeline_run):
-    """llama and bloom classifiers: hg_to_pp then pp_to_hg gives back every tensor bit for bit, and
+    """llama, bloom and mixtral classifiers: hg_to_pp then pp_to_hg gives back every tensor bit for bit, and
     ``AutoModelForSequenceClassification`` on the export scores each padded row as the pipeline did."""
     from safetensors.torch import load_file
 
@@ -225,6 +228,50 @@ def test_init_reward_head_refuses_a_reward_model(tiny_reward_model, tmp_path, ca
     assert not (tmp_path / "pp").exists()
 
 
+def family_checkpoint(family: str, path: Path) -> tuple[dict, str]:
+    """A tiny random causal LM of ``family`` in its released layout (the other families' tests write them): its
+    tensors and the key of its output projection."""
+    torch.manual_seed(0)
+    if family == "mixtral":
+        from test_mixtral import saved_checkpoint, tiny_config as mixtral_config
+        from transformers import MixtralForCausalLM
+
+        return saved_checkpoint(MixtralForCausalLM(mixtral_config()), path), "lm_head.weight"
+    if family == "baichuan":
+        from test_baichuan import baichuan_config, llama_reference, llama_to_baichuan, write_checkpoint
+
+        state_dict = llama_to_baichuan({n: p.detach() for n, p in llama_reference().named_parameters()})
+        write_checkpoint(path, baichuan_config(), state_dict)
+        return state_dict, "lm_head.weight"
+    from test_chatglm import tiny_glm, write_chatglm_checkpoint
+    from transformers import GlmForCausalLM
+
+    return write_chatglm_checkpoint(GlmForCausalLM(tiny_glm()), path), "transformer.output_layer.weight"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "baichuan", "chatglm"])
+def test_init_reward_head_of_the_other_families(family, tmp_path):
+    """Each family's own layout with ``score.weight`` in place of the output projection, every other tensor bit
+    for bit; a second hg_to_pp / pp_to_hg round trip changes nothing; mixtral's loads in transformers."""
+    from safetensors.torch import load_file
+
+    from equivalence import copy_tiny_tokenizer
+    from pipellm.convert.converters import hg_to_pp, pp_to_hg
+
+    original, head = family_checkpoint(family, tmp_path / "hf")
+    copy_tiny_tokenizer(tmp_path / "hf")
+    exported = pp_to_hg(hg_to_pp(tmp_path / "hf", tmp_path / "pp", init_reward_head=True), tmp_path / "out")
+    tensors = load_file(exported / "model.safetensors")
+    assert set(tensors) == (set(original) - {head}) | {"score.weight"}
+    assert all(torch.equal(tensors[k], original[k]) for k in original if k != head)
+    again = load_file(pp_to_hg(hg_to_pp(exported, tmp_path / "pp2"), tmp_path / "out2") / "model.safetensors")
+    assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    if family == "mixtral":
+        model = AutoModelForSequenceClassification.from_pretrained(exported)
+        assert type(model).__name__ == "MixtralForSequenceClassification" and model.num_labels == 1
+        assert torch.equal(model.score.weight, tensors["score.weight"])
+
+
 # ----- bad configs -----
 
 BAD_REWARD_CONFIGS = {
@@ -249,3 +296,57 @@ def test_bad_reward_config_fails_with_one_line(case, tmp_path, tiny_pp_model, ti
     data = DATA if overrides.pop("data", None) else str(PREFERENCE_DATA)
     config = write_config(tmp_path, model, data_path=data, data_cache_dir=str(tmp_path / "cache"), **overrides)
     assert_fails(capsys, monkeypatch, tmp_path, config, expected)
+
+
+# ----- the launcher on the shipped preference data -----
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, tiny_reward_model):
+    """One epoch of the shipped pairs on 2 stages with grad checkpointing, saved at step 3; then a second run
+    resumed from that checkpoint."""
+    from equivalence import launch_training
+    from test_dpo import dpo_config
+
+    tmp_path = tmp_path_factory.mktemp("reward_run")
+    config = dict(dpo_config(tmp_path, tiny_reward_model), objective="reward", reward={"margin": 0.1},
+                  use_grad_ckpt=True, save_steps=3, n_epochs=1)
+    del config["dpo"]
+    records = launch_training(config, tmp_path / "config.yml")
+    resumed = dict(config, save_path=str(tmp_path / "resumed"), resume=str(Path(config["save_path"]) / "global_step3"))
+    return config, records, launch_training(resumed, tmp_path / "resumed.yml"), tmp_path
+
+
+def test_reward_model_through_launcher_learns_and_resumes(reward_run):
+    """The loss falls and the held-out accuracy is high; the exported LlamaForSequenceClassification scores the
+    chosen answer of held-out pairs higher; the run resumed at step 3 logs exactly the same steps 4 to 6."""
+    from pipellm.convert.converters import pp_to_hg
+    from pipellm.data.batches import SampleStore, split_eval
+    from pipellm.data.cache import tokenize_file
+    from pipellm.data.samples import DataOptions
+    from pipellm.data.tokenizer import load_tokenizer
+
+    config, records, resumed, tmp_path = reward_run
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"} <= set(records[0])
+    assert len(records) == 6 and records[-1]["loss"] < 0.6 * records[0]["loss"]
+    assert records[-1]["eval_rewards/accuracy"] >= 0.9
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for ours, theirs in zip(resumed, records[3:]):
+        assert ours["loss"] == theirs["loss"] and ours["rewards/margin"] == theirs["rewards/margin"]
+    assert resumed[-1]["eval_loss"] == records[-1]["eval_loss"]
+    exported = pp_to_hg(Path(config["save_path"]), tmp_path / "hf_out")
+    model = AutoModelForSequenceClassification.from_pretrained(exported).float().eval()
+    options = DataOptions(config["max_seq_len"], "builtin", pairs=True)
+    store = SampleStore([tokenize_file(PREFERENCE_DATA, load_tokenizer(exported), options,
+                                       cache_dir=tmp_path / "data_cache", show_progress=False)])
+    _, held_out = split_eval(store, config["eval_ratio"], config["seed"], group=2)
+    with torch.no_grad():
+        scores = reference_scores(model, [store.sample(int(s)) for u in held_out for s in (2 * u, 2 * u + 1)])
+    assert len(held_out) == 12 and float((scores[0::2] > scores[1::2]).float().mean()) >= 0.9
+
+
+def test_shipped_reward_config_is_valid():
+    from conftest import REPO
+    from pipellm.config import load_config
+
+    cfg = load_config(REPO / "configs" / "llama7b_reward.yml")
+    assert cfg.objective == "reward" and cfg.reward.margin == 0.0 and len(cfg.model_topo.parts) == cfg.pipe_degree
