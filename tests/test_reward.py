@@ -20,6 +20,8 @@ from equivalence import CHUNK_TOKENS, GradCapture, assert_matches_reference, loa
 from test_dpo import PREFERENCE_DATA, SEQ, Store, make_pairs, rows_of, tiny_config
 
 MARGIN = 0.25
+STARTED = ("baichuan", "chatglm")
+"""Families whose reward models the pipeline scores after ``--init-reward-head`` (no transformers classifier)."""
 
 
 def reward_config():
@@ -124,14 +126,23 @@ def pipeline_run(tmp_path_factory):
     state_dict = {k: v.clone() for k, v in model.state_dict().items()}
     checkpoints = classifier_checkpoints(tmp_path)
     scored = [(str(hg_to_pp(hf_dir, tmp_path / f"{hf_dir.name}_pp")), ids) for hf_dir, ids in checkpoints]
+    started = {}
+    for family in STARTED:
+        _, _, hidden_model = family_checkpoint(family, tmp_path / f"{family}_hf")
+        pp_dir = hg_to_pp(tmp_path / f"{family}_hf", tmp_path / f"{family}_rm", init_reward_head=True)
+        pad_id = json.loads((pp_dir / "config.json").read_text())["pad_token_id"]
+        input_ids = torch.randint(pad_id + 1, 97, (3, 9), generator=torch.Generator().manual_seed(6))
+        input_ids[1, 5:] = pad_id
+        started[family] = (hidden_model, input_ids, pp_dir, pad_id)
+        scored.append((str(pp_dir), input_ids))
     run_distributed(2, reward_rank, config, state_dict, samples, CASES, scored, str(tmp_path))
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    return model, samples, per_rank, scored, tmp_path
+    return model, samples, per_rank, scored, tmp_path, started
 
 
 @pytest.mark.parametrize("case_index", range(len(CASES)))
 def test_reward_loss_figures_and_grads_match_transformers(pipeline_run, case_index):
-    model, samples, per_rank, _, _ = pipeline_run
+    model, samples, per_rank, *_ = pipeline_run
     margin = CASES[case_index][4]
     model.zero_grad()
     scores = reference_scores(model, samples)
@@ -157,8 +168,8 @@ def test_export_loads_in_transformers_with_the_pipelines_scores(pipeline_run):
 
     from pipellm.convert.converters import pp_to_hg
 
-    _, _, per_rank, scored, tmp_path = pipeline_run
-    for index, (pp_dir, input_ids) in enumerate(scored):
+    _, _, per_rank, scored, tmp_path, _ = pipeline_run
+    for index, (pp_dir, input_ids) in enumerate(scored[:len(scored) - len(STARTED)]):
         original = load_file(tmp_path / Path(pp_dir).name.removesuffix("_pp") / "model.safetensors")
         exported = pp_to_hg(pp_dir, tmp_path / f"{Path(pp_dir).name}_hf")
         tensors = load_file(exported / "model.safetensors")
@@ -172,6 +183,24 @@ def test_export_loads_in_transformers_with_the_pipelines_scores(pipeline_run):
             expected = model(input_ids=input_ids).logits[:, 0]
         for results in per_rank:
             torch.testing.assert_close(results[-1][index], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_started_reward_models_of_baichuan_and_chatglm_score_their_final_hidden_state(pipeline_run):
+    """Families transformers has no classifier for: the pipeline's score is ``score.weight`` on the final norm's
+    output at the last non-pad token, the hidden state computed by the transformers model of the same weights."""
+    _, _, per_rank, scored, _, started = pipeline_run
+    for offset, family in enumerate(STARTED):
+        hidden_model, input_ids, pp_dir, pad_id = started[family]
+        head_file = sorted(pp_dir.glob("layer_*-model_states.pt"))[-1]  # the last layer: the score head
+        head = torch.load(head_file, weights_only=True)["weight"]
+        assert head.shape == (1, hidden_model.config.hidden_size)
+        with torch.no_grad():
+            hidden = hidden_model(input_ids=input_ids).last_hidden_state
+        last = (input_ids != pad_id).long().cumsum(1).argmax(1)
+        expected = (hidden[torch.arange(len(input_ids)), last] @ head.T)[:, 0]
+        for results in per_rank:
+            torch.testing.assert_close(results[-1][len(scored) - len(STARTED) + offset], expected, rtol=1e-5,
+                                       atol=1e-6)
 
 
 # ----- hg_to_pp --init-reward-head -----
@@ -223,25 +252,34 @@ def test_init_reward_head_refuses_a_reward_model(tiny_reward_model, tmp_path, ca
     assert not (tmp_path / "pp").exists()
 
 
-def family_checkpoint(family: str, path: Path) -> tuple[dict, str]:
-    """A tiny random causal LM of ``family`` in its released layout (the other families' tests write them): its
-    tensors and the key of its output projection."""
+def family_checkpoint(family: str, path: Path) -> tuple[dict, str, torch.nn.Module]:
+    """A tiny random causal LM of ``family`` in its released layout (the other families' tests write them), with
+    the tiny tokenizer: its tensors, the key of its output projection, and a transformers model of the same
+    weights up to the final norm (the reference of the reward model's hidden states)."""
+    from equivalence import copy_tiny_tokenizer
+
     torch.manual_seed(0)
     if family == "mixtral":
         from test_mixtral import saved_checkpoint, tiny_config as mixtral_config
         from transformers import MixtralForCausalLM
 
-        return saved_checkpoint(MixtralForCausalLM(mixtral_config()), path), "lm_head.weight"
-    if family == "baichuan":
+        model = MixtralForCausalLM(mixtral_config())
+        out = saved_checkpoint(model, path), "lm_head.weight", model.model
+    elif family == "baichuan":
         from test_baichuan import baichuan_config, llama_reference, llama_to_baichuan, write_checkpoint
 
-        state_dict = llama_to_baichuan({n: p.detach() for n, p in llama_reference().named_parameters()})
+        model = llama_reference()
+        state_dict = llama_to_baichuan({n: p.detach() for n, p in model.named_parameters()})
         write_checkpoint(path, baichuan_config(), state_dict)
-        return state_dict, "lm_head.weight"
-    from test_chatglm import tiny_glm, write_chatglm_checkpoint
-    from transformers import GlmForCausalLM
+        out = state_dict, "lm_head.weight", model.model
+    else:
+        from test_chatglm import tiny_glm, write_chatglm_checkpoint
+        from transformers import GlmForCausalLM
 
-    return write_chatglm_checkpoint(GlmForCausalLM(tiny_glm()), path), "transformer.output_layer.weight"
+        model = GlmForCausalLM(tiny_glm())
+        out = write_chatglm_checkpoint(model, path), "transformer.output_layer.weight", model.model
+    copy_tiny_tokenizer(path)
+    return out
 
 
 @pytest.mark.parametrize("family", ["mixtral", "baichuan", "chatglm"])
@@ -250,11 +288,9 @@ def test_init_reward_head_of_the_other_families(family, tmp_path):
     for bit; a second hg_to_pp / pp_to_hg round trip changes nothing; mixtral's loads in transformers."""
     from safetensors.torch import load_file
 
-    from equivalence import copy_tiny_tokenizer
     from pipellm.convert.converters import hg_to_pp, pp_to_hg
 
-    original, head = family_checkpoint(family, tmp_path / "hf")
-    copy_tiny_tokenizer(tmp_path / "hf")
+    original, head, _ = family_checkpoint(family, tmp_path / "hf")
     exported = pp_to_hg(hg_to_pp(tmp_path / "hf", tmp_path / "pp", init_reward_head=True), tmp_path / "out")
     tensors = load_file(exported / "model.safetensors")
     assert set(tensors) == (set(original) - {head}) | {"score.weight"}
