@@ -220,10 +220,12 @@ def test_init_reward_head_round_trip(tiny_reward_model, tiny_pp_model, tmp_path)
     seed 0; the export is a LlamaForSequenceClassification with exactly those tensors."""
     from safetensors.torch import load_file
 
+    from pipellm.chat import load_chat
     from pipellm.convert.converters import pp_to_hg
     from pipellm.convert.reward import SCORE_HEAD_SEED
     from pipellm.data.cache import pad_token_id
     from pipellm.data.tokenizer import load_tokenizer
+    from pipellm.errors import PipellmError
 
     hf_dir = tiny_pp_model[0]
     causal = load_file(hf_dir / "model.safetensors")
@@ -239,6 +241,8 @@ def test_init_reward_head_round_trip(tiny_reward_model, tiny_pp_model, tmp_path)
     assert type(model) is LlamaForSequenceClassification and model.num_labels == 1
     assert model.config.pad_token_id == pad_token_id(load_tokenizer(hf_dir))
     assert not model.config.tie_word_embeddings
+    with pytest.raises(PipellmError, match="is a reward model: it scores answers and writes none"):
+        load_chat(exported, "builtin", 8)
 
 
 def test_init_reward_head_refuses_a_reward_model(tiny_reward_model, tmp_path, capsys):
