@@ -385,3 +385,17 @@ def test_shipped_reward_config_is_valid():
 
     cfg = load_config(REPO / "configs" / "llama7b_reward.yml")
     assert cfg.objective == "reward" and cfg.reward.margin == 0.0 and len(cfg.model_topo.parts) == cfg.pipe_degree
+
+
+def test_parts_auto_profiles_the_score_head():
+    """``parts: auto`` times a reward model's head (final norm + score head) as it trains."""
+    from conftest import REPO
+    from pipellm.models import load_model_config
+    from pipellm.plan.profile import RunShape, profile_layers
+
+    hf_config, family = load_model_config(REPO / "pipellm" / "assets" / "tiny_llama")
+    shape = RunShape(micro_batch=2, seq_len=16, dtype=torch.float32, grad_ckpt=False, flash_attn=False,
+                     packed=False, compile_layers=False)
+    profile = profile_layers(family.scoring(), hf_config, shape, torch.device("cpu"))
+    assert profile.head.params == 2 * hf_config.hidden_size and profile.tied_params == 0
+    assert profile.head.seconds > 0
