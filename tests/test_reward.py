@@ -399,3 +399,19 @@ def test_parts_auto_profiles_the_score_head():
     profile = profile_layers(family.scoring(), hf_config, shape, torch.device("cpu"))
     assert profile.head.params == 2 * hf_config.hidden_size and profile.tied_params == 0
     assert profile.head.seconds > 0
+
+
+def test_zero3_baseline_refuses_the_reward_objective(tmp_path, tiny_pp_model, capsys, monkeypatch):
+    from test_config import write_config
+
+    from pipellm.training.zero import main
+
+    config = write_config(tmp_path, (None, tiny_pp_model[0]), objective="reward", data_path=str(PREFERENCE_DATA),
+                          model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err, err
+    assert "`objective: reward` is pipeline training's (train_ds.py)" in err and not (tmp_path / "save").exists()

@@ -4,7 +4,7 @@ The causal LM's layers are converted as they are, but for its output projection,
 have. In its place the family's ``ScoreHead`` (``pipellm.models.base``: hidden -> 1, bias-free) gets its own layer
 file, initialised as transformers initialises the ``score`` of a new ``*ForSequenceClassification``: normal(0,
 ``initializer_range``), drawn from a torch generator seeded with ``SCORE_HEAD_SEED`` (so a conversion repeats bit for
-bit), in the dtype of the model's final norm. ``config.json`` becomes a reward model's (``REWARD_CONFIG``):
+bit), in the dtype of the model's final norm. ``config.json`` becomes a reward model's (``reward_config``):
 ``architectures`` the family's ``*ForSequenceClassification``, one label, untied embeddings, and ``pad_token_id`` the
 id pipellm pads rows with, which transformers' classifier needs to find each row's last token.
 
