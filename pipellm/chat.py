@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from pipellm.data.templates import TEMPLATES, Encoder
 from pipellm.data.tokenizer import load_tokenizer
 from pipellm.errors import PipellmError
+from pipellm.models.base import is_reward_config
 from pipellm.pipeline.layer_files import follow_latest, has_layer_files
 
 
@@ -89,6 +91,9 @@ def load_chat(model_dir: Path, template: str, max_new_tokens: int, system: str |
     """The model (on the GPU when there is one) and tokenizer of a Hugging Face directory, as a ``Chat``."""
     from transformers import AutoModelForCausalLM
 
+    if is_reward_config(json.loads((model_dir / "config.json").read_text())):
+        raise PipellmError(f"--model {model_dir} is a reward model: it scores answers and writes none; chat with a "
+                           f"causal LM")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     except (OSError, ValueError, KeyError) as err:

@@ -62,8 +62,8 @@ BAD = {
     "eval twice": (dict(eval_ratio=0.1, eval_data_path=DATA), ["`eval_data_path` or `eval_ratio`, not both"]),
     "missing eval data": (dict(eval_data_path="/nonexistent/eval.jsonl"),
                           ["`eval_data_path` file /nonexistent/eval.jsonl does not exist"]),
-    "objective name": (dict(objective="toke_mean"), ["`objective` 'toke_mean' is not one of token_mean, dpo and "
-                                                     "not `module:attribute`; did you mean `token_mean`?"]),
+    "objective name": (dict(objective="toke_mean"), ["`objective` 'toke_mean' is not one of token_mean, dpo, "
+                                                     "reward and not `module:attribute`; did you mean `token_mean`?"]),
     "data_types not a mapping": (dict(data_types="fp32"), ["`data_types` must be a mapping like "
                                                            "{grad_accum_dtype: fp32}, got 'fp32'"]),
     "loss chunk": (dict(loss_chunk_tokens=0), ["`loss_chunk_tokens` must be >= 1 (or null: no chunking), got 0"]),

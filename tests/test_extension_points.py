@@ -157,7 +157,7 @@ def test_a_parameter_set_and_a_schedule_defined_here_drive_the_pipeline_engine(t
 
 
 @pytest.mark.parametrize("name, message", [
-    ("label_smoothing", "is not one of token_mean, dpo and not `module:attribute`"),
+    ("label_smoothing", "is not one of token_mean, dpo, reward and not `module:attribute`"),
     ("no_such_module:Objective", "cannot import no_such_module"),
     ("test_extension_points:Missing", "test_extension_points has no callable Missing"),
 ])

@@ -282,7 +282,7 @@ def check_lora(cfg: TrainConfig, source: str) -> None:
                            f"off) or train LoRA without `quantize_base`")
 
 
-PAIRWISE_OBJECTIVES = ("dpo",)
+PAIRWISE_OBJECTIVES = ("dpo", "reward")
 """Objectives that train on preference pairs (two samples each)."""
 
 
@@ -311,9 +311,25 @@ def check_pipeline_schedule(cfg: TrainConfig, source: str) -> None:
                            f"use `bf16: {{enabled: true}}` (ZeRO <= 1) or `pipeline_schedule: 1f1b`")
 
 
+def check_reward(cfg: TrainConfig, source: str) -> None:
+    """``reward``'s settings, and each objective's section only under its own objective."""
+    from pipellm.config.schema import DPO, Reward
+
+    if cfg.reward.margin < 0 or cfg.reward.margin != cfg.reward.margin:
+        raise PipellmError(f"{source}: `reward.margin` must be >= 0, got {cfg.reward.margin}")
+    for key, default, misplaced in (("reward", Reward(), cfg.objective != "reward"),
+                                    ("dpo", DPO(), cfg.objective == "reward")):
+        if misplaced and getattr(cfg, key) != default:
+            raise PipellmError(f"{source}: `{key}:` settings do not apply to `objective: {cfg.objective}`; remove the "
+                               f"`{key}:` section or set `objective: {key}`")
+    if cfg.objective == "reward" and cfg.lora is not None and "head" not in cfg.lora.modules_to_save:
+        raise PipellmError(f"{source}: `objective: reward` with `lora`: the score head must train; add `head` to "
+                           f"`lora.modules_to_save`")
+
+
 SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
                   check_optimizer_block, check_scheduler_block, check_precision, check_objective,
-                  complete_batch_sizes, check_lora, check_pairwise, check_pipeline_schedule)
+                  complete_batch_sizes, check_lora, check_pairwise, check_pipeline_schedule, check_reward)
 
 
 def check_config(cfg: TrainConfig) -> None:

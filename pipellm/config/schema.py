@@ -119,6 +119,16 @@ class DPO:
 
 
 @dataclasses.dataclass
+class Reward:
+    """``objective: reward``: a reward model trained on ``preference`` records (``pipellm.pipeline.reward``); the
+    model is a reward checkpoint (``convert_model.py hg_to_pp --init-reward-head``)."""
+
+    margin: float = 0.0
+    """The score gap the chosen answer should have over the rejected one: the loss is
+    ``-log sigmoid(r_chosen - r_rejected - margin)``, the same for every pair. Must be >= 0."""
+
+
+@dataclasses.dataclass
 class Speed:
     """Optional faster paths of the pipeline stage, each off by default until ``benchmarks/stage_levers.py`` has
     measured it on a GPU (its before/after table is in ``benchmarks/results/``). Pipeline training only."""
@@ -217,10 +227,13 @@ class TrainConfig:
     sequences. Default (null): the whole micro batch at once. Pipeline training only."""
     objective: str = "token_mean"
     """What training minimises, for both engines: ``token_mean`` (cross entropy averaged over every labelled token
-    of the global batch), ``dpo`` (on ``preference`` records; see ``dpo``), or ``module:attribute`` naming a callable that takes this config and returns an
+    of the global batch), ``dpo`` (on ``preference`` records; see ``dpo``), ``reward`` (a reward model on ``preference``
+    records; see ``reward``), or ``module:attribute`` naming a callable that takes this config and returns an
     objective (``pipellm.pipeline.loss.Objective``), its module importable on every rank (e.g. on PYTHONPATH)."""
     dpo: DPO = dataclasses.field(default_factory=DPO)
     """Settings of ``objective: dpo``; see ``DPO``."""
+    reward: Reward = dataclasses.field(default_factory=Reward)
+    """Settings of ``objective: reward``; see ``Reward``."""
     save_steps: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
     save_final: bool = True

@@ -7,7 +7,8 @@ the model family (``pipellm.models.base``); with tied embeddings the head layer 
 
 * ``hg_to_pp``: Hugging Face directory (safetensors or ``.bin``, sharded or not) -> pipeline layer files.
 * ``pp_to_hg``: pipeline layer files (a converted directory or a DeepSpeed training save) -> sharded
-  safetensors that ``AutoModelForCausalLM.from_pretrained`` loads.
+  safetensors that ``AutoModelForCausalLM.from_pretrained`` loads (a reward model's:
+  ``AutoModelForSequenceClassification``; its key map is the family's ``scoring`` one).
 
 Both stream: they hold about one pipeline layer (plus, for ``pp_to_hg``, one output shard) in memory, never
 the whole model. Tensors are copied bit for bit, never cast. Output is written into a temporary directory
@@ -32,6 +33,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipellm.convert.lora_export import LORA_EXPORTS, merged_layer_reader, write_peft_adapter
+from pipellm.convert.reward import drop_output_projection, pad_id_of, write_score_head
 from pipellm.convert.output_dir import Interrupted, atomic_output_dir, stopped_by_signal
 from pipellm.files import load_torch_file
 from pipellm.pipeline.layer_files import LAYER_FILE_RE, copy_model_files, layer_file_name, resolve_checkpoint_dir
@@ -165,8 +167,11 @@ def _group_by_layer(keys, family: ModelFamily, config, source: Path) -> dict[int
     return layers
 
 
-def hg_to_pp(input_path: str | os.PathLike, save_path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Convert a Hugging Face checkpoint directory into pipeline layer files; returns the save path."""
+def hg_to_pp(input_path: str | os.PathLike, save_path: str | os.PathLike, overwrite: bool = False,
+             init_reward_head: bool = False) -> Path:
+    """Convert a Hugging Face checkpoint directory into pipeline layer files; returns the save path.
+    ``init_reward_head``: a reward model with a new score head instead of the output projection
+    (``pipellm.convert.reward``)."""
     input_path, save_path = Path(input_path), Path(save_path)
     if not input_path.is_dir():
         raise PipellmError(f"input path {input_path} does not exist or is not a directory; pass a Hugging Face "
@@ -175,6 +180,8 @@ def hg_to_pp(input_path: str | os.PathLike, save_path: str | os.PathLike, overwr
     weights = _HFWeights(input_path)
     try:
         layers = _group_by_layer(weights.key_to_file, family, config, input_path)
+        if init_reward_head:
+            family, pad_id = drop_output_projection(family, config, layers, input_path), pad_id_of(input_path)
         with atomic_output_dir(save_path, input_path, overwrite, weights.size()) as tmp:
             # The bar closes (ends its line) before an error's one line; not drawn into a non-terminal log.
             with tqdm(sorted(layers), desc="hg_to_pp", unit="layer", disable=None) as progress:
@@ -185,6 +192,8 @@ def hg_to_pp(input_path: str | os.PathLike, save_path: str | os.PathLike, overwr
                     torch.save(state, tmp / layer_file_name(idx))
                     del state
             copy_model_files(input_path, tmp)
+            if init_reward_head:
+                write_score_head(family, config, input_path, tmp, pad_id)
     finally:
         weights.close()
     return save_path
@@ -349,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--input-path", required=True, help=what)
         sub.add_argument("--save-path", required=True, help="output directory (must not exist or be empty)")
         sub.add_argument("--overwrite", action="store_true", help="replace a non-empty save path")
+    to_pp.add_argument("--init-reward-head", action="store_true",
+                       help="start a reward model from a causal LM: a new score head replaces the output projection")
     to_hg.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 200MB")
     to_hg.add_argument("--export-as", default=None,
                        help="write another family's layout the model family offers (baichuan: llama)")
@@ -358,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with stopped_by_signal():
             if args.command == "hg_to_pp":
-                hg_to_pp(args.input_path, args.save_path, overwrite=args.overwrite)
+                hg_to_pp(args.input_path, args.save_path, overwrite=args.overwrite,
+                         init_reward_head=args.init_reward_head)
             else:
                 pp_to_hg(args.input_path, args.save_path, max_shard_size=args.max_shard_size,
                          overwrite=args.overwrite, export_as=args.export_as, lora_export=args.lora_export)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipellm.errors import PipellmError
 from pipellm.models import baichuan, bloom, chatglm, llama, mixtral
-from pipellm.models.base import ModelFamily
+from pipellm.models.base import ModelFamily, is_reward_config
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     llama.FAMILY, bloom.FAMILY, baichuan.FAMILY, chatglm.FAMILY, mixtral.FAMILY)}
@@ -25,7 +25,8 @@ def load_model_config(model_dir: str | os.PathLike):
     A ``model_type`` transformers knows is parsed by its own config class. One it does not know (checkpoints made
     for remote code, such as baichuan's) becomes a plain ``PretrainedConfig`` holding the file's keys as
     attributes (or the family's ``config_class``, pipellm's own, where the file's names differ from pipellm's):
-    the family's modules read what they need from it, and ``auto_map`` is never followed.
+    the family's modules read what they need from it, and ``auto_map`` is never followed. A reward model's config
+    (``is_reward_config``) gives the family's ``scoring`` variant.
     """
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
@@ -54,4 +55,9 @@ def load_model_config(model_dir: str | os.PathLike):
         reason = str(err.args[0] if err.args else err).splitlines()[0]
         raise PipellmError(f"{config_path}: cannot read it ({reason}); restore the original config.json") from None
     family.check_config(hf_config, config_path)
+    if is_reward_config(raw):
+        if hf_config.num_labels != 1:
+            raise PipellmError(f"{config_path}: a sequence classifier with {hf_config.num_labels} labels; a reward "
+                               f"model scores with one (num_labels: 1)")
+        family = family.scoring()
     return hf_config, family

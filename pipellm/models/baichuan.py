@@ -133,6 +133,7 @@ KEY_MAP = KeyMap(prefixes={"embed": "model.embed_tokens.", "decoder": "model.lay
 
 FAMILY = ModelFamily(
     name="baichuan",
+    sequence_classification="BaichuanForSequenceClassification",
     embed=llama.LlamaEmbedding,
     decoder=BaichuanDecoderLayer,
     norm=llama.LlamaFinalNorm,

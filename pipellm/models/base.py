@@ -12,7 +12,8 @@ Pipeline layers, in order (how users, DeepSpeed and the layer files count them: 
 * ``norm``      the final norm; ``forward(hidden) -> hidden``
 * ``head``      the output projection, a bias-free ``weight`` (vocab x hidden); logits are
   ``hidden @ head_weight(weight).T``. With tied embeddings the head reuses the ``embed`` module's weight
-  (DeepSpeed ``TiedLayerSpec``) and has no file of its own.
+  (DeepSpeed ``TiedLayerSpec``) and has no file of its own. A reward model (``ModelFamily.scoring``) has a
+  ``ScoreHead`` there instead: hidden -> one score, never tied, checkpoint key ``score.weight``.
 """
 from __future__ import annotations
 
@@ -27,10 +28,28 @@ from pipellm.errors import PipellmError
 
 LAYER_KINDS = ("embed", "decoder", "norm", "head")
 
+SCORE_PREFIX = "score."
+"""The checkpoint key prefix of a reward model's head, in every family (transformers' ``*ForSequenceClassification``
+name it ``score``)."""
+
 
 def stored_weight(weight):
     """The head's weight as stored: what most families compute logits against."""
     return weight
+
+
+class ScoreHead(nn.Linear):
+    """A reward model's head: one bias-free score per position (``hidden -> 1``), as the ``score`` layer of
+    transformers' ``*ForSequenceClassification`` with ``num_labels: 1``."""
+
+    def __init__(self, config):
+        super().__init__(config.hidden_size, 1, bias=False)
+
+
+def is_reward_config(raw: dict) -> bool:
+    """Whether a ``config.json``'s contents describe a reward model: its ``architectures`` name a
+    ``*ForSequenceClassification`` (``convert_model.py hg_to_pp --init-reward-head`` writes it)."""
+    return any(str(name).endswith("ForSequenceClassification") for name in raw.get("architectures") or ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +166,11 @@ class ModelFamily:
     """Other layouts ``pp_to_hg`` can write, by the name given to ``--export-as``."""
     supported_config: tuple[Supported, ...] = ()
     """The config.json keys whose values the modules implement only some of, checked by ``check_config``."""
+    sequence_classification: str = ""
+    """The ``architectures`` name a reward model of the family has in its ``config.json``: transformers' class for
+    llama, mixtral and bloom; for families transformers lacks, a name pipellm gives (see ``scoring``)."""
+    scores: bool = False
+    """A reward model (``scoring``): the head is a ``ScoreHead``."""
     check_key_relations: Callable | None = None
     """``f(hf_config, config_path)``: raises ``PipellmError`` where a value is supported only together with another
     (mixtral's ``sliding_window`` against ``max_position_embeddings``); the table cannot say that."""
@@ -170,7 +194,15 @@ class ModelFamily:
             self.check_key_relations(hf_config, config_path)
 
     def is_tied(self, hf_config) -> bool:
-        return bool(getattr(hf_config, "tie_word_embeddings", False))
+        return not self.scores and bool(getattr(hf_config, "tie_word_embeddings", False))
+
+    def scoring(self) -> "ModelFamily":
+        """The family's reward model: the same layers with a ``ScoreHead`` (its own layer file, never tied, key
+        ``score.weight``) where the output projection was; no other export layouts."""
+        prefixes = {**self.key_map.prefixes, "head": SCORE_PREFIX}
+        accepted = {kind: spellings for kind, spellings in self.key_map.accepted_prefixes.items() if kind != "head"}
+        return dataclasses.replace(self, head=ScoreHead, head_weight=stored_weight, key_map=KeyMap(prefixes, accepted),
+                                   exports={}, scores=True)
 
     def num_decoder_layers(self, hf_config) -> int:
         return int(hf_config.num_hidden_layers)

@@ -114,6 +114,7 @@ class BloomHead(nn.Linear):
 
 FAMILY = ModelFamily(
     name="bloom",
+    sequence_classification="BloomForSequenceClassification",
     embed=BloomEmbedding,
     decoder=BloomBlock,
     norm=BloomFinalNorm,

@@ -167,6 +167,7 @@ class ChatGLMHead(nn.Linear):
 
 FAMILY = ModelFamily(
     name="chatglm",
+    sequence_classification="ChatGLMForSequenceClassification",
     embed=ChatGLMEmbedding,
     decoder=ChatGLMDecoderLayer,
     norm=ChatGLMFinalNorm,

@@ -128,6 +128,7 @@ KEY_MAP = KeyMap(prefixes={"embed": "model.embed_tokens.", "decoder": "model.lay
 
 FAMILY = ModelFamily(
     name="llama",
+    sequence_classification="LlamaForSequenceClassification",
     embed=LlamaEmbedding,
     decoder=LlamaDecoderLayer,
     norm=LlamaFinalNorm,

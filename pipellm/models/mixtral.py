@@ -108,6 +108,7 @@ def router_aux_loss(stats: torch.Tensor, config) -> torch.Tensor:
 
 FAMILY = ModelFamily(
     name="mixtral",
+    sequence_classification="MixtralForSequenceClassification",
     embed=LlamaEmbedding,
     decoder=MixtralDecoderLayer,
     norm=LlamaFinalNorm,

@@ -44,6 +44,9 @@ class PairLabels(NamedTuple):
     """``(slots,)`` float32: the reference model's summed answer log-prob of each slot."""
     sample_ids: torch.Tensor
     """``(slots,)`` int64: each slot's sample id in its store (the reference pass records under it)."""
+    last_tokens: torch.Tensor
+    """``(slots,)`` int64: the flat index (``row * seq + position``) of each slot's last token (a reward model
+    scores it: ``pipellm.pipeline.reward``)."""
 
 
 def token_logps(output: HeadOutput, targets: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:

@@ -162,7 +162,8 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
     batch, seq = shape.micro_batch, shape.seq_len
     input_ids = torch.randint(0, hf_config.vocab_size, (batch, seq), device=device)
     position_ids = torch.arange(seq, device=device).expand(batch, seq).contiguous()  # one sample per row
-    targets = torch.randint(0, hf_config.vocab_size, (batch, seq), device=device)
+    # A reward model's head has one output (``ModelFamily.scoring``): class 0 times the same kernels for it.
+    targets = torch.randint(0, 1 if family.scores else hf_config.vocab_size, (batch, seq), device=device)
     loss_scale = torch.tensor(1.0 / (batch * seq), device=device)
 
     def count(*modules):

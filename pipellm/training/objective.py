@@ -14,9 +14,11 @@ from pipellm.config import TrainConfig
 from pipellm.errors import PipellmError
 from pipellm.pipeline.loss import Objective, TokenMeanCrossEntropy
 from pipellm.pipeline.preference import DPO
+from pipellm.pipeline.reward import RewardModel
 
 OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {"token_mean": TokenMeanCrossEntropy.from_config,
-                                                             "dpo": DPO.from_config}
+                                                             "dpo": DPO.from_config,
+                                                             "reward": RewardModel.from_config}
 """Objectives by name."""
 
 

@@ -76,6 +76,7 @@ class PairBatches:
         for k, (inputs, (targets, _)) in enumerate(base):
             slots = torch.full_like(targets, -1)
             ids: list[int] = []
+            ends: list[int] = []
             for r, samples in enumerate(rows[start + k * self.micro_batch_size:][:self.micro_batch_size]):
                 at = 0
                 for sample in [] if samples is None else samples.tolist():
@@ -83,10 +84,12 @@ class PairBatches:
                     slots[r, at:at + length] = len(ids)
                     ids.append(sample)
                     at += length
+                    ends.append(r * targets.shape[1] + at - 1)
             slots[targets == IGNORE_INDEX] = -1
             values = reference[ids] if reference is not None else np.zeros(len(ids))
             out.append((inputs, PairLabels(targets, scale, slots, torch.tensor(values, dtype=torch.float32),
-                                           torch.tensor(ids, dtype=torch.int64))))
+                                           torch.tensor(ids, dtype=torch.int64),
+                                           torch.tensor(ends, dtype=torch.int64))))
         return out
 
 
@@ -158,6 +161,8 @@ def prepare_pairs(cfg, data: TrainingData, engine, objective, schedule, resumed:
 
     from pipellm.training.distributed import all_reduce
 
+    if not getattr(objective, "uses_reference", True):  # a reward model: nothing to compare with
+        return PairBatches(data, cfg.micro_batch_size, engine.replica, engine.replicas)
     path = Path(cfg.save_path) / "reference_logps" / f"{cache_key(cfg, data)}.npz"
     cached = all_reduce(torch.tensor([1.0 if path.is_file() else 0.0]), dist.ReduceOp.MIN)[0] > 0
     batches = PairBatches(data, cfg.micro_batch_size, engine.replica, engine.replicas)

@@ -18,6 +18,7 @@ from pipellm.errors import PipellmError
 from pipellm.models import load_model_config
 from pipellm.pipeline.layer_files import layer_file_name, resolve_checkpoint_dir
 from pipellm.pipeline.partition import PipelineLayers
+from pipellm.pipeline.reward import check_reward_model
 from pipellm.training import trainer
 from pipellm.training.distributed import rendezvous_without_launcher
 from pipellm.training.lora import check_lora_model
@@ -52,6 +53,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     rendezvous_without_launcher(cfg, "train_ds.py")
     validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config, family = load_model_config(cfg.model_path)
+    check_reward_model(cfg.objective, family, cfg.model_path, cfg.source)
     layers = PipelineLayers.of(family, hf_config)
     layers.check_parts(cfg.model_topo.parts, cfg.pipe_degree, cfg.source)
     check_pipeline_settings(cfg.deepspeed)

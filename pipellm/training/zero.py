@@ -111,6 +111,9 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     if cfg.resume is not None or cfg.early_stopping.patience:
         raise PipellmError("`resume` and `early_stopping` are pipeline training's (train_ds.py); train_ds_zero.py "
                            "does not resume or stop early: remove them")
+    if cfg.objective == "reward":
+        raise PipellmError("`objective: reward` is pipeline training's (train_ds.py); train_ds_zero.py has no "
+                           "reward model yet")
     for key in ("compile_layers", "loss_chunk_tokens"):
         if getattr(cfg, key):
             raise PipellmError(f"`{key}` is not supported by train_ds_zero.py; remove it or set it to null")
