@@ -49,6 +49,14 @@ class BoundedPipelineModule(PipelineModule):
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
+    def get_tied_weights_and_groups(self):
+        """The tied weights whose gradients the engine all-reduces between their stages (``ReduceTiedGrads``):
+        only those that train. A frozen tied weight (LoRA's embedding, unless ``modules_to_save`` names it) has
+        no gradient, and under DeepSpeed's bf16 optimizer not even the fp32 one the engine reads
+        (``_hp_grad``: it exists only for the optimizer's parameters). Every stage of a tie freezes or trains
+        it alike (the copies share one checkpoint name), so they all skip the same all-reduce."""
+        return [(weight, group) for weight, group in super().get_tied_weights_and_groups() if weight.requires_grad]
+
     @property
     def local_layer_indices(self) -> range:
         """DeepSpeed layer indices of this stage's layers (in ``forward_funcs`` order)."""
