@@ -1,12 +1,12 @@
 """Every use of DeepSpeed's private members, in one place, for the DeepSpeed releases pipellm is tested with.
 
 pipellm drives DeepSpeed's ``PipelineModule`` / ``PipelineEngine`` through their public API except where that API
-has no way in: choosing each stage's layers ourselves, reading the process grid, timing every pipeline
-instruction, and reading and writing each parameter's share of the optimizer state that DeepSpeed's optimizer
-wrappers hold (``pipellm.training.parameter_states``; gathering and setting a whole parameter's state goes through
-the public ``deepspeed.utils.safe_*`` functions). Those reach into private members, which a DeepSpeed release
-may rename; ``TESTED`` (also ``setup.py``'s pin) is the range the test suite covers, and importing pipellm with
-another release stops with one line.
+has no way in: choosing each stage's layers ourselves, leaving frozen tied weights out of the tied gradients'
+all-reduce, reading the process grid, timing every pipeline instruction, and reading and writing each parameter's
+share of the optimizer state that DeepSpeed's optimizer wrappers hold (``pipellm.training.parameter_states``;
+gathering and setting a whole parameter's state goes through the public ``deepspeed.utils.safe_*`` functions).
+Those reach into private members, which a DeepSpeed release may rename; ``TESTED`` (also ``setup.py``'s pin) is
+the range the test suite covers, and importing pipellm with another release stops with one line.
 """
 from __future__ import annotations
 
