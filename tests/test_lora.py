@@ -88,6 +88,13 @@ def llama_cases(dims, tmp_path):
         loss, grads, state = run_reference(with_adapters(LlamaForCausalLM(config), targets), batch)
         cases.append(case("llama", config, state, loss, grads, targets, batch, gas=2, dims=dims))
     cases.append(dict(cases[-1], loss_chunk_tokens=5))  # tied, and the loss a chunk of tokens at a time
+    # Tied, the shared embedding trained too (``modules_to_save``): on 2 stages both copies hold the summed gradient.
+    torch.manual_seed(0)
+    reference = with_adapters(LlamaForCausalLM(config), targets)
+    reference.model.embed_tokens.weight.requires_grad_(True)
+    loss, grads, state = run_reference(reference, batch)
+    cases.append(dict(case("llama", config, state, loss, grads, targets, batch, gas=2, dims=dims),
+                      lora=Lora(r=RANK, alpha=ALPHA, target_modules=targets, modules_to_save=["embed", "head"])))
     return cases
 
 
