@@ -76,7 +76,8 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
         from pipellm.pipeline.weights import checkpoint_named_parameters
         from pipellm.training.pipeline_engine import prepare_layers
 
-        parameter_set = LoraParameters(lora, seed=0, key_map=family.key_map)
+        parameter_set = LoraParameters(lora, seed=0, key_map=family.key_map,
+                                       full_kinds=frozenset(lora.modules_to_save))
         prepare_layers(model, family, config, parameter_set)
         parameter_set.trainable(checkpoint_named_parameters(model, family, config))
     names = load_reference_weights(model, family, config, state_dict)

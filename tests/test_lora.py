@@ -88,6 +88,13 @@ def llama_cases(dims, tmp_path):
         loss, grads, state = run_reference(with_adapters(LlamaForCausalLM(config), targets), batch)
         cases.append(case("llama", config, state, loss, grads, targets, batch, gas=2, dims=dims))
     cases.append(dict(cases[-1], loss_chunk_tokens=5))  # tied, and the loss a chunk of tokens at a time
+    # Tied, the shared embedding trained too (``modules_to_save``): on 2 stages both copies hold the summed gradient.
+    torch.manual_seed(0)
+    reference = with_adapters(LlamaForCausalLM(config), targets)
+    reference.model.embed_tokens.weight.requires_grad_(True)
+    loss, grads, state = run_reference(reference, batch)
+    cases.append(dict(case("llama", config, state, loss, grads, targets, batch, gas=2, dims=dims),
+                      lora=Lora(r=RANK, alpha=ALPHA, target_modules=targets, modules_to_save=["embed", "head"])))
     return cases
 
 
@@ -373,6 +380,48 @@ def test_exports_merge_like_peft_and_load_as_a_peft_adapter(lora_run, tiny_pp_mo
     changed = [key for key, tensor in ours.items() if not torch.equal(tensor, load_file(hf_base / "model.safetensors")[key])]
     assert sorted(changed) == sorted(f"model.layers.{i}.{m}.weight" for i in range(4)
                                      for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+
+
+def test_tied_embedding_frozen_or_trained_under_bf16_optimizer(tmp_path, tied_pp_model):
+    """The tiny llama with its head tied to the embedding on 2 stages (the embedding on the first, its copy for
+    the head on the last), under DeepSpeed's bf16 optimizer: bf16 alone, and ZeRO-1 with fp32 gradient
+    accumulation. Frozen (LoRA's default), the tied weight has no fp32 gradient there, so the stages' tied-gradient
+    all-reduce leaves it out (it crashed on it); named by ``modules_to_save`` it trains, its optimizer state saved
+    once. Two ranks run the two configs in turn (spawned in-process: cheaper than the launcher)."""
+    import json
+
+    import yaml
+
+    from distributed import run_distributed
+    from pipellm.pipeline.layer_files import layer_file_name, optimizer_file_name
+    from test_resume import metrics, run_config, train_in_turn
+
+    lora = {"r": 4, "alpha": 8.0, "target_modules": TARGETS}
+    runs = {"frozen": dict(lora=lora, bf16={"enabled": True}),
+            "trained": dict(lora={**lora, "modules_to_save": ["embed"]}, bf16={"enabled": True},
+                            zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"})}
+    paths = []
+    for name, keys in runs.items():
+        paths.append(tmp_path / f"{name}.yml")
+        paths[-1].write_text(yaml.safe_dump(run_config(
+            tmp_path, tied_pp_model, tmp_path / name, n_epochs=1, eval_steps=0, eval_ratio=0.0, keep_last_n=None,
+            early_stopping={"patience": 0, "min_delta": 0.0}, save_steps=1000, **keys)))
+    run_distributed(2, train_in_turn, [str(path) for path in paths], str(tmp_path))
+    for rank in range(2):
+        for name, result in zip(runs, json.loads((tmp_path / f"rank{rank}.json").read_text())):
+            assert result["exit_code"] == 0, (name, rank, result["stderr"][-3000:])
+
+    base = torch.load(tied_pp_model / layer_file_name(0), weights_only=True)["weight"].to(torch.bfloat16)
+    for name in runs:
+        assert [r["step"] for r in metrics(tmp_path / name)] == [1, 2, 3, 4, 5], name
+        checkpoint = tmp_path / name / "global_step5"
+        embedding = torch.load(checkpoint / layer_file_name(0), weights_only=True)
+        if name == "frozen":  # nothing of the embedding trains: nothing saved
+            assert embedding == {} and not (checkpoint / optimizer_file_name(0)).exists()
+            continue
+        assert embedding["weight"].dtype == torch.bfloat16 and not torch.equal(embedding["weight"], base)
+        state = torch.load(checkpoint / optimizer_file_name(0), weights_only=True)["model.embed_tokens.weight"]
+        assert state["step"] == 5 and torch.equal(state["master"].to(torch.bfloat16), embedding["weight"])
 
 
 def test_plan_memory_model_of_lora_equals_hand_calculation():

@@ -318,23 +318,6 @@ def train_in_turn(rank: int, config_paths: list[str], out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps([train_main(path) for path in config_paths]))
 
 
-@pytest.fixture(scope="module")
-def tied_pp_model(tmp_path_factory) -> Path:
-    """The tiny llama with its head tied to the embedding, as pipeline layer files (no head file): on 2 stages
-    the last one trains a pipeline-replicated copy of the embedding."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pipellm.data.tokenizer import load_tokenizer
-    from pipellm.quickstart import TINY_LLAMA
-
-    root = tmp_path_factory.mktemp("tied")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA, tie_word_embeddings=True))
-    model.save_pretrained(root / "hf")
-    load_tokenizer(TINY_LLAMA).save_pretrained(root / "hf")
-    return hg_to_pp(root / "hf", root / "pp")
-
-
 def test_precisions_zero1_and_changed_layouts_resume(reference, tiny_pp_model, tied_pp_model):
     """Two ranks run in turn (spawned in-process: cheaper than the launcher). Per precision, one epoch (5 steps;
     evals at 3 and 5; saves at 3 (best), 4 and 5), then a run resumed from its global_step3 on the same layout

@@ -1,12 +1,12 @@
 """Every use of DeepSpeed's private members, in one place, for the DeepSpeed releases pipellm is tested with.
 
 pipellm drives DeepSpeed's ``PipelineModule`` / ``PipelineEngine`` through their public API except where that API
-has no way in: choosing each stage's layers ourselves, reading the process grid, timing every pipeline
-instruction, and reading and writing each parameter's share of the optimizer state that DeepSpeed's optimizer
-wrappers hold (``pipellm.training.parameter_states``; gathering and setting a whole parameter's state goes through
-the public ``deepspeed.utils.safe_*`` functions). Those reach into private members, which a DeepSpeed release
-may rename; ``TESTED`` (also ``setup.py``'s pin) is the range the test suite covers, and importing pipellm with
-another release stops with one line.
+has no way in: choosing each stage's layers ourselves, leaving frozen tied weights out of the tied gradients'
+all-reduce, reading the process grid, timing every pipeline instruction, and reading and writing each parameter's
+share of the optimizer state that DeepSpeed's optimizer wrappers hold (``pipellm.training.parameter_states``;
+gathering and setting a whole parameter's state goes through the public ``deepspeed.utils.safe_*`` functions).
+Those reach into private members, which a DeepSpeed release may rename; ``TESTED`` (also ``setup.py``'s pin) is
+the range the test suite covers, and importing pipellm with another release stops with one line.
 """
 from __future__ import annotations
 
@@ -48,6 +48,14 @@ class BoundedPipelineModule(PipelineModule):
         self.parts = self._boundaries
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def get_tied_weights_and_groups(self):
+        """The tied weights whose gradients the engine all-reduces between their stages (``ReduceTiedGrads``):
+        only those that train. A frozen tied weight (LoRA's embedding, unless ``modules_to_save`` names it) has
+        no gradient, and under DeepSpeed's bf16 optimizer not even the fp32 one the engine reads
+        (``_hp_grad``: it exists only for the optimizer's parameters). Every stage of a tie freezes or trains
+        it alike (the copies share one checkpoint name), so they all skip the same all-reduce."""
+        return [(weight, group) for weight, group in super().get_tied_weights_and_groups() if weight.requires_grad]
 
     @property
     def local_layer_indices(self) -> range:
