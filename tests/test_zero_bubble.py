@@ -5,8 +5,9 @@ On one process group of 4 CPU ranks, each case builds the same seeded tiny model
 with DeepSpeed's 1F1B and with ZB-H1: the losses and every parameter gradient agree (fp32), and every stage ran
 its F/B/W passes in the order of ``pipellm.plan.schedules.zb_h1`` (what ``pipellm.plan --schedule zb-h1`` prints).
 Cases: llama on 4 stages with tied embeddings and grad checkpointing; mixtral (router aux loss) on 2 stages x 2
-replicas with ZeRO-1 (its flat fp32 gradient partitions compared); llama on 2 stages x 2 replicas with LoRA
-(adapters only train) and bf16 (DeepSpeed's bf16 optimizer), compared on the weights after two AdamW steps.
+replicas with ZeRO-1 (its flat fp32 gradient partitions compared); llama on 2 stages x 2 replicas with tied
+embeddings, LoRA (adapters only train: the frozen tied embedding leaves the tied gradients' all-reduce) and bf16
+(DeepSpeed's bf16 optimizer), compared on the weights after two AdamW steps.
 fp32 gradients agree to rounding (rtol 1e-5, atol 1e-7: the same terms added in another order, e.g. 1F1B's last
 stage divides the loss by the accumulation steps, ZB-H1's the gradient of the stage's output); the bf16 weights
 bit for bit. ``train_ds.py`` with
@@ -38,7 +39,7 @@ CASES = {
                                    dims=[4, 1], gas=6, grad_ckpt=True),
     "mixtral-2stage-2replica-zero1": dict(family="mixtral", config=MIXTRAL, dims=[2, 2], gas=3,
                                           deepspeed={"zero_optimization": {"stage": 1}}),
-    "llama-2stage-2replica-lora-bf16": dict(family="llama", config=LlamaConfig(**LLAMA, tie_word_embeddings=False),
+    "llama-2stage-2replica-lora-bf16": dict(family="llama", config=LlamaConfig(**LLAMA, tie_word_embeddings=True),
                                             dims=[2, 2], gas=4, steps=2, lora=Lora(r=4, alpha=8.0),
                                             deepspeed={"bf16": {"enabled": True}}),
 }
