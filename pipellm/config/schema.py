@@ -135,8 +135,8 @@ class Speed:
 
     liger_kernels: bool = False
     """Decoder RMSNorm, SwiGLU and rotary (llama and the families built from its modules) through liger-kernel's
-    Triton kernels (``pip install 'pipellm[liger]'``; CUDA only; not with ``pipeline_schedule: zb-h1``). Equal to
-    the torch path up to rounding (``tests/test_speed_gpu.py``)."""
+    Triton kernels (``pip install 'pipellm[liger]'``; CUDA only; not with ``pipeline_schedule: zb-h1``). Compared
+    with the torch path by ``tests/test_speed_gpu.py`` (not run on a GPU yet)."""
     loss_kernel: Literal["torch", "compiled", "liger"] = "torch"
     """The last stage's cross entropy: ``torch`` (``F.cross_entropy`` on an fp32 copy of the logits, or
     ``loss_chunk_tokens`` chunks), ``compiled`` (the same, ``torch.compile``d: the upcast is fused into the loss
