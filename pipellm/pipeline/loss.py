@@ -1,5 +1,5 @@
-"""What the last stage hands its loss (``HeadOutput``), what scores it (an ``Objective``), and today's objective:
-cross entropy over a micro batch's labelled tokens, scaled for the global batch.
+"""What the last stage hands its loss (``HeadOutput``), what scores it (an ``Objective``), and the default
+objective (``token_mean``): cross entropy over a micro batch's labelled tokens, scaled for the global batch.
 
 An objective is any object with ``loss`` and ``figures`` (``Objective``); both engines call the same one: the
 pipeline as DeepSpeed's ``loss_fn`` on the last stage, the ZeRO-3 baseline on the logits of the transformers
