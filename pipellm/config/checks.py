@@ -327,9 +327,34 @@ def check_reward(cfg: TrainConfig, source: str) -> None:
                            f"`lora.modules_to_save`")
 
 
+def liger_levers(speed) -> list[str]:
+    """The keys of ``speed`` (``pipellm.config.schema.Speed``) that turn a liger-kernel lever on."""
+    return [key for key, on in (("speed.liger_kernels", speed.liger_kernels),
+                                ("speed.loss_kernel: liger", speed.loss_kernel == "liger")) if on]
+
+
+def check_speed(cfg: TrainConfig, source: str) -> None:
+    """``speed`` levers that conflict with another key (whether liger can run here is
+    ``pipellm.models.kernels.check_liger_environment``'s)."""
+    speed, liger_keys = cfg.speed, liger_levers(cfg.speed)
+    if liger_keys and cfg.pipeline_schedule == "zb-h1":
+        # ZB-H1 runs a fused kernel's backward twice (B, then W); liger's rotary writes its incoming gradient in
+        # place, so the second run would read a changed one.
+        raise PipellmError(f"{source}: `{liger_keys[0]}` with `pipeline_schedule: zb-h1` is not supported (liger's "
+                           f"backward kernels may overwrite their incoming gradient, which ZB-H1 uses twice); "
+                           f"turn it off or use `pipeline_schedule: 1f1b`")
+    if speed.loss_kernel != "torch" and cfg.loss_chunk_tokens is not None:
+        raise PipellmError(f"{source}: `speed.loss_kernel: {speed.loss_kernel}` and `loss_chunk_tokens` are two "
+                           f"ways to compute the loss: set `loss_chunk_tokens: null` or `speed.loss_kernel: torch`")
+    if speed.loss_kernel != "torch" and cfg.objective != "token_mean":
+        raise PipellmError(f"{source}: `speed.loss_kernel: {speed.loss_kernel}` serves `objective: token_mean` "
+                           f"only (this config has `{cfg.objective}`, which computes its own loss); use `torch`")
+
+
 SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
                   check_optimizer_block, check_scheduler_block, check_precision, check_objective,
-                  complete_batch_sizes, check_lora, check_pairwise, check_pipeline_schedule, check_reward)
+                  complete_batch_sizes, check_lora, check_pairwise, check_pipeline_schedule, check_reward,
+                  check_speed)
 
 
 def check_config(cfg: TrainConfig) -> None:

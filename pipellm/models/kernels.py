@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipellm.config.checks import liger_levers
 from pipellm.errors import PipellmError
 
 
@@ -85,26 +86,12 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def check_speed(cfg) -> None:
-    """One line naming the key when a ``speed`` setting cannot run here (before any process group exists)."""
-    speed = cfg.speed
-    liger_keys = [key for key, on in (("speed.liger_kernels", speed.liger_kernels),
-                                      ("speed.loss_kernel: liger", speed.loss_kernel == "liger")) if on]
-    for key in liger_keys:
-        if cfg.pipeline_schedule == "zb-h1":
-            # ZB-H1 runs a fused kernel's backward twice (B, then W); liger's rotary writes its incoming gradient
-            # in place, so the second run would read a changed one.
-            raise PipellmError(f"{cfg.source}: `{key}` with `pipeline_schedule: zb-h1` is not supported (liger's "
-                               f"backward kernels may overwrite their incoming gradient, which ZB-H1 uses twice); "
-                               f"turn it off or use `pipeline_schedule: 1f1b`")
+def check_liger_environment(cfg) -> None:
+    """One line naming the key when a liger lever of ``speed`` cannot run here (before any process group exists);
+    conflicts with other keys are ``pipellm.config.checks.check_speed``'s."""
+    for key in liger_levers(cfg.speed):
         if not torch.cuda.is_available():
             raise PipellmError(f"{cfg.source}: `{key}` runs Triton kernels on CUDA only; turn it off on this machine")
         if not liger_available():
             raise PipellmError(f"{cfg.source}: `{key}` needs liger-kernel: pip install 'pipellm[liger]' "
                                f"(or turn it off)")
-    if speed.loss_kernel != "torch" and cfg.loss_chunk_tokens is not None:
-        raise PipellmError(f"{cfg.source}: `speed.loss_kernel: {speed.loss_kernel}` and `loss_chunk_tokens` are two "
-                           f"ways to compute the loss: set `loss_chunk_tokens: null` or `speed.loss_kernel: torch`")
-    if speed.loss_kernel != "torch" and cfg.objective != "token_mean":
-        raise PipellmError(f"{cfg.source}: `speed.loss_kernel: {speed.loss_kernel}` serves `objective: token_mean` "
-                           f"only (this config has `{cfg.objective}`, which computes its own loss); use `torch`")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipellm.config import load_config
 from pipellm.errors import PipellmError
-from pipellm.models.kernels import check_speed
+from pipellm.models.kernels import check_liger_environment
 from pipellm.models import load_model_config
 from pipellm.pipeline.layer_files import resolve_checkpoint_dir
 from pipellm.pipeline.partition import PipelineLayers
@@ -93,7 +93,7 @@ def plan_text(args: argparse.Namespace) -> str:
         raise PipellmError("--micro-batches goes with --stage-costs; with --config the micro batches are the "
                            "config's gradient accumulation steps")
     cfg = load_config(args.config)
-    check_speed(cfg)  # the layers are profiled with the run's levers: liger's need CUDA
+    check_liger_environment(cfg)  # the layers are profiled with the run's levers: liger's need CUDA
     model_dir = cfg.model_path
     if not cfg.from_scratch and Path(model_dir).is_dir():
         model_dir = resolve_checkpoint_dir(model_dir)  # a training save directory: its newest checkpoint

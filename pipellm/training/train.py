@@ -42,7 +42,7 @@ def check_layer_files(cfg: TrainConfig, layers: PipelineLayers) -> None:
 def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     """Everything that can fail on bad input, done before any process group work; the engine to build."""
     from pipellm.models.flex_attention import check_attention_backend
-    from pipellm.models.kernels import check_speed
+    from pipellm.models.kernels import check_liger_environment
     from pipellm.training.optim import check_pipeline_settings
 
     args = parse_launcher_args(DESCRIPTION, argv)
@@ -58,7 +58,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     layers.check_parts(cfg.model_topo.parts, cfg.pipe_degree, cfg.source)
     check_pipeline_settings(cfg.deepspeed)
     check_attention_backend(cfg)
-    check_speed(cfg)
+    check_liger_environment(cfg)
     check_layer_files(cfg, layers)
     check_lora_model(cfg.lora, cfg.quantize_base, family, hf_config, cfg.source)
     from pipellm.training.pipeline_engine import PipelineEngine  # imports deepspeed: after the checks
