@@ -179,7 +179,7 @@ def test_memory_decides_the_split_and_nothing_fitting_says_what_to_change():
     assert not evaluated.chosen and not evaluated.fits and "stage 0 needs" in evaluated.problem
 
 
-def test_plan_command_prints_the_plan(tmp_path, capsys):
+def test_plan_command_prints_the_plan(tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path)
     result = subprocess.run([sys.executable, "-m", "pipellm.plan", "--config", str(config)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
@@ -210,6 +210,14 @@ def test_plan_command_prints_the_plan(tmp_path, capsys):
         assert exit_code.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("error: ") and expected in err, (argv, err)
+
+    # The layers are profiled with the run's speed levers: one that cannot run here is one line too.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--config", str(write_config(tmp_path, name="liger.yml", speed={"liger_kernels": True}))])
+    assert exit_code.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "`speed.liger_kernels` runs Triton kernels on CUDA" in err
 
 
 def test_config_accepts_auto(tmp_path):
