@@ -71,9 +71,7 @@ class BaichuanAttention(nn.Module):
         if self.alibi:
             out = causal_attention(q, k, v, self.attention, position_ids, alibi_slopes=self.alibi(x.device))
         else:
-            cos, sin = (t.unsqueeze(1) for t in self.rotary(position_ids, x.dtype))
-            q = q * cos + kernels.rotate_half(q) * sin
-            k = k * cos + kernels.rotate_half(k) * sin
+            q, k = kernels.rotary(q, k, *self.rotary(position_ids, x.dtype))
             out = causal_attention(q, k, v, self.attention, position_ids)
         return self.o_proj(out.reshape(batch, seq, hidden))
 
