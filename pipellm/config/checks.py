@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipellm.config.deepspeed_keys import DeepSpeedSettings
 from pipellm.config.schema import TrainConfig
+from pipellm.config.speed_checks import check_speed
 from pipellm.config.typecheck import suggest, type_name, type_ok
 from pipellm.errors import PipellmError
 
@@ -325,30 +326,6 @@ def check_reward(cfg: TrainConfig, source: str) -> None:
     if cfg.objective == "reward" and cfg.lora is not None and "head" not in cfg.lora.modules_to_save:
         raise PipellmError(f"{source}: `objective: reward` with `lora`: the score head must train; add `head` to "
                            f"`lora.modules_to_save`")
-
-
-def liger_levers(speed) -> list[str]:
-    """The keys of ``speed`` (``pipellm.config.schema.Speed``) that turn a liger-kernel lever on."""
-    return [key for key, on in (("speed.liger_kernels", speed.liger_kernels),
-                                ("speed.loss_kernel: liger", speed.loss_kernel == "liger")) if on]
-
-
-def check_speed(cfg: TrainConfig, source: str) -> None:
-    """``speed`` levers that conflict with another key (whether liger can run here is
-    ``pipellm.models.kernels.check_liger_environment``'s)."""
-    speed, liger_keys = cfg.speed, liger_levers(cfg.speed)
-    if liger_keys and cfg.pipeline_schedule == "zb-h1":
-        # ZB-H1 runs a fused kernel's backward twice (B, then W); liger's rotary writes its incoming gradient in
-        # place, so the second run would read a changed one.
-        raise PipellmError(f"{source}: `{liger_keys[0]}` with `pipeline_schedule: zb-h1` is not supported (liger's "
-                           f"backward kernels may overwrite their incoming gradient, which ZB-H1 uses twice); "
-                           f"turn it off or use `pipeline_schedule: 1f1b`")
-    if speed.loss_kernel != "torch" and cfg.loss_chunk_tokens is not None:
-        raise PipellmError(f"{source}: `speed.loss_kernel: {speed.loss_kernel}` and `loss_chunk_tokens` are two "
-                           f"ways to compute the loss: set `loss_chunk_tokens: null` or `speed.loss_kernel: torch`")
-    if speed.loss_kernel != "torch" and cfg.objective != "token_mean":
-        raise PipellmError(f"{source}: `speed.loss_kernel: {speed.loss_kernel}` serves `objective: token_mean` "
-                           f"only (this config has `{cfg.objective}`, which computes its own loss); use `torch`")
 
 
 SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,

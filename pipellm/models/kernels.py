@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipellm.config.checks import liger_levers
+from pipellm.config.speed_checks import liger_levers
 from pipellm.errors import PipellmError
 
 
@@ -88,7 +88,7 @@ def liger_available() -> bool:
 
 def check_liger_environment(cfg) -> None:
     """One line naming the key when a liger lever of ``speed`` cannot run here (before any process group exists);
-    conflicts with other keys are ``pipellm.config.checks.check_speed``'s."""
+    conflicts with other keys are ``pipellm.config.speed_checks.check_speed``'s."""
     for key in liger_levers(cfg.speed):
         if not torch.cuda.is_available():
             raise PipellmError(f"{cfg.source}: `{key}` runs Triton kernels on CUDA only; turn it off on this machine")
