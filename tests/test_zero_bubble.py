@@ -11,7 +11,7 @@ embeddings, LoRA (adapters only train: the frozen tied embedding leaves the tied
 fp32 gradients agree to rounding (rtol 1e-5, atol 1e-7: the same terms added in another order, e.g. 1F1B's last
 stage divides the loss by the accumulation steps, ZB-H1's the gradient of the stage's output); the bf16 weights
 bit for bit. ``train_ds.py`` with
-``pipeline_schedule: zb-h1`` trains the same loss curve as with 1F1B, and the config check refuses fp16.
+``pipeline_schedule: zb-h1`` trains the same loss curve as with 1F1B, and the config check refuses fp16 and ZeRO 2.
 """
 from __future__ import annotations
 
@@ -158,6 +158,7 @@ def test_train_ds_with_zb_h1_trains_the_1f1b_loss_curve(tmp_path, tiny_pp_model,
 @pytest.mark.parametrize("overrides,expected", [
     (dict(pipeline_schedule="zb-h2"), "`pipeline_schedule` must be one of 1f1b, zb-h1"),
     (dict(pipeline_schedule="zb-h1", fp16={"enabled": True}), "`pipeline_schedule: zb-h1` runs with fp32 or bf16"),
+    (dict(pipeline_schedule="zb-h1", zero_optimization={"stage": 2}), "and ZeRO stage 0 or 1"),
 ])
 def test_zb_h1_config_is_checked(overrides, expected, tmp_path, tiny_pp_model, capsys, monkeypatch):
     import test_config  # its config and one-line-error helpers
