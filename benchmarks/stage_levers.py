@@ -1,6 +1,6 @@
 """One pipeline stage with each speed lever off and on: which of them pay (issue 15, "a faster stage").
 
-    python benchmarks/stage_levers.py --out benchmarks/results/stage_levers_h200     # one GPU, about 5 minutes
+    python benchmarks/stage_levers.py --out benchmarks/results/stage_levers_h200     # one GPU, a 300 s budget
     python benchmarks/stage_levers.py --smoke --out /tmp/levers                        # CPU: the machinery only
 
 The stage is ``run_pipeline.py --preset 7b-16 --stages 1 --seq 2048 --micro 2``: llama-7B's shape with 16 decoder
@@ -16,8 +16,8 @@ the cold ``torch.compile``, whose cache serves the rest), and a run still going 
 baseline by more than ``--keep-above``; ``baseline-again``, the baseline a second time, shows the noise.
 
 Each variant's final loss is printed next to the baseline's: a lever changes rounding at most, never the training
-(the kernels' equality is proven by ``tests/test_speed*.py``), so a loss that moves by more than rounding after a
-few steps flags a lever that computes something else.
+(the kernels' equality is tested by ``tests/test_speed*.py``; the GPU ones have not run yet), so a loss that moves
+by more than rounding after a few steps flags a lever that computes something else.
 
 Writes ``results.csv``, ``results.md`` (table, machine, versions, MFU formula, command), ``levers.png`` and each
 run's log and config under ``points/NAME/``, rewritten after every run so a run cut short keeps what it measured.
