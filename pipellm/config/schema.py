@@ -131,7 +131,8 @@ class Reward:
 @dataclasses.dataclass
 class Speed:
     """Optional faster paths of the pipeline stage, each off by default until ``benchmarks/stage_levers.py`` has
-    measured it on a GPU (its before/after table is in ``benchmarks/results/``). Pipeline training only."""
+    measured it on a GPU (its before/after table goes to ``benchmarks/results/``; none is measured yet). Pipeline
+    training only."""
 
     liger_kernels: bool = False
     """Decoder RMSNorm, SwiGLU and rotary (llama and the families built from its modules) through liger-kernel's
