@@ -7,7 +7,7 @@ that has one of these attributes, liger-kernel's function instead (``LIGER``): a
 naming its attribute the same. The model files hold the torch definitions; liger is imported only when asked for.
 
 Both compute the same function; they differ by rounding only (liger keeps fp32 inside a fused kernel where torch
-rounds each step to the activations' precision): ``tests/test_speed_gpu.py`` compares them on a GPU.
+rounds each step to the activations' precision): ``tests/test_speed_gpu.py`` compares them on a GPU (not run yet).
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """What ``chunked_linear_cross_entropy`` returns, by liger-kernel's fused linear + cross entropy
     (``speed.loss_kernel: liger``; CUDA only): it projects chunks of its own choosing, keeps the softmax in fp32
     and writes the input and weight gradients in the forward. The weight gradient is accumulated in fp32, as here.
-    Equal to ``chunked_linear_cross_entropy`` up to rounding (``tests/test_speed_gpu.py``)."""
+    Compared with ``chunked_linear_cross_entropy`` by ``tests/test_speed_gpu.py`` (not run on a GPU yet)."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum",
