@@ -198,3 +198,13 @@ def test_block_mask_equals_torch_create_block_mask():
                 assert torch.equal(getattr(ours, name)[b, 0, q, :n], getattr(reference, name)[b, 0, q, :n]), name
         assert torch.equal(ours.mask_mod(torch.tensor(0), 0, torch.arange(seq)[:, None], torch.arange(seq)),
                            reference.mask_mod(torch.tensor(0), 0, torch.arange(seq)[:, None], torch.arange(seq)))
+
+
+def test_auto_backend_is_flex_on_cuda_and_sdpa_on_cpu():
+    """``auto`` picks FlexAttention where its gradients are proven (CUDA) and the dense mask where it has no
+    backward (CPU); ``flex`` and ``sdpa`` are what they say on either device."""
+    from pipellm.models.flex_attention import uses_flex
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [uses_flex(b, cuda) for b in ("auto", "flex", "sdpa")] == [True, True, False]
+    assert [uses_flex(b, cpu) for b in ("auto", "flex", "sdpa")] == [False, True, False]

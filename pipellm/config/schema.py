@@ -216,7 +216,7 @@ class TrainConfig:
     """Attention that needs a mask (``packing: true`` rows, ALiBi of bloom and baichuan2-13b) when flash-attn does
     not serve it: ``flex`` (torch's FlexAttention with a document block mask: no dense mask, blocks of other samples
     skipped; GPUs only, it has no backward on CPU), ``sdpa`` (torch SDPA with a dense seq x seq mask) or ``auto``
-    (SDPA for now: FlexAttention's backward is not yet proven on a GPU). Unpacked rows without ALiBi always use SDPA's fused causal kernels.
+    (``flex`` on CUDA, ``sdpa`` on CPU). Unpacked rows without ALiBi always use SDPA's fused causal kernels.
     Pipeline training only (``train_ds_zero.py`` runs transformers' attention)."""
     compile_layers: bool | None = None
     """``torch.compile`` each decoder layer: fuses the norms, rotary and SwiGLU (llama-7b on 2 H200s: 41% -> 50%

@@ -45,7 +45,7 @@ class AttentionOptions:
     """Rows may hold several samples (positions restarting at 0): attention stays within each sample."""
     backend: str = "auto"
     """Attention that needs a mask (packed rows, ALiBi): ``flex`` (FlexAttention), ``sdpa`` (a dense mask) or
-    ``auto`` (SDPA until FlexAttention is proven on GPUs); see ``pipellm.models.flex_attention.uses_flex``."""
+    ``auto`` (FlexAttention on CUDA, SDPA on CPU); see ``pipellm.models.flex_attention.uses_flex``."""
     sdpa_backend: str = "auto"
     """The one SDPA kernel on CUDA (``SDPA_BACKENDS``: ``speed.sdpa_backend``), or ``auto``: see ``sdpa_backends``."""
 
@@ -128,7 +128,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options:
         # flash_attn takes [batch, seq, heads, dim] and handles grouped kv heads itself.
         return flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
                                  softmax_scale=scale, alibi_slopes=alibi_slopes)
-    if (options.packed or alibi_slopes is not None) and uses_flex(options.backend):
+    if (options.packed or alibi_slopes is not None) and uses_flex(options.backend, q.device):
         return document_attention(q, k, v, position_ids, options.packed, scale, alibi_slopes).transpose(1, 2)
     if n_kv_heads != n_heads:
         k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)

@@ -23,11 +23,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from pipellm.errors import PipellmError
 
 
-def uses_flex(backend: str) -> bool:
-    """Whether attention that needs a mask (packed rows, ALiBi) runs FlexAttention: only with ``flex``. ``auto``
-    keeps SDPA with a dense mask until FlexAttention's backward has run on a GPU (it has none on CPU, so the suite
-    proves its forward only; ``tests/test_flex_attention.py`` holds the GPU check of its gradients)."""
-    return backend == "flex"
+def uses_flex(backend: str, device: torch.device) -> bool:
+    """Whether attention that needs a mask (packed rows, ALiBi) runs FlexAttention: with ``flex``, and with
+    ``auto`` on CUDA (its gradients equal the dense mask's there for llama, bloom's ALiBi and chatglm's rotary,
+    eager and compiled: ``tests/test_flex_attention.py``, passed on an H100). ``auto`` on CPU keeps SDPA with a dense
+    mask: FlexAttention has no backward there."""
+    return backend == "flex" or (backend == "auto" and device.type == "cuda")
 
 
 def check_attention_backend(cfg) -> None:
