@@ -60,12 +60,13 @@ class RewardModel(PairwiseObjective):
         return loss if output.aux is None else loss + output.aux
 
 
-def check_reward_model(objective: str, family, model_path, source: str) -> None:
-    """``objective: reward`` trains a reward checkpoint and nothing else does (before any process group)."""
-    if family.scores and objective != "reward":
+def check_reward_model(objective: str, scores: bool, model_path, source: str) -> None:
+    """``objective: reward`` trains a reward checkpoint (``scores``: the model has a score head) and nothing else
+    does (before any process group)."""
+    if scores and objective != "reward":
         raise PipellmError(f"{source}: `model_path` {model_path} is a reward model (a score head, no output "
                            f"projection); train it with `objective: reward`")
-    if objective == "reward" and not family.scores:
+    if objective == "reward" and not scores:
         raise PipellmError(f"{source}: `objective: reward` needs a reward model, but `model_path` {model_path} is a "
                            f"causal LM; start one with `python convert_model.py hg_to_pp --init-reward-head "
                            f"--input-path HF_DIR --save-path DIR`")
