@@ -53,9 +53,11 @@ def reward_rank(rank, config, state_dict, samples, cases, scored, lora_run, out_
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-def train_batch(family, config, state_dict, samples, dims, packed, chunk, grad_ckpt, margin, lora=None):
-    """One training batch of the pairs on the reference's weights (LoRA: peft's names, ``add_lora``): the
-    pipeline and its loss, figures and every gradient by checkpoint key."""
+def train_batch(family, config, state_dict, samples, dims, packed, chunk, grad_ckpt, margin, record_margins=None,
+                lora=None):
+    """One training batch of the pairs (``record_margins``: each pair's record ``margin``, NaN: none) on the
+    reference's weights (LoRA: peft's names, ``add_lora``): the pipeline and its loss, figures and every gradient
+    by checkpoint key."""
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
@@ -65,7 +67,7 @@ def train_batch(family, config, state_dict, samples, dims, packed, chunk, grad_c
     from pipellm.pipeline.stages import build_pipeline
     from pipellm.training.reference import PairBatches
 
-    store, objective = Store(samples), RewardModel(Reward(margin))
+    store, objective = Store(samples, record_margins), RewardModel(Reward(margin))
     model = build_pipeline(family, config, ProcessTopology(axes=["pipe", "data"], dims=dims), "uniform",
                            packed=packed, loss_chunk_tokens=chunk, objective=objective, use_grad_ckpt=grad_ckpt)
     if lora is not None:
@@ -97,7 +99,7 @@ def lora_reward_cases(rank, samples, base_dir, state_dict, input_ids, out_dir) -
     config, family = load_model_config(base_dir)
     results = []
     for dims in ([2, 1], [1, 2]):
-        model, result = train_batch(family, config, state_dict, samples, dims, False, None, False, 0.0, LORA)
+        model, result = train_batch(family, config, state_dict, samples, dims, False, None, False, 0.0, lora=LORA)
         results.append(result)
     result["scores"] = scores_of(model, input_ids, config.pad_token_id)
     if rank == 0:
@@ -133,9 +135,13 @@ def scores_of(model, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return scores[torch.arange(len(input_ids)), last]
 
 
-# (dims, packed, loss_chunk_tokens, use_grad_ckpt, margin): 2 stages and 1 stage x 2 replicas, one spawn of 2.
-CASES = [([2, 1], False, None, False, 0.0), ([2, 1], True, CHUNK_TOKENS, True, MARGIN),
-         ([1, 2], True, None, False, 0.0), ([1, 2], False, CHUNK_TOKENS, True, MARGIN)]
+RECORD_MARGINS = (0.5, float("nan"), 0.0, 1.5)
+"""The pairs' record ``margin`` (NaN: none given, ``reward.margin`` applies)."""
+# (dims, packed, loss_chunk_tokens, use_grad_ckpt, margin, record margins): 2 stages and 1 stage x 2 replicas, one
+# spawn of 2.
+CASES = [([2, 1], False, None, False, 0.0, None), ([2, 1], True, CHUNK_TOKENS, True, MARGIN, None),
+         ([1, 2], True, None, False, 0.0, RECORD_MARGINS), ([1, 2], False, CHUNK_TOKENS, True, MARGIN, None),
+         ([2, 1], False, None, False, MARGIN, RECORD_MARGINS)]
 
 
 def classifier_checkpoints(root: Path) -> list[tuple[Path, torch.Tensor]]:
@@ -215,7 +221,9 @@ def peft_reward_model(hf_dir: Path):
 @pytest.mark.parametrize("case_index", range(len(CASES)))
 def test_reward_loss_figures_and_grads_match_transformers(pipeline_run, case_index):
     model, samples, per_rank, *_ = pipeline_run
-    margin = CASES[case_index][4]
+    margin, record_margins = CASES[case_index][4:]
+    if record_margins is not None:
+        margin = torch.tensor(record_margins).nan_to_num(margin)
     model.zero_grad()
     scores = reference_scores(model, samples)
     chosen, rejected = scores[0::2], scores[1::2]
@@ -314,6 +322,38 @@ def test_started_reward_models_of_baichuan_and_chatglm_score_their_final_hidden_
         for results in per_rank:
             torch.testing.assert_close(results["scores"][len(scored) - len(STARTED) + offset], expected,
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_record_margins_travel_from_the_data_to_the_labels(tmp_path):
+    """A preference record's ``margin`` is cached with its two samples (NaN where none is given) and reaches each
+    slot of the micro batch's ``PairLabels``; a run with a reference pass (DPO) refuses such data, naming the
+    file."""
+    import numpy as np
+
+    from conftest import REPO
+    from pipellm.data.batches import SampleStore, materialize
+    from pipellm.data.cache import tokenize_file
+    from pipellm.data.samples import DataOptions
+    from pipellm.data.tokenizer import load_tokenizer
+    from pipellm.errors import PipellmError
+    from pipellm.training.reference import PairBatches, check_no_margins
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"type": "preference", "rounds": [["ask", f"Question {i}?"]], "chosen": "Yes.",
+                                        "rejected": "No.", **extra}) + "\n"
+                            for i, extra in enumerate([{"margin": 1.5}, {}, {"margin": 0}])))
+    tokenized = tokenize_file(path, load_tokenizer(REPO / "pipellm" / "assets" / "tiny_llama"),
+                              DataOptions(64, "builtin", pairs=True), cache_dir=tmp_path / "cache", show_progress=False)
+    assert tokenized.meta["margins"] == 2
+    store = SampleStore([tokenized])
+    rows = [np.array([sample]) for sample in range(6)]
+    ids, labels, positions, _ = materialize(store, rows, 64, pad_id=0)
+    data = types.SimpleNamespace(store=store, eval_store=store)
+    [(_, pair_labels)] = PairBatches(data, 6, 0, 1).micro_batches(rows, "train", ids, labels, positions)
+    nan = float("nan")
+    torch.testing.assert_close(pair_labels.margins, torch.tensor([1.5, 1.5, nan, nan, 0.0, 0.0]), equal_nan=True)
+    with pytest.raises(PipellmError, match=f"{path}: 2 preference records give a `margin`, which only "):
+        check_no_margins(data)
 
 
 # ----- hg_to_pp --init-reward-head -----

@@ -6,7 +6,7 @@
 non-pad token of a row). Packed rows work the same: attention keeps to each sample, so each sample's last token is
 scored as if it were alone in its row.
 
-**Loss** per pair ``-log s(r_chosen - r_rejected - margin)`` (``reward.margin``, one constant for every pair), its
+**Loss** per pair ``-log s(r_chosen - r_rejected - margin)`` (the record's ``margin``, else ``reward.margin``), its
 mean over the global batch's pairs through ``PairLabels.loss_scale`` as DPO does; plus the family's auxiliary
 loss (mixtral's router balance). No reference model: the trainer skips the reference pass (``uses_reference``).
 
@@ -51,7 +51,9 @@ class RewardModel(PairwiseObjective):
         scores = position_scores(output)
         rewards = scores[labels.last_tokens]
         chosen, rejected = rewards[0::2], rewards[1::2]
-        losses = -F.logsigmoid(chosen - rejected - self.settings.margin)
+        margins = labels.margins[0::2].float()
+        margins = torch.where(torch.isnan(margins), self.settings.margin, margins)
+        losses = -F.logsigmoid(chosen - rejected - margins)
         # A micro batch of filler rows has no pair: 0, still part of the graph for the backward.
         loss = losses.sum() * labels.loss_scale.float().reshape(()) + scores.sum() * 0.0
         chosen, rejected = chosen.detach(), rejected.detach()
