@@ -71,4 +71,4 @@ def check_reward_model(objective: str, scores: bool, model_path, source: str) ->
     if objective == "reward" and not scores:
         raise PipellmError(f"{source}: `objective: reward` needs a reward model, but `model_path` {model_path} is a "
                            f"causal LM; start one with `python convert_model.py hg_to_pp --init-reward-head "
-                           f"--input-path HF_DIR --save-path DIR`")
+                           f"--input-path HF_DIR --save-path DIR` (for train_ds_zero.py, then `pp_to_hg` DIR)")
