@@ -70,16 +70,7 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     topology = ProcessTopology(axes=["pipe", "data"], dims=dims)
     model = build_pipeline(family, config, topology, "uniform", seed=0, loss_chunk_tokens=loss_chunk_tokens)
     if lora is not None:
-        # LoRA (``pipellm.config.schema.Lora``): peft's adapters go in first, as in training; the state dict then
-        # holds the base and adapter weights under the names peft gives them on the transformers model.
-        from pipellm.training.lora import LoraParameters
-        from pipellm.pipeline.weights import checkpoint_named_parameters
-        from pipellm.training.pipeline_engine import prepare_layers
-
-        parameter_set = LoraParameters(lora, seed=0, key_map=family.key_map,
-                                       full_kinds=frozenset(lora.modules_to_save))
-        prepare_layers(model, family, config, parameter_set)
-        parameter_set.trainable(checkpoint_named_parameters(model, family, config))
+        add_lora(model, family, config, lora)
     names = load_reference_weights(model, family, config, state_dict)
     optimizer = GradCapture(model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
@@ -93,6 +84,19 @@ def _train_batch(family_name, config, state_dict, batch, dims, gas, loss_chunk_t
     unused = [grad for key, grad in optimizer.grads.items() if key not in names]
     assert all(not grad.any() for grad in unused), "an unused copy of a tied module got a gradient"
     return {"loss": loss.detach().clone(), "grads": grads}
+
+
+def add_lora(model, family, config, lora) -> None:
+    """LoRA (``pipellm.config.schema.Lora``) on a built pipeline: peft's adapters go in first, as in training, and
+    only they and the ``modules_to_save`` layers train; a reference state dict then holds the base and adapter
+    weights under the names peft gives them on the transformers model."""
+    from pipellm.pipeline.weights import checkpoint_named_parameters
+    from pipellm.training.lora import LoraParameters
+    from pipellm.training.pipeline_engine import prepare_layers
+
+    parameter_set = LoraParameters(lora, seed=0, key_map=family.key_map, full_kinds=frozenset(lora.modules_to_save))
+    prepare_layers(model, family, config, parameter_set)
+    parameter_set.trainable(checkpoint_named_parameters(model, family, config))
 
 
 def load_reference_weights(model, family, config, state_dict) -> dict[int, str]:

@@ -29,11 +29,13 @@ def tiny_config() -> LlamaConfig:
 
 
 class Store:
-    """``SampleStore``'s two members the batches read."""
+    """``SampleStore``'s members the batches read; ``margins``: each pair's record margin (default: none)."""
 
-    def __init__(self, samples):
+    def __init__(self, samples, margins=None):
         self.samples = samples
         self.lengths = np.array([len(ids) for ids, _ in samples])
+        self.margins = np.repeat(np.asarray(margins if margins is not None else [np.nan] * (len(samples) // 2),
+                                            dtype=np.float32), 2)
 
     def sample(self, index):
         return self.samples[index]
@@ -260,6 +262,10 @@ BAD_RECORDS = [
     ({"type": "preference", "rounds": [["ask", "word " * 40]], "chosen": "A", "rejected": "B"}, "chosen",
      "nothing left to train on"),
     ({"type": "conversation", "rounds": [["ask", "Hi?"], ["ans", "Hello."]]}, "type", "preference records only"),
+    ({"type": "preference", "rounds": [["ask", "Hi?"]], "chosen": "A", "rejected": "B", "margin": "1"}, "margin",
+     "must be a number >= 0"),
+    ({"type": "preference", "rounds": [["ask", "Hi?"]], "chosen": "A", "rejected": "B", "margin": -0.5}, "margin",
+     "must be a number >= 0"),
 ]
 
 

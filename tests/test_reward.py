@@ -16,10 +16,16 @@ from transformers import (AutoModelForSequenceClassification, BloomConfig, Bloom
                           LlamaForSequenceClassification)
 
 from distributed import run_distributed
-from equivalence import CHUNK_TOKENS, GradCapture, assert_matches_reference, load_reference_weights
+from equivalence import CHUNK_TOKENS, GradCapture, add_lora, assert_matches_reference, load_reference_weights
+from pipellm.config.schema import Lora
 from test_dpo import PREFERENCE_DATA, SEQ, Store, make_pairs, rows_of, tiny_config
 
 MARGIN = 0.25
+LORA = Lora(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["head"])
+"""The LoRA reward cases' settings: the score head trains fully, as a LoRA reward run must."""
+PEFT_PREFIX = "base_model.model."
+PEFT_SCORE = "score.modules_to_save.default.weight"
+"""peft's name of the trained copy of the score head (``modules_to_save``)."""
 STARTED = ("baichuan", "chatglm")
 """Families whose reward models the pipeline scores after ``--init-reward-head`` (no transformers classifier)."""
 
@@ -37,36 +43,73 @@ def reference_scores(model, samples) -> torch.Tensor:
                         for ids, _ in samples])
 
 
-def reward_rank(rank, config, state_dict, samples, cases, scored, out_dir):
+def reward_rank(rank, config, state_dict, samples, cases, scored, lora_run, out_dir):
+    from pipellm.models import get_family
+
+    family = get_family("llama").scoring()
+    results = {"cases": [train_batch(family, config, state_dict, samples, *case)[1] for case in cases],
+               "scores": [pipeline_scores(pp_dir, input_ids) for pp_dir, input_ids in scored],
+               "lora": lora_reward_cases(rank, samples, *lora_run, out_dir)}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def train_batch(family, config, state_dict, samples, dims, packed, chunk, grad_ckpt, margin, record_margins=None,
+                lora=None):
+    """One training batch of the pairs (``record_margins``: each pair's record ``margin``, NaN: none) on the
+    reference's weights (LoRA: peft's names, ``add_lora``): the pipeline and its loss, figures and every gradient
+    by checkpoint key."""
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
     from pipellm.config.schema import Reward
     from pipellm.data.batches import materialize
-    from pipellm.models import get_family
     from pipellm.pipeline.reward import RewardModel
     from pipellm.pipeline.stages import build_pipeline
     from pipellm.training.reference import PairBatches
 
-    family, results, store = get_family("llama").scoring(), [], Store(samples)
-    for dims, packed, chunk, grad_ckpt, margin in cases:
-        objective = RewardModel(Reward(margin))
-        model = build_pipeline(family, config, ProcessTopology(axes=["pipe", "data"], dims=dims), "uniform",
-                               packed=packed, loss_chunk_tokens=chunk, objective=objective, use_grad_ckpt=grad_ckpt)
-        names = load_reference_weights(model, family, config, state_dict)
-        optimizer = GradCapture(model.parameters())
-        rows, micro = rows_of(len(samples) // 2, packed), 2
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
-            "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": len(rows) // (micro * dims[1]),
-            "train_batch_size": len(rows), "steps_per_print": 10**9, "gradient_clipping": 0.0})
-        ids, labels, positions, _ = materialize(store, rows, SEQ, pad_id=0)
-        batches = PairBatches(types.SimpleNamespace(store=store, eval_store=store), micro, model.data_parallel_rank,
-                              dims[1])
-        loss = engine.train_batch(iter(batches.micro_batches(rows, "train", ids, labels, positions)))
-        results.append({"loss": loss.detach().clone(), "figures": objective.figures(float(loss), "train"),
-                        "grads": {names[k]: g for k, g in optimizer.grads.items() if k in names}})
-    results.append([pipeline_scores(pp_dir, input_ids) for pp_dir, input_ids in scored])
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    store, objective = Store(samples, record_margins), RewardModel(Reward(margin))
+    model = build_pipeline(family, config, ProcessTopology(axes=["pipe", "data"], dims=dims), "uniform",
+                           packed=packed, loss_chunk_tokens=chunk, objective=objective, use_grad_ckpt=grad_ckpt)
+    if lora is not None:
+        add_lora(model, family, config, lora)
+    names = load_reference_weights(model, family, config, state_dict)
+    optimizer = GradCapture(model.parameters())
+    rows, micro = rows_of(len(samples) // 2, packed), 2
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": len(rows) // (micro * dims[1]),
+        "train_batch_size": len(rows), "steps_per_print": 10**9, "gradient_clipping": 0.0})
+    ids, labels, positions, _ = materialize(store, rows, SEQ, pad_id=0)
+    batches = PairBatches(types.SimpleNamespace(store=store, eval_store=store), micro, model.data_parallel_rank,
+                          dims[1])
+    loss = engine.train_batch(iter(batches.micro_batches(rows, "train", ids, labels, positions)))
+    return model, {"loss": loss.detach().clone(), "figures": objective.figures(float(loss), "train"),
+                   "grads": {names[k]: g for k, g in optimizer.grads.items() if k in names}}
+
+
+def lora_reward_cases(rank, samples, base_dir, state_dict, input_ids, out_dir) -> list[dict]:
+    """LoRA on the llama classifier converted to ``base_dir``, with peft's weights ``state_dict``: one batch on 2
+    stages and on 1 stage x 2 replicas; on the latter, each rank's scores of ``input_ids`` and rank 0 saves the
+    stage as a LoRA checkpoint (``lora_ckpt``: its layer files as a training checkpoint writes them, ``lora.json``)
+    for the exports."""
+    from pipellm.models import load_model_config
+    from pipellm.pipeline.layer_files import copy_model_files, layer_file_name
+    from pipellm.pipeline.weights import layer_state, stage_modules
+    from pipellm.training.lora import LoraParameters
+
+    config, family = load_model_config(base_dir)
+    results = []
+    for dims in ([2, 1], [1, 2]):
+        model, result = train_batch(family, config, state_dict, samples, dims, False, None, False, 0.0, lora=LORA)
+        results.append(result)
+    result["scores"] = scores_of(model, input_ids, config.pad_token_id)
+    if rank == 0:
+        ckpt = Path(out_dir) / "lora_ckpt"
+        ckpt.mkdir()
+        for index, module in stage_modules(model):  # one stage: every layer, none tied
+            torch.save(layer_state(module, saves_frozen=False), ckpt / layer_file_name(index))
+        LoraParameters(LORA, seed=0, key_map=family.key_map, base_model_path=base_dir).write_files(ckpt)
+        copy_model_files(Path(base_dir), ckpt)
+    return results
 
 
 def pipeline_scores(pp_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -80,16 +123,25 @@ def pipeline_scores(pp_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
     hf_config, family = load_model_config(pp_dir)
     model = build_pipeline(family, hf_config, ProcessTopology(axes=["pipe", "data"], dims=[1, 2]), "uniform")
     load_pipeline_weights(model, family, hf_config, Path(pp_dir))
+    return scores_of(model, input_ids, hf_config.pad_token_id)
+
+
+def scores_of(model, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """A one-stage pipeline's score of each right-padded row at its last non-pad token."""
     positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     with torch.no_grad():
         scores = model.eval()((input_ids, positions)).logits[..., 0]
-    last = (input_ids != hf_config.pad_token_id).long().cumsum(1).argmax(1)
+    last = (input_ids != pad_id).long().cumsum(1).argmax(1)
     return scores[torch.arange(len(input_ids)), last]
 
 
-# (dims, packed, loss_chunk_tokens, use_grad_ckpt, margin): 2 stages and 1 stage x 2 replicas, one spawn of 2.
-CASES = [([2, 1], False, None, False, 0.0), ([2, 1], True, CHUNK_TOKENS, True, MARGIN),
-         ([1, 2], True, None, False, 0.0), ([1, 2], False, CHUNK_TOKENS, True, MARGIN)]
+RECORD_MARGINS = (0.5, float("nan"), 0.0, 1.5)
+"""The pairs' record ``margin`` (NaN: none given, ``reward.margin`` applies)."""
+# (dims, packed, loss_chunk_tokens, use_grad_ckpt, margin, record margins): 2 stages and 1 stage x 2 replicas, one
+# spawn of 2.
+CASES = [([2, 1], False, None, False, 0.0, None), ([2, 1], True, CHUNK_TOKENS, True, MARGIN, None),
+         ([1, 2], True, None, False, 0.0, RECORD_MARGINS), ([1, 2], False, CHUNK_TOKENS, True, MARGIN, None),
+         ([2, 1], False, None, False, MARGIN, RECORD_MARGINS)]
 
 
 def classifier_checkpoints(root: Path) -> list[tuple[Path, torch.Tensor]]:
@@ -135,26 +187,54 @@ def pipeline_run(tmp_path_factory):
         input_ids[1, 5:] = pad_id
         started[family] = (hidden_model, input_ids, pp_dir, pad_id)
         scored.append((str(pp_dir), input_ids))
-    run_distributed(2, reward_rank, config, state_dict, samples, CASES, scored, str(tmp_path))
+    lora_base, lora_rows = checkpoints[0]  # the llama classifier: LoRA's base (scored[0] is its conversion)
+    peft_model = peft_reward_model(lora_base)
+    peft_state = {peft_name(k): v.detach().clone() for k, v in peft_model.state_dict().items()}
+    run_distributed(2, reward_rank, config, state_dict, samples, CASES, scored,
+                    (scored[0][0], peft_state, lora_rows), str(tmp_path))
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    return model, samples, per_rank, scored, tmp_path, started
+    return model, samples, per_rank, scored, tmp_path, started, (peft_model, lora_base, lora_rows)
+
+
+def peft_name(name: str) -> str:
+    """A peft parameter's name as the LoRA pipeline names it (the trained score head is ``score.weight``)."""
+    return name.removeprefix(PEFT_PREFIX).replace(PEFT_SCORE, "score.weight")
+
+
+def peft_reward_model(hf_dir: Path):
+    """peft's LoRA on the llama classifier in ``hf_dir`` with ``LORA``'s adapters, ``score`` trained whole
+    (``modules_to_save``); every ``lora_B`` and the trained score random, so that every adapter has a gradient
+    and the trained model differs from the base."""
+    from peft import LoraConfig, get_peft_model
+
+    base = LlamaForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=0.0,
+                                            target_modules=LORA.target_modules, modules_to_save=["score"]))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name or name.endswith(PEFT_SCORE):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model
 
 
 @pytest.mark.parametrize("case_index", range(len(CASES)))
 def test_reward_loss_figures_and_grads_match_transformers(pipeline_run, case_index):
     model, samples, per_rank, *_ = pipeline_run
-    margin = CASES[case_index][4]
+    margin, record_margins = CASES[case_index][4:]
+    if record_margins is not None:
+        margin = torch.tensor(record_margins).nan_to_num(margin)
     model.zero_grad()
     scores = reference_scores(model, samples)
     chosen, rejected = scores[0::2], scores[1::2]
     expected = (-F.logsigmoid(chosen - rejected - margin)).mean()
     expected.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    assert_matches_reference([results[case_index] for results in per_rank], expected, grads, set(grads))
+    assert_matches_reference([results["cases"][case_index] for results in per_rank], expected, grads, set(grads))
     assert "score.weight" in grads
     chosen, rejected = chosen.detach(), rejected.detach()
     for results in per_rank:
-        figures = results[case_index]["figures"]
+        figures = results["cases"][case_index]["figures"]
         torch.testing.assert_close(figures["rewards/chosen"], float(chosen.mean()), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(figures["rewards/rejected"], float(rejected.mean()), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(figures["rewards/margin"], float((chosen - rejected).mean()), rtol=1e-5, atol=1e-6)
@@ -168,7 +248,7 @@ def test_export_loads_in_transformers_with_the_pipelines_scores(pipeline_run):
 
     from pipellm.convert.converters import pp_to_hg
 
-    _, _, per_rank, scored, tmp_path, _ = pipeline_run
+    _, _, per_rank, scored, tmp_path, *_ = pipeline_run
     for index, (pp_dir, input_ids) in enumerate(scored[:len(scored) - len(STARTED)]):
         original = load_file(tmp_path / Path(pp_dir).name.removesuffix("_pp") / "model.safetensors")
         exported = pp_to_hg(pp_dir, tmp_path / f"{Path(pp_dir).name}_hf")
@@ -182,13 +262,54 @@ def test_export_loads_in_transformers_with_the_pipelines_scores(pipeline_run):
         with torch.no_grad():
             expected = model(input_ids=input_ids).logits[:, 0]
         for results in per_rank:
-            torch.testing.assert_close(results[-1][index], expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(results["scores"][index], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_reward_model_matches_peft_on_1_and_2_stages(pipeline_run):
+    """LoRA with the score head in ``modules_to_save``: the loss and every trainable gradient (adapters and head)
+    equal peft's on LlamaForSequenceClassification, on 2 stages and on 1 stage x 2 replicas."""
+    _, samples, per_rank, *_, (peft_model, _, _) = pipeline_run
+    peft_model.zero_grad()
+    scores = reference_scores(peft_model, samples)
+    expected = (-F.logsigmoid(scores[0::2] - scores[1::2])).mean()
+    expected.backward()
+    grads = {peft_name(n): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert "score.weight" in grads and len(grads) == 1 + 2 * 3 * 2  # head + A and B of 3 targets x 2 layers
+    for index in range(2):
+        assert_matches_reference([results["lora"][index] for results in per_rank], expected, grads, set(grads))
+
+
+def test_lora_reward_exports_merged_and_as_a_peft_adapter(pipeline_run):
+    """The LoRA checkpoint of the trained stage: ``pp_to_hg`` merged is a LlamaForSequenceClassification, and
+    ``--lora-export adapter`` a peft SEQ_CLS adapter (``score`` saved whole) on the base classifier; both score
+    padded rows as the pipeline and peft do."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from pipellm.convert.converters import pp_to_hg
+
+    _, _, per_rank, _, tmp_path, _, (peft_model, base_hf, rows) = pipeline_run
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=rows).logits[:, 0]
+    for results in per_rank:
+        torch.testing.assert_close(results["lora"][1]["scores"], expected, rtol=1e-5, atol=1e-6)
+    merged = AutoModelForSequenceClassification.from_pretrained(pp_to_hg(tmp_path / "lora_ckpt",
+                                                                         tmp_path / "lora_merged")).eval()
+    assert type(merged) is LlamaForSequenceClassification and merged.num_labels == 1
+    adapter = pp_to_hg(tmp_path / "lora_ckpt", tmp_path / "lora_adapter", lora_export="adapter")
+    trained_head = peft_model.base_model.model.score.modules_to_save["default"].weight
+    assert torch.equal(load_file(adapter / "adapter_model.safetensors")[f"{PEFT_PREFIX}score.weight"], trained_head)
+    loaded = PeftModel.from_pretrained(LlamaForSequenceClassification.from_pretrained(base_hf), adapter).eval()
+    with torch.no_grad():
+        for model in (merged, loaded):
+            torch.testing.assert_close(model(input_ids=rows).logits[:, 0], per_rank[0]["lora"][1]["scores"],
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_started_reward_models_of_baichuan_and_chatglm_score_their_final_hidden_state(pipeline_run):
     """Families transformers has no classifier for: the pipeline's score is ``score.weight`` on the final norm's
     output at the last non-pad token, the hidden state computed by the transformers model of the same weights."""
-    _, _, per_rank, scored, _, started = pipeline_run
+    _, _, per_rank, scored, _, started, _ = pipeline_run
     for offset, family in enumerate(STARTED):
         hidden_model, input_ids, pp_dir, pad_id = started[family]
         head_file = sorted(pp_dir.glob("layer_*-model_states.pt"))[-1]  # the last layer: the score head
@@ -199,8 +320,40 @@ def test_started_reward_models_of_baichuan_and_chatglm_score_their_final_hidden_
         last = (input_ids != pad_id).long().cumsum(1).argmax(1)
         expected = (hidden[torch.arange(len(input_ids)), last] @ head.T)[:, 0]
         for results in per_rank:
-            torch.testing.assert_close(results[-1][len(scored) - len(STARTED) + offset], expected, rtol=1e-5,
-                                       atol=1e-6)
+            torch.testing.assert_close(results["scores"][len(scored) - len(STARTED) + offset], expected,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_record_margins_travel_from_the_data_to_the_labels(tmp_path):
+    """A preference record's ``margin`` is cached with its two samples (NaN where none is given) and reaches each
+    slot of the micro batch's ``PairLabels``; a run with a reference pass (DPO) refuses such data, naming the
+    file."""
+    import numpy as np
+
+    from conftest import REPO
+    from pipellm.data.batches import SampleStore, materialize
+    from pipellm.data.cache import tokenize_file
+    from pipellm.data.samples import DataOptions
+    from pipellm.data.tokenizer import load_tokenizer
+    from pipellm.errors import PipellmError
+    from pipellm.training.reference import PairBatches, check_no_margins
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"type": "preference", "rounds": [["ask", f"Question {i}?"]], "chosen": "Yes.",
+                                        "rejected": "No.", **extra}) + "\n"
+                            for i, extra in enumerate([{"margin": 1.5}, {}, {"margin": 0}])))
+    tokenized = tokenize_file(path, load_tokenizer(REPO / "pipellm" / "assets" / "tiny_llama"),
+                              DataOptions(64, "builtin", pairs=True), cache_dir=tmp_path / "cache", show_progress=False)
+    assert tokenized.meta["margins"] == 2
+    store = SampleStore([tokenized])
+    rows = [np.array([sample]) for sample in range(6)]
+    ids, labels, positions, _ = materialize(store, rows, 64, pad_id=0)
+    data = types.SimpleNamespace(store=store, eval_store=store)
+    [(_, pair_labels)] = PairBatches(data, 6, 0, 1).micro_batches(rows, "train", ids, labels, positions)
+    nan = float("nan")
+    torch.testing.assert_close(pair_labels.margins, torch.tensor([1.5, 1.5, nan, nan, 0.0, 0.0]), equal_nan=True)
+    with pytest.raises(PipellmError, match=f"{path}: 2 preference records give a `margin`, which only "):
+        check_no_margins(data)
 
 
 # ----- hg_to_pp --init-reward-head -----
@@ -401,7 +554,25 @@ def test_parts_auto_profiles_the_score_head():
     assert profile.head.seconds > 0
 
 
-def test_zero3_baseline_refuses_the_reward_objective(tmp_path, tiny_pp_model, capsys, monkeypatch):
+def test_zero3_baseline_trains_the_same_reward_objective(reward_run, tiny_reward_model):
+    """train_ds_zero.py on the exported LlamaForSequenceClassification (grad checkpointing, the margin): its first
+    step is the pipeline's (loss, gradient norm, rewards figures)."""
+    from equivalence import launch_training
+    from pipellm.convert.converters import pp_to_hg
+
+    config, records, _, tmp_path = reward_run
+    zero = dict(config, model_path=str(pp_to_hg(tiny_reward_model, tmp_path / "zero_hf")),
+                save_path=str(tmp_path / "zero"), max_steps=1, save_final=False,
+                model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}})
+    first = launch_training(zero, tmp_path / "zero.yml", script="train_ds_zero.py")[0]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(records[0]["loss"], rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(records[0]["grad_norm"], rel=1e-5)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
+        assert first[name] == pytest.approx(records[0][name], rel=1e-5, abs=1e-7), name
+    assert first["rewards/accuracy"] == records[0]["rewards/accuracy"]
+
+
+def test_zero3_reward_objective_needs_a_classifier(tmp_path, tiny_pp_model, capsys, monkeypatch):
     from test_config import write_config
 
     from pipellm.training.zero import main
@@ -414,4 +585,4 @@ def test_zero3_baseline_refuses_the_reward_objective(tmp_path, tiny_pp_model, ca
         main(["--config", str(config)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err, err
-    assert "`objective: reward` is pipeline training's (train_ds.py)" in err and not (tmp_path / "save").exists()
+    assert "`objective: reward` needs a reward model" in err and not (tmp_path / "save").exists()

@@ -8,7 +8,11 @@
   (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), which
   ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT)`` loads. The module names are the
   family's checkpoint names, so it fits a transformers model with the same module names (llama, bloom, mixtral's
-  attention); export merged for the others. ``modules_to_save`` runs export merged only.
+  attention); export merged for the others. ``modules_to_save`` runs export merged only, but for a reward model's
+  score head (``modules_to_save: [head]``, which a LoRA reward run needs): its trained ``score.weight`` goes in as
+  ``base_model.model.score.weight`` with ``task_type: SEQ_CLS`` and ``modules_to_save: [score]``, as
+  ``PeftModel.save_pretrained`` writes a ``*ForSequenceClassification`` adapter, which
+  ``PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE), OUT)`` loads.
 """
 from __future__ import annotations
 
@@ -75,18 +79,22 @@ def write_peft_adapter(ckpt_dir: Path, tmp: Path) -> None:
         raise PipellmError(f"--lora-export adapter: {ckpt_dir} is not a LoRA checkpoint (no lora.json); drop "
                            f"--lora-export")
     lora, base_dir = found
-    if lora.modules_to_save:
+    config, family = load_model_config(ckpt_dir)
+    saved_kinds = {"head"} if family.scores else set()  # peft saves a classifier's score head whole
+    if set(lora.modules_to_save) - saved_kinds:
         raise PipellmError(f"--lora-export adapter: the run trained {lora.modules_to_save} fully "
                            f"(modules_to_save), which the adapter export does not write; export merged instead")
-    config, family = load_model_config(ckpt_dir)
     layers, tensors = PipelineLayers.of(family, config), {}
     for idx in range(layers.num_files):
         kind, decoder_index = layers.kind(idx)
         for key, tensor in load_torch_file(ckpt_dir / layer_file_name(idx)).items():
-            if ADAPTER_MARK in key:
+            if ADAPTER_MARK in key or kind in lora.modules_to_save:
                 name = family.key_map.hf_key(kind, decoder_index, key).replace(".default.", ".")
                 tensors[f"base_model.model.{name}"] = tensor.contiguous()
     settings = peft_config(lora)
-    settings.base_model_name_or_path, settings.task_type = str(base_dir), "CAUSAL_LM"
+    settings.base_model_name_or_path = str(base_dir)
+    settings.task_type = "SEQ_CLS" if family.scores else "CAUSAL_LM"
+    if lora.modules_to_save:
+        settings.modules_to_save = [family.key_map.prefixes["head"].removesuffix(".")]  # "score"
     settings.save_pretrained(str(tmp))
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -49,6 +49,9 @@ class SampleStore:
         self.files = files
         self.bases = np.cumsum([0] + [len(f) for f in files])
         self.lengths = np.concatenate([f.lengths for f in files]) if files else np.zeros(0, np.int64)
+        self.margins = np.concatenate([np.full(len(f), np.nan, np.float32) if f.margins is None else f.margins
+                                       for f in files]) if files else np.zeros(0, np.float32)
+        """Each sample's record ``margin`` (preference pairs; NaN: none given)."""
 
     def __len__(self) -> int:
         return int(self.bases[-1])

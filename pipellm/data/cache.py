@@ -2,7 +2,8 @@
 
 **Cache.** Each data file is tokenized (``pipellm.data.templates``) into ``<data_cache_dir>/<key>/``: ``tokens.bin``
 (int32 token ids of all samples, back to back), ``trained.bin`` (uint8, 1 where the token is a label),
-``offsets.npy`` (sample boundaries) and ``meta.json`` (counts). The key hashes the file's content, the
+``offsets.npy`` (sample boundaries), for preference pairs ``margins.npy`` (float32 per sample: its record's
+``margin``, NaN where none) and ``meta.json`` (counts). The key hashes the file's content, the
 tokenizer (its full serialisation), the template, ``max_seq_len``, ``overlong`` and ``skip_bad_records``, so any
 change re-tokenizes and nothing else does. Every rank of a node opens the same files (memory-mapped: the page
 cache holds one copy per node, and training memory does not grow with the data); the first rank to take the
@@ -33,7 +34,7 @@ from pipellm.data.samples import ChunkResult, DataOptions, chunks, tokenize_chun
 from pipellm.data.templates import Encoder
 from pipellm.errors import PipellmError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Files this large (bytes) are tokenized by worker processes; smaller ones in the calling process.
 PARALLEL_MIN_BYTES = 4 << 20
 
@@ -90,6 +91,7 @@ class TokenizedFile:
     trained: np.ndarray  # uint8 [total tokens]
     offsets: np.ndarray  # int64 [samples + 1]
     meta: dict
+    margins: np.ndarray | None = None  # float32 [samples], preference pairs only: each record's margin, NaN: none
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -111,7 +113,8 @@ class TokenizedFile:
         trained = np.memmap(directory / "trained.bin", dtype=np.uint8, mode="r", shape=(n_tokens,)) if n_tokens \
             else np.zeros(0, np.uint8)
         offsets = np.load(directory / "offsets.npy", mmap_mode="r")
-        return cls(meta["file"], tokens, trained, offsets, meta)
+        margins = np.load(directory / "margins.npy") if (directory / "margins.npy").is_file() else None
+        return cls(meta["file"], tokens, trained, offsets, meta, margins)
 
 
 @contextlib.contextmanager
@@ -164,13 +167,14 @@ def _build_entry(path: Path, entry: Path, tokenizer, encoder: Encoder, options: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         with _chunk_results(path, tokenizer, encoder, options, workers, bar.update) as results:
-            totals, offsets = _write_samples(tmp, results)
+            totals, offsets = _write_samples(tmp, results, options.pairs)
         bar.close()
         n_tokens = int(offsets[-1])
         n_trained = int(np.fromfile(tmp / "trained.bin", dtype=np.uint8).sum()) if n_tokens else 0
         seconds = time.perf_counter() - started
         meta = {"file": str(path), "records": totals.records, "samples": len(offsets) - 1, "tokens": n_tokens,
                 "trained_tokens": n_trained, "truncated": totals.truncated, "dropped_overlong": totals.dropped,
+                "margins": int(np.count_nonzero(~np.isnan(totals.margins))) // 2,
                 "bad_records": totals.bad, "first_bad_records": totals.first_bad, "template": encoder.template,
                 "options": dataclasses.asdict(options), "seconds": round(seconds, 3),
                 "records_per_sec": round(totals.records / max(seconds, 1e-9), 1)}
@@ -209,8 +213,9 @@ def _chunk_results(path: Path, tokenizer, encoder: Encoder, options: DataOptions
             pool.terminate()
 
 
-def _write_samples(directory: Path, results) -> tuple[ChunkResult, np.ndarray]:
-    """``tokens.bin``, ``trained.bin`` and ``offsets.npy`` of the samples in ``results``; the counts and offsets."""
+def _write_samples(directory: Path, results, pairs: bool) -> tuple[ChunkResult, np.ndarray]:
+    """``tokens.bin``, ``trained.bin``, ``offsets.npy`` (and for ``pairs`` ``margins.npy``) of the samples in
+    ``results``; the counts (with every margin) and offsets."""
     totals = ChunkResult()
     offsets = [0]
     with open(directory / "tokens.bin", "wb") as tokens, open(directory / "trained.bin", "wb") as trained:
@@ -220,8 +225,11 @@ def _write_samples(directory: Path, results) -> tuple[ChunkResult, np.ndarray]:
                 trained.write(np.concatenate(result.trained).astype(np.uint8).tobytes())
             offsets += (offsets[-1] + np.cumsum(result.lengths, dtype=np.int64)).tolist()
             totals.add_counts(result)
+            totals.margins += result.margins
     offsets = np.asarray(offsets, dtype=np.int64)
     np.save(directory / "offsets.npy", offsets)
+    if pairs:
+        np.save(directory / "margins.npy", np.asarray(totals.margins, dtype=np.float32).reshape(-1))
     return totals, offsets
 
 

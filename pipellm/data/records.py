@@ -15,8 +15,9 @@ in one file. Keys other than the ones below are ignored (keep ids or sources the
 * ``ref_qa``: ``reference`` and ``rounds`` (as ``conversation``): answers grounded in the reference.
 * ``preference`` (``objective: dpo`` or ``reward`` only): ``rounds`` (as ``conversation``, ending with an ask),
   ``chosen`` and ``rejected`` (the preferred and the dispreferred next answer, different texts), optional
-  ``reference`` (rendered as in ``ref_qa``). It becomes two samples, the conversation with each answer, of which
-  only that last answer is trained (``pipellm.data.preference``).
+  ``reference`` (rendered as in ``ref_qa``) and optional ``margin`` (a number >= 0: how much higher a reward model
+  must score ``chosen``, in place of ``reward.margin``; ``objective: reward`` only). It becomes two samples, the
+  conversation with each answer, of which only that last answer is trained (``pipellm.data.preference``).
 
 A bad record is reported as ``BadRecord(where, field, problem)``: ``where`` is ``file line N`` (JSONL) or
 ``file record N`` (0-based index in a JSON list), ``field`` the path of the offending field
@@ -199,6 +200,12 @@ def _check_preference(record: dict, out: dict) -> None:
                                    "record or fix one answer)", "identical_answers")
     if record.get("reference") is not None:
         out["reference"] = _text(record, "reference", "reference", required_nonempty=False)
+    margin = record.get("margin")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < float("inf"):
+            raise _Problem("margin", f"must be a number >= 0, got {margin!r}; leave the key out for the config's "
+                                     f"`reward.margin`", "wrong_type")
+        out["margin"] = float(margin)
 
 
 def normalize(record) -> dict:

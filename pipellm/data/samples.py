@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from pathlib import Path
@@ -65,6 +66,8 @@ class ChunkResult:
         self.tokens: list[np.ndarray] = []
         self.trained: list[np.ndarray] = []
         self.lengths: list[int] = []
+        self.margins: list[float] = []
+        """Per sample of a pair: its record's ``margin`` (NaN: none given)."""
         self.records = self.truncated = self.dropped = 0
         self.bad: dict[str, int] = {}
         self.first_bad: list[str] = []
@@ -96,12 +99,13 @@ def tokenize_chunk(encoder: Encoder, items: list[tuple[str, object]], options: D
         return _fit(ids, trained, where, field, options, out)
 
     if options.pairs:
-        for pair in encode_pairs(encoder, checked, wheres, fit):
+        for record, pair in zip(checked, encode_pairs(encoder, checked, wheres, fit)):
             if isinstance(pair, BadRecord):
                 _bad(out, pair, options)
             elif pair is not None:
                 for ids, trained in pair:
                     _add(out, ids, trained)
+                out.margins += [record.get("margin", math.nan)] * 2
         return out
     for where, encoded in zip(wheres, encoder.encode_many(checked)):
         try:

@@ -47,6 +47,8 @@ class PairLabels(NamedTuple):
     last_tokens: torch.Tensor
     """``(slots,)`` int64: the flat index (``row * seq + position``) of each slot's last token (a reward model
     scores it: ``pipellm.pipeline.reward``)."""
+    margins: torch.Tensor
+    """``(slots,)`` float32: each slot's record ``margin`` (NaN: none given; the reward model's)."""
 
 
 def token_logps(output: HeadOutput, targets: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:

@@ -6,7 +6,7 @@
 non-pad token of a row). Packed rows work the same: attention keeps to each sample, so each sample's last token is
 scored as if it were alone in its row.
 
-**Loss** per pair ``-log s(r_chosen - r_rejected - margin)`` (``reward.margin``, one constant for every pair), its
+**Loss** per pair ``-log s(r_chosen - r_rejected - margin)`` (the record's ``margin``, else ``reward.margin``), its
 mean over the global batch's pairs through ``PairLabels.loss_scale`` as DPO does; plus the family's auxiliary
 loss (mixtral's router balance). No reference model: the trainer skips the reference pass (``uses_reference``).
 
@@ -51,7 +51,9 @@ class RewardModel(PairwiseObjective):
         scores = position_scores(output)
         rewards = scores[labels.last_tokens]
         chosen, rejected = rewards[0::2], rewards[1::2]
-        losses = -F.logsigmoid(chosen - rejected - self.settings.margin)
+        margins = labels.margins[0::2].float()
+        margins = torch.where(torch.isnan(margins), self.settings.margin, margins)
+        losses = -F.logsigmoid(chosen - rejected - margins)
         # A micro batch of filler rows has no pair: 0, still part of the graph for the backward.
         loss = losses.sum() * labels.loss_scale.float().reshape(()) + scores.sum() * 0.0
         chosen, rejected = chosen.detach(), rejected.detach()
@@ -60,12 +62,13 @@ class RewardModel(PairwiseObjective):
         return loss if output.aux is None else loss + output.aux
 
 
-def check_reward_model(objective: str, family, model_path, source: str) -> None:
-    """``objective: reward`` trains a reward checkpoint and nothing else does (before any process group)."""
-    if family.scores and objective != "reward":
+def check_reward_model(objective: str, scores: bool, model_path, source: str) -> None:
+    """``objective: reward`` trains a reward checkpoint (``scores``: the model has a score head) and nothing else
+    does (before any process group)."""
+    if scores and objective != "reward":
         raise PipellmError(f"{source}: `model_path` {model_path} is a reward model (a score head, no output "
                            f"projection); train it with `objective: reward`")
-    if objective == "reward" and not family.scores:
+    if objective == "reward" and not scores:
         raise PipellmError(f"{source}: `objective: reward` needs a reward model, but `model_path` {model_path} is a "
                            f"causal LM; start one with `python convert_model.py hg_to_pp --init-reward-head "
-                           f"--input-path HF_DIR --save-path DIR`")
+                           f"--input-path HF_DIR --save-path DIR` (for train_ds_zero.py, then `pp_to_hg` DIR)")

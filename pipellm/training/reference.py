@@ -70,7 +70,8 @@ class PairBatches:
         base = micro_batches(input_ids, labels, self.micro_batch_size, self.replica, self.replicas, position_ids)
         accumulation = len(base)
         scale = torch.tensor([accumulation * self.replicas / max(self.pairs(rows), 1)], dtype=torch.float32)
-        lengths, reference = self.store(split).lengths, self.reference.get(split)
+        store, reference = self.store(split), self.reference.get(split)
+        lengths = store.lengths
         start = self.replica * (len(rows) // self.replicas)
         out = []
         for k, (inputs, (targets, _)) in enumerate(base):
@@ -89,8 +90,19 @@ class PairBatches:
             values = reference[ids] if reference is not None else np.zeros(len(ids))
             out.append((inputs, PairLabels(targets, scale, slots, torch.tensor(values, dtype=torch.float32),
                                            torch.tensor(ids, dtype=torch.int64),
-                                           torch.tensor(ends, dtype=torch.int64))))
+                                           torch.tensor(ends, dtype=torch.int64),
+                                           torch.tensor(store.margins[ids], dtype=torch.float32))))
         return out
+
+
+def check_no_margins(data: TrainingData) -> None:
+    """A record's ``margin`` is a reward model's; an objective with a reference pass (DPO) has no use for it, so it
+    is refused rather than ignored."""
+    for store in {id(s): s for s in (data.store, data.eval_store) if s is not None}.values():
+        for file in store.files:
+            if file.meta.get("margins"):
+                raise PipellmError(f"{file.path}: {file.meta['margins']} preference records give a `margin`, which "
+                                   f"only `objective: reward` uses; remove the key from the records for DPO")
 
 
 def reference_batches(data: TrainingData, schedule, global_batch_size: int):
@@ -163,6 +175,7 @@ def prepare_pairs(cfg, data: TrainingData, engine, objective, schedule, resumed:
 
     if not getattr(objective, "uses_reference", True):  # a reward model: nothing to compare with
         return PairBatches(data, cfg.micro_batch_size, engine.replica, engine.replicas)
+    check_no_margins(data)
     path = Path(cfg.save_path) / "reference_logps" / f"{cache_key(cfg, data)}.npz"
     cached = all_reduce(torch.tensor([1.0 if path.is_file() else 0.0]), dist.ReduceOp.MIN)[0] > 0
     batches = PairBatches(data, cfg.micro_batch_size, engine.replica, engine.replicas)

@@ -53,7 +53,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     rendezvous_without_launcher(cfg, "train_ds.py")
     validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config, family = load_model_config(cfg.model_path)
-    check_reward_model(cfg.objective, family, cfg.model_path, cfg.source)
+    check_reward_model(cfg.objective, family.scores, cfg.model_path, cfg.source)
     layers = PipelineLayers.of(family, hf_config)
     layers.check_parts(cfg.model_topo.parts, cfg.pipe_degree, cfg.source)
     check_pipeline_settings(cfg.deepspeed)

@@ -15,6 +15,8 @@ every labelled token of the global batch) and differ only in how the model is sp
 * Every ``model_type`` transformers has a causal-LM class for works; models that need remote code do not
   (pipellm never sets ``trust_remote_code``). The loss is the language-model loss only: a mixture-of-experts
   model's router load-balancing term, which the pipeline's mixtral adds, is not.
+* ``objective: reward`` takes a ``*ForSequenceClassification`` directory (``pp_to_hg`` of a reward model) and
+  trains transformers' classifier on the pipeline's reward objective (``pipellm.training.zero_engine``).
 * ZeRO-3 is data parallel only: ``model_topo.process_topology.dims`` is ``[1, N]`` on N GPUs, which also makes
   the YAML's batch sizes mean what they mean for the pipeline (train = micro x accumulation x N). The pipeline's
   own YAML works too: its pipeline keys (``dims`` with more than one stage, ``parts``) are ignored with a note,
@@ -43,6 +45,8 @@ from pipellm.config.checks import complete_batch_sizes
 from pipellm.config.schema import Speed
 from pipellm.config.load import read_yaml
 from pipellm.errors import PipellmError
+from pipellm.models.base import is_reward_config
+from pipellm.pipeline.reward import check_reward_model
 from pipellm.training import trainer
 from pipellm.training.distributed import rendezvous_without_launcher
 
@@ -111,9 +115,6 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     if cfg.resume is not None or cfg.early_stopping.patience:
         raise PipellmError("`resume` and `early_stopping` are pipeline training's (train_ds.py); train_ds_zero.py "
                            "does not resume or stop early: remove them")
-    if cfg.objective == "reward":
-        raise PipellmError("`objective: reward` is pipeline training's (train_ds.py); train_ds_zero.py has no "
-                           "reward model yet")
     for key in ("compile_layers", "loss_chunk_tokens"):
         if getattr(cfg, key):
             raise PipellmError(f"`{key}` is not supported by train_ds_zero.py; remove it or set it to null")
@@ -126,6 +127,7 @@ def prepare(argv=None) -> tuple[TrainConfig, trainer.EngineFactory]:
     rendezvous_without_launcher(cfg, "train_ds_zero.py")
     validate_environment(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     hf_config = read_hf_config(cfg.model_path)
+    check_reward_model(cfg.objective, is_reward_config(hf_config.to_dict()), model_path, cfg.source)
     if cfg.lora is not None:
         from pipellm.models import get_family
         from pipellm.training.lora import check_lora_model

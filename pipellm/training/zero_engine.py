@@ -5,6 +5,10 @@ transformers' ZeRO-3 hooks (``ZeroInitConfig``) build the model under ``deepspee
 partitions module by module from the safetensors files; ``from_scratch`` initialises from ``config.json``
 instead (transformers' initialisation, seeded by ``seed``). The logits go to the same objective the pipeline's
 last stage calls, with the same micro batches and loss scale, so both engines minimise the same number.
+
+A reward model (``objective: reward``) is transformers' ``*ForSequenceClassification``; the objective gets the score
+of every position (``PositionScores``) as the pipeline's ``ScoreHead`` gives it, and picks each sample's last token
+itself, packed rows included.
 """
 from __future__ import annotations
 
@@ -43,9 +47,10 @@ class ZeroInitConfig:
 
 def build_model(cfg: TrainConfig, hf_config, ds_config: dict):
     """The transformers model, partitioned as it is created, with the checkpoint's (or fresh) weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
+    auto_class = AutoModelForSequenceClassification if cfg.objective == "reward" else AutoModelForCausalLM
     dtype = DeepSpeedSettings.of(ds_config).dtype
     attn = attention_implementation(cfg.use_flash_attn)
     zero_init = ZeroInitConfig(ds_config)
@@ -53,16 +58,34 @@ def build_model(cfg: TrainConfig, hf_config, ds_config: dict):
     try:
         if cfg.from_scratch:
             torch.manual_seed(cfg.seed)
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
+            model = auto_class.from_config(hf_config, dtype=dtype, attn_implementation=attn)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model_path, config=hf_config, dtype=dtype,
-                                                         attn_implementation=attn)
+            model = auto_class.from_pretrained(cfg.model_path, config=hf_config, dtype=dtype,
+                                               attn_implementation=attn)
     finally:
         unset_hf_deepspeed_config()
     if cfg.use_grad_ckpt:
         # The name all transformers 5 releases have (newer ones also call it activation_checkpointing_enable).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+class PositionScores:
+    """The score of every position of a transformers ``*ForSequenceClassification``: the output of its ``score``
+    layer, caught by a forward hook before the classifier pools one position per row (the rightmost non-pad
+    token, which in a packed row is only its last sample's)."""
+
+    def __init__(self, model):
+        self.caught: torch.Tensor | None = None
+        model.get_submodule("score").register_forward_hook(self._catch)
+
+    def _catch(self, module, inputs, output) -> None:
+        self.caught = output
+
+    def take(self) -> HeadOutput:
+        """The last forward's scores, ``(batch, seq, 1)``, as the logits the reward objective reads."""
+        scores, self.caught = self.caught, None
+        return HeadOutput(logits=scores)
 
 
 class ZeroEngine(Engine):
@@ -82,6 +105,8 @@ class ZeroEngine(Engine):
         prepare = optional_hook(setup.parameter_set, "prepare_transformers_model", lambda model: model)
         model = prepare(build_model(cfg, hf_config, ds_config))
         super().__init__(cfg, model, list(model.named_parameters()), ds_config, setup)
+        # After ZeRO's own hooks: the scores caught are the output it wraps to gather the weight for the backward.
+        self.scores = PositionScores(model) if cfg.objective == "reward" else None
         self.replica, self.replicas = dist.get_rank(), dist.get_world_size()
         self.dims = cfg.model_topo.process_topology.dims
 
@@ -105,7 +130,8 @@ class ZeroEngine(Engine):
                 # No attention mask and no KV cache: transformers then reads packed samples off the restarting
                 # position ids and keeps attention within each of them.
                 logits = self.ds(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False).logits
-                loss = self.objective.loss(HeadOutput(logits=logits), tuple(t.to(device) for t in labels))
+                output = self.scores.take() if self.scores else HeadOutput(logits=logits)
+                loss = self.objective.loss(output, tuple(t.to(device) for t in labels))
             if train:
                 # backward divides by the accumulation steps and ZeRO averages gradients over the ranks, as the
                 # pipeline engine does; step() updates the weights after the last micro batch only.
