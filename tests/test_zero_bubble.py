@@ -11,7 +11,8 @@ embeddings, LoRA (adapters only train: the frozen tied embedding leaves the tied
 fp32 gradients agree to rounding (rtol 1e-5, atol 1e-7: the same terms added in another order, e.g. 1F1B's last
 stage divides the loss by the accumulation steps, ZB-H1's the gradient of the stage's output); the bf16 weights
 bit for bit. ``train_ds.py`` with
-``pipeline_schedule: zb-h1`` trains the same loss curve as with 1F1B, and the config check refuses fp16 and ZeRO 2.
+``pipeline_schedule: zb-h1`` trains the same loss curve as with 1F1B, and the config check refuses fp16, ZeRO 2 and
+compiled layers (whose unset default is eager under zb-h1).
 """
 from __future__ import annotations
 
@@ -159,6 +160,7 @@ def test_train_ds_with_zb_h1_trains_the_1f1b_loss_curve(tmp_path, tiny_pp_model,
     (dict(pipeline_schedule="zb-h2"), "`pipeline_schedule` must be one of 1f1b, zb-h1"),
     (dict(pipeline_schedule="zb-h1", fp16={"enabled": True}), "`pipeline_schedule: zb-h1` runs with fp32 or bf16"),
     (dict(pipeline_schedule="zb-h1", zero_optimization={"stage": 2}), "and ZeRO stage 0 or 1"),
+    (dict(pipeline_schedule="zb-h1", compile_layers=True), "with `compile_layers: true`: a compiled layer is one"),
 ])
 def test_zb_h1_config_is_checked(overrides, expected, tmp_path, tiny_pp_model, capsys, monkeypatch):
     import test_config  # its config and one-line-error helpers
@@ -210,3 +212,16 @@ def test_w_runs_only_the_weight_side_of_the_graph():
     assert not {"GeluBackward0", "AddBackward0"} & set(ran) and ran, ran
     for got, want in zip([x.grad] + [p.grad for p in layers.parameters()], expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_layers_default_is_eager_under_zb_h1():
+    """``compile_layers: null`` compiles on GPUs under 1F1B only; a set value is kept (zb-h1 refuses ``true``)."""
+    from pipellm.config.schema import TrainConfig
+
+    def compiled(schedule, value, on_gpu):
+        return TrainConfig(model_path="m", save_path="s", data_path="d", pipeline_schedule=schedule,
+                           compile_layers=value).layers_compiled(on_gpu)
+
+    assert [compiled("1f1b", None, gpu) for gpu in (True, False)] == [True, False]
+    assert [compiled("zb-h1", None, gpu) for gpu in (True, False)] == [False, False]
+    assert compiled("1f1b", False, True) is False and compiled("1f1b", True, False) is True

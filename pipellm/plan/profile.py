@@ -42,7 +42,7 @@ class RunShape:
     @classmethod
     def of(cls, cfg: TrainConfig, on_gpu: bool) -> RunShape:
         return cls(cfg.micro_batch_size, cfg.max_seq_len, cfg.deepspeed_settings.dtype, cfg.use_grad_ckpt, cfg.use_flash_attn,
-                   cfg.packing, on_gpu if cfg.compile_layers is None else cfg.compile_layers, cfg.loss_chunk_tokens,
+                   cfg.packing, cfg.layers_compiled(on_gpu), cfg.loss_chunk_tokens,
                    cfg.attention_backend, cfg.speed)
 
 

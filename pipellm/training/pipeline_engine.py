@@ -153,7 +153,7 @@ def build_stage(cfg: TrainConfig, setup: EngineSetup, hf_config, family: ModelFa
     on_gpu = torch.cuda.is_available()
     return build_pipeline(family, hf_config, ProcessTopology(axes=topology.axes, dims=topology.dims),
                           cfg.model_topo.parts, use_grad_ckpt=cfg.use_grad_ckpt, use_flash_attn=cfg.use_flash_attn,
-                          seed=cfg.seed, compile_layers=on_gpu if cfg.compile_layers is None else cfg.compile_layers,
+                          seed=cfg.seed, compile_layers=cfg.layers_compiled(on_gpu),
                           device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu", packed=cfg.packing,
                           loss_chunk_tokens=cfg.loss_chunk_tokens, objective=setup.objective,
                           attention_backend=cfg.attention_backend, speed=cfg.speed)
