@@ -328,4 +328,11 @@ def test_zero3_takes_the_pipeline_yaml(tmp_path, tiny_pp_model, monkeypatch, cap
     result = without_launcher("train_ds_zero.py", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     assert note + "1 process(es) started (dims [1, 1])" in result.stderr
+    # A pipeline schedule is a pipeline key too: noted, not silently dropped.
+    schedule_only = train_config(tmp_path / "zb.yml", hf_dir, tmp_path / "save2", [1, 1], "uniform",
+                                 pipeline_schedule="zb-h1", data_cache_dir=str(tmp_path / "cache"))
+    prepare(["--config", str(schedule_only)])
+    assert capsys.readouterr().err.strip() == (
+        f"pipellm zero3: note: ignored the pipeline keys `pipeline_schedule: zb-h1` of {schedule_only}; ZeRO-3 runs "
+        f"data parallel over the 2 process(es) started (dims [1, 2])")
     assert [r["step"] for r in records(tmp_path / "save")] == [1, 2]

@@ -76,15 +76,18 @@ def read_hf_config(model_path: str):
 
 
 def ignore_pipeline_keys(cfg: TrainConfig, world_size: int) -> None:
-    """A pipeline YAML (more than one stage, or ``parts`` given) runs data parallel over the launcher's
-    ``world_size`` processes: ``dims`` becomes ``[1, world_size]``, ``parts`` is dropped and the batch sizes are
-    completed again from the ones the file gives (the global batch stays the file's), with a note."""
+    """A pipeline YAML (more than one stage, ``parts`` or a pipeline schedule given) runs data parallel over the
+    launcher's ``world_size`` processes: ``dims`` becomes ``[1, world_size]``, ``parts`` is dropped and the batch
+    sizes are completed again from the ones the file gives (the global batch stays the file's), with a note."""
     topology = cfg.model_topo.process_topology
     default_parts = ModelTopo().parts
-    if cfg.pipe_degree == 1 and cfg.model_topo.parts == default_parts:
+    pipeline_keys = [(cfg.pipe_degree > 1 or cfg.model_topo.parts != default_parts,
+                      f"`model_topo.process_topology.dims` {topology.dims}"),
+                     (cfg.model_topo.parts != default_parts, f"`model_topo.parts` {cfg.model_topo.parts}"),
+                     (cfg.pipeline_schedule != "1f1b", f"`pipeline_schedule: {cfg.pipeline_schedule}`")]
+    ignored = [key for given, key in pipeline_keys if given]
+    if not ignored:
         return
-    ignored = [f"`model_topo.process_topology.dims` {topology.dims}"] + (
-        [f"`model_topo.parts` {cfg.model_topo.parts}"] if cfg.model_topo.parts != default_parts else [])
     topology.dims = [world_size if axis == "data" else 1 for axis in topology.axes]
     cfg.model_topo.parts = default_parts
     given = read_yaml(Path(cfg.source))
