@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -64,11 +65,27 @@ def test_hung_rank_ends_with_error_naming_the_stage(tmp_path, tiny_pp_model):
     stage1 = next(p for p in psutil.Process(launch.pid).children(recursive=True)
                   if "--local_rank=1" in " ".join(p.cmdline()))
     os.kill(stage1.pid, signal.SIGSTOP)  # hung, not dead: nothing tells the other rank
+    lines, reported = [], threading.Event()
+
+    def read_output():
+        for line in launch.stdout:
+            lines.append(line)
+            if "stalled for more than" in line:
+                reported.set()
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     try:
-        output, _ = launch.communicate(timeout=120)
+        reported.wait(timeout=120)
+        # The launcher answers stage 0's exit with SIGTERM, which a stopped process never handles: it would wait
+        # 30 s before its SIGKILL. What is tested is stage 0's report, so the stopped rank is killed now.
+        stage1.kill()
+        launch.wait(timeout=120)
+        reader.join(timeout=60)
     finally:
         for p in psutil.Process(os.getpid()).children(recursive=True):
             p.kill()
+    output = "".join(lines)
     assert launch.returncode != 0
     assert "error: pipeline stage 0 (rank 0, host " in output, output[-3000:]
     # Where stage 0 blocks depends on when stage 1 stopped: handing it activations, waiting for its gradients,
