@@ -78,13 +78,13 @@ def schedule_text(args: argparse.Namespace) -> str:
     costs = parse_stage_costs(args.stage_costs, args.num_stages)
     if args.micro_batches is None or args.micro_batches < 1:
         raise PipellmError("--micro-batches: give the micro batches per step (>= 1) with --stage-costs")
-    if args.p2p_ms < 0:
-        raise PipellmError(f"--p2p-ms must be >= 0, got {args.p2p_ms}")
     return format_schedules(costs, args.micro_batches, args.p2p_ms, args.schedule)
 
 
 def plan_text(args: argparse.Namespace) -> str:
     """The printed plan for the command's arguments; ``PipellmError`` for a bad one."""
+    if args.p2p_ms < 0:
+        raise PipellmError(f"--p2p-ms must be >= 0, got {args.p2p_ms}")
     if args.stage_costs:
         return schedule_text(args)
     if not args.config:
@@ -113,8 +113,6 @@ def plan_text(args: argparse.Namespace) -> str:
     device = local_device()
     memory = args.device_memory_gib * GIB if args.device_memory_gib is not None else \
         device_memory_bytes(device, num_stages * cfg.data_degree)
-    if args.p2p_ms < 0:
-        raise PipellmError(f"--p2p-ms must be >= 0, got {args.p2p_ms}")
     return plan_run(cfg, hf_config, family, device, memory, num_stages, parts, schedule=args.schedule,
                     p2p_seconds=args.p2p_ms / 1e3)[1]
 
