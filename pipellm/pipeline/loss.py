@@ -51,10 +51,11 @@ class Objective(Protocol):
         rewards: ``pipellm.pipeline.preference``)."""
 
 
-def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross entropy summed over the labelled tokens, in fp32 (on an fp32 copy of the logits)."""
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross entropy summed over the labelled tokens (``reduction`` ``none``: each token's, 0 where not labelled),
+    in fp32 (on an fp32 copy of the logits)."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 @functools.cache

@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from pipellm.config.schema import DPO as DPOConfig
-from pipellm.data import IGNORE_INDEX
 from pipellm.pipeline.chunked_loss import chunked_linear_token_losses
-from pipellm.pipeline.loss import HeadOutput
+from pipellm.pipeline.loss import HeadOutput, logits_cross_entropy
 
 
 class PairLabels(NamedTuple):
@@ -53,13 +52,11 @@ class PairLabels(NamedTuple):
 
 def token_logps(output: HeadOutput, targets: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:
     """Each target token's log-prob under the model, fp32, ``(batch * seq,)``, 0 where untrained."""
-    flat = targets.reshape(-1)
     if output.logits is not None:
-        logits = output.logits
-        return -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX,
-                                reduction="none")
+        return -logits_cross_entropy(output.logits, targets, reduction="none")
     hidden = output.hidden
-    return -chunked_linear_token_losses(hidden.reshape(-1, hidden.shape[-1]), output.weight, flat, chunk_tokens)
+    return -chunked_linear_token_losses(hidden.reshape(-1, hidden.shape[-1]), output.weight, targets.reshape(-1),
+                                        chunk_tokens)
 
 
 def answer_logps(per_token: torch.Tensor, slots: torch.Tensor, n_slots: int) -> torch.Tensor:
@@ -155,7 +152,8 @@ class DPO(PairwiseObjective):
     def from_config(cls, cfg) -> "DPO":
         return cls(cfg.dpo, cfg.loss_chunk_tokens)
 
-    def policy_logps(self, output: HeadOutput, labels: PairLabels) -> torch.Tensor:
+    def policy_logps(self, output: HeadOutput, labels: PairLabels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slot's summed answer log-prob, and each token's log-prob (0 where untrained)."""
         per_token = token_logps(output, labels.targets, self.chunk_tokens)
         return answer_logps(per_token, labels.slots, len(labels.reference)), per_token
 
