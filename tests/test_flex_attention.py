@@ -111,7 +111,7 @@ def test_flex_packed_rows_equal_samples_alone(name, tmp_path):
 
 def test_flex_backend_is_refused_for_training_on_cpu(tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("FlexAttention trains on GPUs")
+        pytest.skip("the refusal is a CPU one: FlexAttention trains on GPUs (its gradients: the GPU test below)")
     LlamaConfig(**CONFIGS["llama"]).save_pretrained(tmp_path / "model")
     (tmp_path / "data.jsonl").write_text('{"type": "pretrain", "text": "hello"}\n')
     path = tmp_path / "c.yml"

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from pipellm.config.deepspeed_keys import DeepSpeedSettings
-from pipellm.config.schema import TrainConfig
+from pipellm.config.schema import DPO, Reward, TrainConfig
 from pipellm.config.speed_checks import check_speed
 from pipellm.config.typecheck import suggest, type_name, type_ok
 from pipellm.errors import PipellmError
@@ -277,7 +277,7 @@ def check_lora(cfg: TrainConfig, source: str) -> None:
                          ("target_modules", bool(lora.target_modules), "at least one module name, e.g. [q_proj]")):
         if not ok:
             raise PipellmError(f"{source}: `lora.{key}` {getattr(lora, key)!r} is not valid: give {fix}")
-    if cfg.quantize_base is not None and cfg.objective in PAIRWISE_OBJECTIVES and cfg.dpo.reference != "initial":
+    if cfg.quantize_base is not None and cfg.objective == "dpo" and cfg.dpo.reference != "initial":
         raise PipellmError(f"{source}: `dpo.reference` {cfg.dpo.reference} with `quantize_base`: QLoRA's 4-bit base "
                            f"cannot load the reference's weights; use `dpo.reference: initial` (the base, adapters "
                            f"off) or train LoRA without `quantize_base`")
@@ -306,7 +306,7 @@ def check_pairwise(cfg: TrainConfig, source: str) -> None:
 def check_pipeline_schedule(cfg: TrainConfig, source: str) -> None:
     """``zb-h1`` runs its split backward outside ``engine.backward``, so without fp16's loss scaling; the
     pipeline engine refuses ZeRO stages above 1 anyway."""
-    settings = DeepSpeedSettings.of(cfg.deepspeed)
+    settings = cfg.deepspeed_settings
     if cfg.pipeline_schedule == "zb-h1" and (settings.precision == "fp16" or settings.zero_stage > 1):
         raise PipellmError(f"{source}: `pipeline_schedule: zb-h1` runs with fp32 or bf16 and ZeRO stage 0 or 1; "
                            f"use `bf16: {{enabled: true}}` (ZeRO <= 1) or `pipeline_schedule: 1f1b`")
@@ -318,8 +318,6 @@ def check_pipeline_schedule(cfg: TrainConfig, source: str) -> None:
 
 def check_reward(cfg: TrainConfig, source: str) -> None:
     """``reward``'s settings, and each objective's section only under its own objective."""
-    from pipellm.config.schema import DPO, Reward
-
     if cfg.reward.margin < 0 or cfg.reward.margin != cfg.reward.margin:
         raise PipellmError(f"{source}: `reward.margin` must be >= 0, got {cfg.reward.margin}")
     for key, default, misplaced in (("reward", Reward(), cfg.objective != "reward"),

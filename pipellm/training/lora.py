@@ -67,11 +67,15 @@ def check_lora_model(lora: Lora | None, quantize_base: str | None, family, hf_co
 
 def check_bitsandbytes(source: str) -> None:
     """QLoRA needs bitsandbytes installed and a CUDA GPU for its 4-bit kernels."""
-    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-        missing = "the bitsandbytes package" if importlib.util.find_spec("bitsandbytes") is None else "a CUDA GPU"
-        raise PipellmError(f"{source}: `quantize_base: nf4` needs bitsandbytes' 4-bit kernels, and this machine "
-                           f"lacks {missing}; pip install bitsandbytes and train on GPUs, or remove `quantize_base` "
-                           f"(LoRA on the unquantized base)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing = "the bitsandbytes package"
+    elif not torch.cuda.is_available():
+        missing = "a CUDA GPU"
+    else:
+        return
+    raise PipellmError(f"{source}: `quantize_base: nf4` needs bitsandbytes' 4-bit kernels, and this machine "
+                       f"lacks {missing}; pip install bitsandbytes and train on GPUs, or remove `quantize_base` "
+                       f"(LoRA on the unquantized base)")
 
 
 def peft_config(lora: Lora):
