@@ -268,15 +268,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gpu_name() -> str | None:
-    """The GPU's name from nvidia-smi, None without GPUs (this process never creates a CUDA context, so it
-    holds no GPU memory while the points run)."""
+def gpu_query(field: str) -> str | None:
+    """The first GPU's ``field`` from nvidia-smi (``name``, ``memory.total``: MiB), None without GPUs (this process
+    never creates a CUDA context, so it holds no GPU memory while the points run)."""
     try:
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True, timeout=30).stdout.split("\n")
+        values = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, timeout=30).stdout.split("\n")
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return names[0].strip() or None
+    return values[0].strip() or None
+
+
+def gpu_name() -> str | None:
+    return gpu_query("name")
 
 
 def environment() -> dict:

@@ -22,7 +22,6 @@ Writes ``results.csv``, ``results.md`` and ``lora.png`` (tokens/s and peak memor
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import harness
+from pipellm.observe.metrics import peak_flops_of
 
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FIELDS = ["method", "seq", "micro", "global_batch", "r", "status", "tokens_per_sec_per_gpu", "mfu",
@@ -153,19 +153,8 @@ def peft_point(spec: dict) -> dict:
             "final_loss": losses[-1]}
 
 
-def peak_flops() -> float | None:
-    """The GPU's dense bf16 peak (``pipellm.observe.metrics``), asked in a child so this process holds no GPU."""
-    code = "from pipellm.observe.metrics import device_peak_flops as f; print(f())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=harness.REPO).stdout
-    value = out.strip().splitlines()[-1] if out.strip() else "None"
-    return None if value == "None" else float(value)
-
-
 def write(out: Path, rows: list[dict], args, env: dict) -> None:
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    harness.write_rows(out / "results.csv", FIELDS, rows)
     lines = [f"# LoRA r={args.r} on one GPU: pipellm vs peft + transformers", "",
              f"{env['device']}; torch {env['torch']}, DeepSpeed {env['deepspeed']}, transformers "
              f"{env['transformers']}; preset {args.preset}, micro batch {args.micro}, global batch "
@@ -224,7 +213,7 @@ def main(argv=None) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env, peak = harness.environment(), peak_flops()
+    env, peak = harness.environment(), peak_flops_of(harness.gpu_name())
     work = Path(tempfile.mkdtemp(prefix="pipellm-lora-"))
     runners = {"pipellm": lambda seq: run_pipellm(args, seq, work), "peft": lambda seq: run_peft(args, seq)}
     rows = []

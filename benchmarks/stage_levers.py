@@ -32,7 +32,6 @@ import json
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -112,20 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def gpu_memory_gib() -> float | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-        return float(out) / 1024
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return None
-
-
 def decoder_layers(args) -> int:
     if args.layers != "auto":
         return int(args.layers)
-    memory = gpu_memory_gib()
-    return 12 if memory is not None and memory < 100 else harness.PRESETS[args.preset][2]
+    memory_mib = harness.gpu_query("memory.total")
+    return 12 if memory_mib is not None and float(memory_mib) < 100 * 1024 else harness.PRESETS[args.preset][2]
 
 
 def versions() -> dict:

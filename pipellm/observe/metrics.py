@@ -32,11 +32,13 @@ from pipellm.files import atomic_path
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "V100": 125e12}
 
 
+def peak_flops_of(device_name: str | None) -> float | None:
+    """``PEAK_FLOPS`` of a device by its name; None for a device the table lacks."""
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in (device_name or "")), None)
+
+
 def device_peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 @dataclasses.dataclass(frozen=True)
