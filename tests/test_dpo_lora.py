@@ -111,13 +111,15 @@ KINDS = ("initial", "trained", "other")
 random), and trained ones against a full checkpoint of another model as ``dpo.reference``."""
 
 
-def spawned_rank(rank, config, states, samples, cases, out_dir, train_config):
-    """One spawn of 2 processes for every test here: the equivalence cases, then two steps of ``train_ds.py``
-    (``pipellm.training.train.main``, with the launcher's variables and without the launcher)."""
+def spawned_rank(rank, config, states, samples, cases, out_dir, train_configs):
+    """One spawn of 2 processes for every test here: the equivalence cases, then ``train_ds.py``
+    (``pipellm.training.train.main``, with the launcher's variables and without the launcher) on each config in
+    turn: four steps, then a run resumed from the first one's step-2 checkpoint."""
     from pipellm.training.train import main
 
     dpo_lora_rank(rank, config, states, samples, cases, out_dir)
-    main(["--config", train_config])
+    for train_config in train_configs:
+        main(["--config", train_config])
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +149,13 @@ def dpo_lora(tmp_path_factory, tiny_pp_model):
              for dims in ([2, 1], [1, 2]) for kind in KINDS]
     pairs = tmp_path / "pairs.jsonl"  # 8 of the shipped pairs: one global batch of 16 samples a step
     pairs.write_text("".join(PREFERENCE_DATA.read_text().splitlines(keepends=True)[:8]))
-    train_config = dict(dpo_config(tmp_path, tiny_pp_model[1]), data_path=str(pairs), eval_ratio=0.0, max_steps=2,
-                        lora={"r": RANK, "alpha": ALPHA, "dropout": 0.1, "target_modules": TARGETS})
+    train_config = dict(dpo_config(tmp_path, tiny_pp_model[1]), data_path=str(pairs), eval_ratio=0.0, n_epochs=4,
+                        save_steps=2, lora={"r": RANK, "alpha": ALPHA, "dropout": 0.1, "target_modules": TARGETS})
+    resumed = dict(train_config, save_path=str(tmp_path / "resumed"), resume=str(tmp_path / "save" / "global_step2"))
     (tmp_path / "config.yml").write_text(yaml.safe_dump(train_config))
-    run_distributed(2, spawned_rank, config, states, samples, cases, str(tmp_path), str(tmp_path / "config.yml"))
+    (tmp_path / "resumed.yml").write_text(yaml.safe_dump(resumed))
+    run_distributed(2, spawned_rank, config, states, samples, cases, str(tmp_path),
+                    [str(tmp_path / "config.yml"), str(tmp_path / "resumed.yml")])
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     return references, cases, per_rank, tmp_path
 
@@ -237,9 +242,11 @@ def test_qlora_with_a_dpo_reference_checkpoint_fails_with_one_line(tmp_path, tin
 
 
 def test_dpo_lora_trains_from_log_2_and_exports_like_sft_lora(dpo_lora, tiny_pp_model):
-    """Two steps of ``train_ds.py`` on shipped pairs with LoRA on 2 stages (``dpo_lora``'s spawn): step 1's
-    loss is exactly log 2 (policy = reference: peft's ``lora_B`` starts at zero), the cache is under a LoRA run's
-    key, and ``pp_to_hg`` merges the trained adapters as peft's ``merge_and_unload`` does."""
+    """Four steps of ``train_ds.py`` on shipped pairs with LoRA (dropout on) on 2 stages (``dpo_lora``'s spawn):
+    step 1's loss is exactly log 2 (policy = reference: peft's ``lora_B`` starts at zero), the cache is under a
+    LoRA run's key, the run resumed from the step-2 checkpoint (its reference pass: the checkpoint's frozen base
+    with the adapters off) logs exactly steps 3 and 4 again, and ``pp_to_hg`` merges the trained adapters as
+    peft's ``merge_and_unload`` does."""
     import json
 
     from peft import PeftModel
@@ -254,9 +261,13 @@ def test_dpo_lora_trains_from_log_2_and_exports_like_sft_lora(dpo_lora, tiny_pp_
     tmp_path = dpo_lora[-1]
     save = tmp_path / "save"
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0]["loss"] == LOG_2 and records[0]["rewards/margins"] == 0.0
     assert records[1]["loss"] != LOG_2  # the adapters moved the policy away from the reference
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [3, 4]
+    for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/rejected"):
+        assert [r[key] for r in resumed] == [r[key] for r in records[2:]], key
     cfg = load_config(tmp_path / "config.yml")
     data = load_training_data(cfg, load_tokenizer(cfg.model_path), show_progress=False, pairs=True)
     assert [p.name for p in (save / "reference_logps").iterdir()] == [f"{cache_key(cfg, data)}.npz"]
