@@ -55,6 +55,8 @@ def point_keys(objective: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=harness.PRESETS, default="7b-16")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (default: the preset's; fewer to fit full fine-tuning on an 80 GB GPU)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro", type=int, default=2, help="micro batch size per GPU (even: a pair's two rows)")
     parser.add_argument("--global-batch", type=int, default=16)
@@ -70,7 +72,7 @@ def main() -> None:
         args.steps, args.warmup = 3, 1
 
     work = Path(tempfile.mkdtemp(prefix="pipellm-dpo-bench-"))
-    model_dir = harness.write_model(work, args.preset)
+    model_dir = harness.write_model(work, args.preset, args.layers)
     pairs_file, sft_file = write_pairs(work, args.global_batch * args.steps // 2, args.seq)
     rows = []
     for objective, data in (("dpo", pairs_file), ("token_mean", sft_file)):
@@ -82,7 +84,8 @@ def main() -> None:
             print(f"FAILED ({outcome.status}: {outcome.reason}): {objective}; log {outcome.log}")
             sys.exit(1)
         reference = REFERENCE_LINE.search(outcome.log.read_text()) if objective == "dpo" else None
-        rows.append({"objective": objective, "preset": args.preset, "seq": args.seq, "micro": args.micro,
+        rows.append({"objective": objective, "preset": args.preset, "layers": args.layers or
+                     harness.PRESETS[args.preset][2], "seq": args.seq, "micro": args.micro,
                      "global_batch": args.global_batch, "stages": args.stages,
                      "timed_steps": outcome.figures["timed_steps"],
                      "tokens_per_sec_per_gpu": outcome.figures["tokens_per_sec_per_gpu"],
