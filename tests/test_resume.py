@@ -3,10 +3,11 @@ and one stopped by SIGTERM both resume into exactly the uninterrupted run's metr
 perplexity, early stopping stops and keeps the best checkpoint, ``keep_last_n`` prunes. Elastic resume: the
 reference run (2 stages x 1 replica) resumes its full state on 2 stages x 2 replicas with ``parts: auto`` (4
 processes, launcher), on one stage with ZeRO-1 turned on and on other parts (two ranks spawned in-process, with
-the bf16 and ZeRO-1 + CPU offload runs, which resume exactly on their own layout and elastically on one stage of
-two replicas and with ZeRO-1 off); a changed batch size, precision or optimizer is refused and weights-only
-resumes start anew; a bf16 checkpoint exports. The pure rules (early stopping, which checkpoint resumes, RNG
-states, the schedule's per-group state, fp16's loss scale, config keys) are tested in-process."""
+the bf16, ZeRO-1 + CPU offload and bf16 LoRA runs, which resume exactly on their own layout and elastically on one
+stage of two replicas and with ZeRO-1 off or other parts); a changed batch size, precision or optimizer is
+refused and weights-only resumes start anew; a bf16 checkpoint exports. The pure rules (early stopping, which
+checkpoint resumes, RNG states, the schedule's per-group state, fp16's loss scale, config keys) are tested
+in-process."""
 from __future__ import annotations
 
 import json
@@ -227,9 +228,10 @@ stages, so another split rounds it differently, and clipping scales every gradie
 of the gradients and of the loss (other replica counts), and ZeRO's norm against pipellm's (ZeRO on or off). Each
 step's update then differs in its last bits, and later steps carry that on. Measured on these runs: figures at
 most 1 ulp apart, tensors at most 14 ulps after 6 steps and 6 after 2 (3 per step); the same layout is bit-exact
-(asserted with ==), and so is ZeRO-1 + offload turned off on one replica here. A missing optimizer state or fp32
-master changes the next update by far more (a fresh AdamW's first step moves every weight by the learning rate,
-thousands of ulps)."""
+(asserted with ==), and so are ZeRO-1 + offload turned off and LoRA on other parts, on one replica here. A
+missing optimizer state changes the next update by far more (a fresh AdamW's first step moves every weight by the
+learning rate, thousands of ulps); a missing fp32 master of a bf16 run does not (one rounded from the bf16 weight
+is within half a bf16 ulp), which only an exact comparison shows (LoRA on other parts)."""
 
 
 def ulp(value: float, dtype: torch.dtype) -> float:
@@ -282,6 +284,8 @@ def assert_continues(save: Path, reference_save: Path, start: int, same_data_par
         assert records[0]["loss"] == expected[start + 1]["loss"]
     final, reference_final = (checkpoint_tensors(s / f"global_step{last}") for s in (save, reference_save))
     assert final.keys() == reference_final.keys() and any(part == "exp_avg_sq" for _, _, part in final)
+    assert sorted(p.name for p in (save / f"global_step{last}").glob("layer_*")) == \
+        sorted(p.name for p in (reference_save / f"global_step{last}").glob("layer_*"))
     worst = max(ulps_apart(final[k], reference_final[k], precision) for k in final)
     assert worst <= TENSOR_ULPS_PER_STEP * (last - start), worst
 
@@ -303,11 +307,15 @@ def test_a_run_resumes_its_full_state_on_two_stages_of_two_replicas(reference, t
 
 
 ZERO1_OFFLOAD = {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
-PRECISIONS = {"bf16": {"bf16": {"enabled": True}}, "zero1-offload": ZERO1_OFFLOAD}
+LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+PRECISIONS = {"bf16": {"bf16": {"enabled": True}}, "zero1-offload": ZERO1_OFFLOAD,
+              "lora": {"bf16": {"enabled": True}, "lora": LORA}}
 # Resumed from a precision's (or the fp32 reference's) global_step3 on another layout: name -> (source, keys).
 ELASTIC = {"bf16-one-stage": ("bf16", dict(PRECISIONS["bf16"], model_topo=ONE_STAGE_TWO_REPLICAS)),
            "zero1-offload-one-stage": ("zero1-offload", dict(ZERO1_OFFLOAD, model_topo=ONE_STAGE_TWO_REPLICAS)),
            "zero1-offload-to-plain": ("zero1-offload", {"model_topo": OTHER_PARTS}),
+           "lora-one-stage": ("lora", dict(PRECISIONS["lora"], model_topo=ONE_STAGE_TWO_REPLICAS)),
+           "lora-frozen-first-stage": ("lora", dict(PRECISIONS["lora"], model_topo=topology([2, 1], [1, 5]))),
            "fp32-other-parts": ("reference", {"model_topo": OTHER_PARTS}),
            "fp32-one-stage-zero1": ("reference", {"zero_optimization": {"stage": 1},
                                                   "model_topo": ONE_STAGE_TWO_REPLICAS})}
@@ -327,7 +335,9 @@ def test_precisions_zero1_and_changed_layouts_resume(reference, tiny_pp_model, t
     (bf16 and ZeRO-1 + offload re-partition every parameter over 2 replicas; fp32 from the per-parameter
     optimizer of the reference turns ZeRO-1 on), ZeRO-1 turned off, other parts. The precisions train the tiny
     llama with a tied head: on 2 stages its pipeline-replicated copy trains on stage 1, on 1 stage it is the
-    embedding itself; the fp32 reference's is untied."""
+    embedding itself; the fp32 reference's is untied. LoRA (bf16) trains only adapters, the tied embedding frozen:
+    its layer files' optimizer state goes to one stage of two replicas, and to parts [1, 5] (a first stage that
+    trains nothing, holding only its placeholder), where it continues bit for bit."""
     tmp, reference_save, _ = reference
     saves = {"reference": reference_save}
     runs = []
@@ -371,11 +381,22 @@ def test_precisions_zero1_and_changed_layouts_resume(reference, tiny_pp_model, t
         # tied head's weight is the embedding's, saved once (layer file 0; the tied model has no head file).
         parameters = [key for (_, key, part) in saved if part == "exp_avg"]
         masters = [tensor for (_, _, part), tensor in saved.items() if part == "master"]
-        assert (len(masters), {t.dtype for t in masters}) == ((len(parameters), {torch.float32}) if name == "bf16"
-                                                               else (0, set())), name
-        assert parameters.count("model.embed_tokens.weight") == 1 and "lm_head.weight" not in parameters
+        assert (len(masters), {t.dtype for t in masters}) == ((len(parameters), {torch.float32})
+                                                               if "bf16" in PRECISIONS[name] else (0, set())), name
+        trained_files = range(6)
+        if "lora" in PRECISIONS[name]:  # only the decoders' adapters (layer files 1-4) train and have a state
+            assert sorted(parameters) == sorted(f"model.layers.{i}.{module}.lora_{ab}.default.weight" for i in range(4)
+                                                for module in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+                                                for ab in "AB")
+            trained_files = range(1, 5)
+        else:
+            assert parameters.count("model.embed_tokens.weight") == 1 and "lm_head.weight" not in parameters
+        # Every layer file is written (a frozen one empty), an optimizer file only for a layer that trains.
         assert sorted(path.name for path in (full / "global_step5").glob("layer_*")) == \
-            [f"layer_{i:02d}-{kind}_states.pt" for i in range(6) for kind in ("model", "optim")]
+            sorted([f"layer_{i:02d}-model_states.pt" for i in range(6)] +
+                   [f"layer_{i:02d}-optim_states.pt" for i in trained_files]), name
+        assert {path for path, _, _ in saved} == {f"layer_{i:02d}-{kind}_states.pt" for i in trained_files
+                                                  for kind in ("model", "optim")}, name
 
     # pp_to_hg exports the bf16 layer files as they are: converted back, every tensor is the same bf16 tensor.
     checkpoint = saves["bf16-full"] / "global_step5"
@@ -385,13 +406,26 @@ def test_precisions_zero1_and_changed_layouts_resume(reference, tiny_pp_model, t
         assert saved.keys() == exported.keys() and all(
             t.dtype == torch.bfloat16 and torch.equal(t, exported[k]) for k, t in saved.items()), layer.name
 
-    assert re.search(r"at step 3 \(weights, optimizer, LR scheduler states; layout pipe 2 x data 1, stage boundaries "
-                     r"\[0, 3, 7\] -> pipe 1 x data 2, stage boundaries \[0, 7\], RNG states reseeded\)",
-                     printed["bf16-one-stage"]), printed["bf16-one-stage"][-3000:]
+    for name, layout in [("bf16-one-stage", r"pipe 1 x data 2, stage boundaries \[0, 7\]"),
+                         ("lora-one-stage", r"pipe 1 x data 2, stage boundaries \[0, 7\]"),
+                         ("lora-frozen-first-stage", r"pipe 2 x data 1, stage boundaries \[0, 1, 7\]")]:
+        assert re.search(r"at step 3 \(weights, optimizer, LR scheduler states; layout pipe 2 x data 1, stage "
+                         rf"boundaries \[0, 3, 7\] -> {layout}, RNG states reseeded\)", printed[name]), \
+            printed[name][-3000:]
     for name, (source, keys) in ELASTIC.items():
         source_save = saves[source if source == "reference" else f"{source}-full"]
         assert_continues(saves[name], source_save, 3, same_data_parallel=keys["model_topo"] != ONE_STAGE_TWO_REPLICAS,
                          precision=torch.bfloat16 if "bf16" in keys else torch.float32)
+    # LoRA into other parts on one replica (the first stage trains nothing): no gradient is averaged otherwise and
+    # steps 4 and 5's norms stay under `gradient_clipping` (so the norm's other summation order scales nothing):
+    # every update is the uninterrupted run's, bit for bit. This also proves the fp32 masters were restored: one
+    # rounded from the bf16 weight is within half a bf16 ulp, which the ULP bounds cannot tell.
+    lora_full = metrics(saves["lora-full"])
+    assert all(r["grad_norm"] < 1.0 for r in lora_full[3:]) and exact(metrics(saves["lora-frozen-first-stage"])) == \
+        exact(lora_full[3:])
+    saved, expected = (checkpoint_tensors(s / "global_step5") for s in (saves["lora-frozen-first-stage"],
+                                                                          saves["lora-full"]))
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
 def test_early_stopping_rule():
