@@ -175,14 +175,36 @@ def train_through_launcher(tmp_path: Path, model_path: Path, parts: list[int] | 
                            save_steps: int = 10) -> tuple[Path, list[dict]]:
     """``deepspeed --num_gpus 2 train_ds.py`` on two pipeline stages (CPU processes) over the sample data;
     returns the save directory and the metrics records."""
-    save = tmp_path / "save"
-    config = {"model_path": str(model_path), "save_path": str(save), "data_path": LAUNCHER_DATA,
-              "max_seq_len": 64, "n_epochs": n_epochs, "log_steps": 1, "save_steps": save_steps, "seed": 1,
-              "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": parts},
-              "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4,
-              "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
-              "gradient_clipping": 1.0, "data_cache_dir": str(tmp_path / "data_cache")}
-    return save, launch_training(config, tmp_path / "config.yml")
+    config = two_stage_config(tmp_path, model_path, parts, n_epochs, save_steps)
+    return Path(config["save_path"]), launch_training(config, tmp_path / "config.yml")
+
+
+def train_two_stages(tmp_path: Path, model_path: Path, parts: list[int] | str, n_epochs: int = 2,
+                     save_steps: int = 10) -> tuple[Path, list[dict]]:
+    """``train_through_launcher``'s run, on two ranks spawned in-process (``run_distributed``, which sets
+    RANK/WORLD_SIZE as the launcher does) instead of the launcher's two extra Python processes."""
+    config = two_stage_config(tmp_path, model_path, parts, n_epochs, save_steps)
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    run_distributed(2, _train_rank, str(tmp_path / "config.yml"))
+    save = Path(config["save_path"])
+    return save, [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_rank(rank: int, config_path: str) -> None:
+    from pipellm.training.train import main
+
+    main(["--config", config_path])
+
+
+def two_stage_config(tmp_path: Path, model_path: Path, parts: list[int] | str, n_epochs: int, save_steps: int
+                     ) -> dict:
+    """2 stages x 1 replica over the sample data, batches of 16 in micro batches of 4."""
+    return {"model_path": str(model_path), "save_path": str(tmp_path / "save"), "data_path": LAUNCHER_DATA,
+            "max_seq_len": 64, "n_epochs": n_epochs, "log_steps": 1, "save_steps": save_steps, "seed": 1,
+            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": parts},
+            "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4,
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
+            "gradient_clipping": 1.0, "data_cache_dir": str(tmp_path / "data_cache")}
 
 
 def launch_training(config: dict, config_path: Path, script: str = "train_ds.py") -> list[dict]:

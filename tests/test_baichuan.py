@@ -2,7 +2,8 @@
 read without running any of their code. The pipeline's loss and every parameter gradient equal a reference on 1
 and 2 stages (fp32): for 7b (RoPE) transformers' LlamaForCausalLM with the weights mapped and NormHead applied to
 its head, for 13b (ALiBi) the reference written below. The converters round-trip bit for bit, ``--export-as
-llama`` gives a native Llama with the same logits, and a 2-stage CPU training through the launcher learns."""
+llama`` gives a native Llama with the same logits, and a 2-stage CPU training (two ranks spawned in-process)
+learns."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from torch.nn.utils import parametrize
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from equivalence import (CHUNK_TOKENS, LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, make_batch,
-                         run_pipelines, train_through_launcher)
+                         run_pipelines, train_two_stages)
 from pipellm.data import IGNORE_INDEX
 from pipellm.pipeline.layer_files import layer_file_name
 from pipellm.convert.converters import hg_to_pp, main as convert_main, pp_to_hg
@@ -239,14 +240,14 @@ def test_round_trip_bit_exact_and_llama_export(tmp_path, capsys):
     assert "exports are: llama" in capsys.readouterr().err
 
 
-def test_two_stage_training_through_launcher(tmp_path):
+def test_two_stage_training_learns(tmp_path):
     """Baichuan2-7b shape, trained on 2 stages, exported as native llama: its loss on the data fell."""
     torch.manual_seed(0)
     state_dict = llama_to_baichuan({n: p.detach() for n, p in llama_reference(1024).named_parameters()})
     hf = write_checkpoint(tmp_path / "hf", baichuan_config(vocab_size=1024), state_dict)
     write_baichuan2_tokenizer(hf)  # as Baichuan2 ships it: remote code, built from tokenizer.model instead
     pp = hg_to_pp(hf, tmp_path / "pp")
-    save, records = train_through_launcher(tmp_path, pp, parts=[3, 2], n_epochs=1)
+    save, records = train_two_stages(tmp_path, pp, parts=[3, 2], n_epochs=1)
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
     before = mean_token_loss(pp_to_hg(pp, tmp_path / "init_llama", export_as="llama"), [LAUNCHER_DATA], 64)

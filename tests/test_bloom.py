@@ -1,6 +1,6 @@
 """Bloom: the pipeline's loss and every parameter gradient equal transformers' BloomForCausalLM (fp32, 1 and 2
 stages, tied embedding split across the end stages), the converters round-trip both checkpoint layouts bit for
-bit, and a 2-stage CPU training through the launcher learns."""
+bit, and a 2-stage CPU training (two ranks spawned in-process) learns."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import BloomConfig, BloomForCausalLM
 
 from equivalence import (LAUNCHER_DATA, MICRO_BATCH, assert_matches_reference, copy_tiny_tokenizer, make_batch,
-                         run_pipeline_both_losses, train_through_launcher)
+                         run_pipeline_both_losses, train_two_stages)
 from pipellm.pipeline.layer_files import layer_file_name
 from pipellm.convert.converters import hg_to_pp, pp_to_hg
 from pipellm.quickstart import mean_token_loss
@@ -71,12 +71,12 @@ def test_both_layouts_round_trip_bit_exact(tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_two_stage_training_through_launcher(tmp_path):
+def test_two_stage_training_learns(tmp_path):
     torch.manual_seed(0)
     hf = tmp_path / "hf"
     BloomForCausalLM(tiny_config(vocab_size=1024)).save_pretrained(hf)
     copy_tiny_tokenizer(hf)
-    save, records = train_through_launcher(tmp_path, hg_to_pp(hf, tmp_path / "pp"), parts=[2, 3], n_epochs=1)
+    save, records = train_two_stages(tmp_path, hg_to_pp(hf, tmp_path / "pp"), parts=[2, 3], n_epochs=1)
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
     before = mean_token_loss(hf, [LAUNCHER_DATA], 64)

@@ -1,6 +1,6 @@
 """ChatGLM3: the pipeline's loss and every parameter gradient equal transformers' GlmForCausalLM with the weights
 mapped (fp32, 1 and 2 stages), the converters round-trip chatglm3's own checkpoint layout bit for bit without
-running its remote code, and a 2-stage CPU training through the launcher learns.
+running its remote code, and a 2-stage CPU training (two ranks spawned in-process) learns.
 
 GlmForCausalLM is chatglm3's architecture: RMSNorm, q/k/v with biases and grouped key/value heads, rotary on the
 first ``partial_rotary_factor = 0.5`` of each head's dims on interleaved pairs, fused [gate; up] MLP, untied head.
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import GlmConfig, GlmForCausalLM
 
 from equivalence import (MICRO_BATCH, assert_matches_reference, make_batch, run_pipeline_both_losses,
-                         train_through_launcher)
+                         train_two_stages)
 from pipellm.pipeline.layer_files import layer_file_name
 from pipellm.convert.converters import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
@@ -135,12 +135,12 @@ def test_checkpoint_layout_round_trips_bit_exact(tmp_path):
     assert all(torch.equal(back[k], original[k]) and back[k].dtype == original[k].dtype for k in original)
 
 
-def test_two_stage_training_through_launcher(tmp_path):
+def test_two_stage_training_learns(tmp_path):
     torch.manual_seed(0)
     hf = tmp_path / "hf"
     written = write_chatglm_checkpoint(GlmForCausalLM(tiny_glm(vocab_size=1024)), hf)
     write_chatglm3_tokenizer(hf)  # as chatglm3 ships it: remote code; the data is rendered in chatglm3's format
-    save, records = train_through_launcher(tmp_path, hg_to_pp(hf, tmp_path / "pp"), parts=[2, 3], n_epochs=1)
+    save, records = train_two_stages(tmp_path, hg_to_pp(hf, tmp_path / "pp"), parts=[2, 3], n_epochs=1)
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
     metas = [json.loads(p.read_text()) for p in (tmp_path / "data_cache").glob("*/meta.json")]

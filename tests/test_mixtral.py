@@ -1,7 +1,7 @@
 """Mixtral: the pipeline's loss (cross entropy + router load-balancing term) and every parameter gradient equal
 transformers' MixtralForCausalLM(output_router_logits=True) (fp32, 1 and 2 stages, 8 experts, top-2); with several
 micro batches they equal the documented convention built from the same reference. The converters round-trip the
-per-expert checkpoint layout bit for bit, and a 2-stage CPU training through the launcher learns."""
+per-expert checkpoint layout bit for bit, and a 2-stage CPU training (two ranks spawned in-process) learns."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from equivalence import (MICRO_BATCH, assert_matches_reference, copy_tiny_tokenizer, make_batch,
-                         run_pipeline_both_losses, train_through_launcher)
+                         run_pipeline_both_losses, train_two_stages)
 from pipellm.pipeline.layer_files import layer_file_name
 from pipellm.convert.converters import hg_to_pp, pp_to_hg
 from pipellm.errors import PipellmError
@@ -116,12 +116,12 @@ def test_per_expert_layout_round_trips_bit_exact(tmp_path):
     assert reloaded.keys() == expected.keys() and all(torch.equal(reloaded[k], expected[k]) for k in expected)
 
 
-def test_two_stage_training_through_launcher(tmp_path):
+def test_two_stage_training_learns(tmp_path):
     torch.manual_seed(0)
     hf = tmp_path / "hf"
     MixtralForCausalLM(tiny_config(vocab_size=1024)).save_pretrained(hf)
     copy_tiny_tokenizer(hf)
-    save, records = train_through_launcher(tmp_path, hg_to_pp(hf, tmp_path / "pp"), parts=[2, 3], n_epochs=1)
+    save, records = train_two_stages(tmp_path, hg_to_pp(hf, tmp_path / "pp"), parts=[2, 3], n_epochs=1)
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
     # The trained checkpoint exports to files transformers loads (an evaluation pass of transformers' MoE on CPU
