@@ -181,19 +181,9 @@ def train_through_launcher(tmp_path: Path, model_path: Path, parts: list[int] | 
 
 def train_two_stages(tmp_path: Path, model_path: Path, parts: list[int] | str, n_epochs: int = 2,
                      save_steps: int = 10) -> tuple[Path, list[dict]]:
-    """``train_through_launcher``'s run, on two ranks spawned in-process (``run_distributed``, which sets
-    RANK/WORLD_SIZE as the launcher does) instead of the launcher's two extra Python processes."""
+    """``train_through_launcher``'s run on two ranks spawned in-process (``spawn_training``)."""
     config = two_stage_config(tmp_path, model_path, parts, n_epochs, save_steps)
-    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
-    run_distributed(2, _train_rank, str(tmp_path / "config.yml"))
-    save = Path(config["save_path"])
-    return save, [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-
-
-def _train_rank(rank: int, config_path: str) -> None:
-    from pipellm.training.train import main
-
-    main(["--config", config_path])
+    return Path(config["save_path"]), spawn_training(config, tmp_path / "config.yml")
 
 
 def two_stage_config(tmp_path: Path, model_path: Path, parts: list[int] | str, n_epochs: int, save_steps: int
@@ -215,7 +205,31 @@ def launch_training(config: dict, config_path: Path, script: str = "train_ds.py"
                              str(free_port()), script, "--config", str(config_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_records(config)
+
+
+# The trainer module each launcher script runs (the scripts are two-line wrappers around its ``main``).
+SCRIPT_MAINS = {"train_ds.py": "pipellm.training.train", "train_ds_zero.py": "pipellm.training.zero"}
+
+
+def spawn_training(config: dict, config_path: Path, script: str = "train_ds.py") -> list[dict]:
+    """``launch_training`` on two ranks spawned in-process (``run_distributed`` sets RANK/WORLD_SIZE as the
+    launcher does): the same training without the launcher's two extra Python start-ups, for tests that are not
+    about the launcher."""
+    config_path.write_text(yaml.safe_dump(config))
+    run_distributed(2, _train_rank, SCRIPT_MAINS[script], str(config_path))
+    return run_records(config)
+
+
+def run_records(config: dict) -> list[dict]:
+    """The ``metrics.jsonl`` records of ``config``'s run."""
     return [json.loads(line) for line in (Path(config["save_path"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_rank(rank: int, module: str, config_path: str) -> None:
+    import importlib
+
+    importlib.import_module(module).main(["--config", config_path])  # a failure raises (SystemExit included)
 
 
 def copy_tiny_tokenizer(dest: Path) -> None:

@@ -486,25 +486,25 @@ def test_bad_reward_config_fails_with_one_line(case, tmp_path, tiny_pp_model, ti
     assert_fails(capsys, monkeypatch, tmp_path, config, expected)
 
 
-# ----- the launcher on the shipped preference data -----
+# ----- training on the shipped preference data -----
 
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory, tiny_reward_model):
     """One epoch of the shipped pairs on 2 stages with grad checkpointing, saved at step 3; then a second run
-    resumed from that checkpoint."""
-    from equivalence import launch_training
+    resumed from that checkpoint (each on two ranks spawned in-process: the launcher is tested elsewhere)."""
+    from equivalence import spawn_training
     from test_dpo import dpo_config
 
     tmp_path = tmp_path_factory.mktemp("reward_run")
     config = dict(dpo_config(tmp_path, tiny_reward_model), objective="reward", reward={"margin": 0.1},
                   use_grad_ckpt=True, save_steps=3, n_epochs=1)
     del config["dpo"]
-    records = launch_training(config, tmp_path / "config.yml")
+    records = spawn_training(config, tmp_path / "config.yml")
     resumed = dict(config, save_path=str(tmp_path / "resumed"), resume=str(Path(config["save_path"]) / "global_step3"))
-    return config, records, launch_training(resumed, tmp_path / "resumed.yml"), tmp_path
+    return config, records, spawn_training(resumed, tmp_path / "resumed.yml"), tmp_path
 
 
-def test_reward_model_through_launcher_learns_and_resumes(reward_run):
+def test_reward_model_learns_and_resumes(reward_run):
     """The loss falls and the held-out accuracy is high; the exported LlamaForSequenceClassification scores the
     chosen answer of held-out pairs higher; the run resumed at step 3 logs exactly the same steps 4 to 6."""
     from pipellm.convert.converters import pp_to_hg
@@ -557,14 +557,14 @@ def test_parts_auto_profiles_the_score_head():
 def test_zero3_baseline_trains_the_same_reward_objective(reward_run, tiny_reward_model):
     """train_ds_zero.py on the exported LlamaForSequenceClassification (grad checkpointing, the margin): its first
     step is the pipeline's (loss, gradient norm, rewards figures)."""
-    from equivalence import launch_training
+    from equivalence import spawn_training
     from pipellm.convert.converters import pp_to_hg
 
     config, records, _, tmp_path = reward_run
     zero = dict(config, model_path=str(pp_to_hg(tiny_reward_model, tmp_path / "zero_hf")),
                 save_path=str(tmp_path / "zero"), max_steps=1, save_final=False,
                 model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}})
-    first = launch_training(zero, tmp_path / "zero.yml", script="train_ds_zero.py")[0]
+    first = spawn_training(zero, tmp_path / "zero.yml", script="train_ds_zero.py")[0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(records[0]["loss"], rel=1e-5)
     assert first["grad_norm"] == pytest.approx(records[0]["grad_norm"], rel=1e-5)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
