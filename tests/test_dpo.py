@@ -155,7 +155,7 @@ def test_dpo_loss_and_grads_match_transformers(tmp_path):
         assert seen == set(grads), case
 
 
-# ----- the launcher on the shipped preference data -----
+# ----- training on the shipped preference data -----
 
 PREFERENCE_DATA = Path(__file__).resolve().parent.parent / "pipellm" / "assets" / "data" / "preference.jsonl"
 
@@ -172,14 +172,15 @@ def dpo_config(tmp_path: Path, model_path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_pp_model):
-    from equivalence import launch_training
+    """DPO on 2 stages, two ranks spawned in-process (the launcher is tested elsewhere)."""
+    from equivalence import spawn_training
 
     tmp_path = tmp_path_factory.mktemp("dpo_run")
     config = dpo_config(tmp_path, tiny_pp_model[1])
-    return config, launch_training(config, tmp_path / "config.yml"), tmp_path
+    return config, spawn_training(config, tmp_path / "config.yml"), tmp_path
 
 
-def test_dpo_through_launcher_learns_the_preference(dpo_run):
+def test_dpo_learns_the_preference(dpo_run):
     """Step 1 starts at log 2 exactly (policy = reference); the rewards' accuracy rises well above 0.5; the
     exported model gives the chosen answers of held-out pairs the higher log-prob."""
     from transformers import AutoTokenizer
@@ -358,12 +359,12 @@ def test_bad_dpo_config_fails_with_one_line(case, tmp_path, tiny_pp_model, capsy
 
 def test_zero3_baseline_trains_the_same_dpo_objective(dpo_run, tiny_pp_model):
     """train_ds_zero.py on the Hugging Face weights: its first step is the pipeline's (log 2, same gradient norm)."""
-    from equivalence import launch_training
+    from equivalence import spawn_training
 
     config, records, tmp_path = dpo_run
     zero = dict(config, model_path=str(tiny_pp_model[0]), save_path=str(tmp_path / "zero"), max_steps=1,
                 save_final=False, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}})
-    zero_records = launch_training(zero, tmp_path / "zero.yml", script="train_ds_zero.py")
+    zero_records = spawn_training(zero, tmp_path / "zero.yml", script="train_ds_zero.py")
     assert zero_records[0]["loss"] == records[0]["loss"] == float(torch.tensor(math.log(2), dtype=torch.float32))
     assert zero_records[0]["grad_norm"] == pytest.approx(records[0]["grad_norm"], rel=1e-5)
     assert zero_records[0]["rewards/accuracies"] == 0.0

@@ -2,7 +2,8 @@
 
 Pure logic runs in this process; what needs DeepSpeed's pipeline engine runs once on two spawned ranks (two
 stages: every family's weight-decay groups, and each precision/ZeRO mode with a NaN gradient on stage 1 only);
-two launcher runs train with ZeRO-1 + CPU offload and stop a run of NaN steps after a checkpoint.
+two ``train_ds.py`` runs on spawned ranks train with ZeRO-1 + CPU offload and stop a run of NaN steps after a
+checkpoint.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import yaml
 
 from distributed import run_distributed
-from equivalence import LAUNCHER_DATA, MICRO_BATCH, launch_training, make_batch
+from equivalence import LAUNCHER_DATA, MICRO_BATCH, make_batch, spawn_training
 from pipellm.config import LRSchedule, NO_WEIGHT_DECAY, load_config
 from pipellm.errors import PipellmError
 from pipellm.training.optim import (NonFiniteRun, build_lr_scheduler, build_optimizer, check_pipeline_settings, lr_factor,
@@ -464,7 +465,7 @@ def test_two_stages(tmp_path, tiny_pp_model):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Through the launcher
+# train_ds.py on two spawned ranks
 
 def first_step_reference(config_path: Path, hf_dir: Path) -> tuple[float, float]:
     """Loss and gradient norm of the run's first global batch on transformers' model with the initial weights:
@@ -487,8 +488,9 @@ def first_step_reference(config_path: Path, hf_dir: Path) -> tuple[float, float]
 
 
 def test_zero1_cpu_offload_trains_and_starts_like_the_reference(tmp_path, tiny_pp_model):
-    """``deepspeed --num_gpus 2 train_ds.py`` with ZeRO-1 and the optimizer offloaded to the CPU: it follows
-    the schedule, the loss falls, and its first step's loss and gradient norm are transformers' on that batch."""
+    """``train_ds.py`` on two ranks (spawned in-process) with ZeRO-1 and the optimizer offloaded to the CPU: it
+    follows the schedule, the loss falls, and its first step's loss and gradient norm are transformers' on that
+    batch."""
     hf_dir, pp_dir = tiny_pp_model
     config = {**LAUNCH_BASE, "model_path": str(pp_dir), "save_path": str(tmp_path / "save"), "max_steps": 3,
               "save_final": False,
@@ -496,7 +498,7 @@ def test_zero1_cpu_offload_trains_and_starts_like_the_reference(tmp_path, tiny_p
               "lr_schedule": {"warmup_steps": 1, "decay": "cosine", "min_lr_ratio": 0.1},
               "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
     config_path = tmp_path / "offload.yml"
-    records = launch_training(config, config_path)
+    records = spawn_training(config, config_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["lr"] for r in records] == pytest.approx([3e-3, 3e-3, 3e-4], rel=1e-12, abs=0)
     assert records[-1]["loss"] < records[0]["loss"] - 0.2, [r["loss"] for r in records]

@@ -13,6 +13,7 @@ import yaml
 
 from conftest import REPO
 from distributed import free_port
+from equivalence import spawn_training
 from pipellm.errors import PipellmError
 from test_observability import check_run_directory
 from test_train_launcher import DATA, METRIC_KEYS
@@ -52,11 +53,12 @@ def test_zero3_trains_and_matches_the_pipeline_objective(tmp_path, tiny_pp_model
     assert info["topology"] == {"zero_stage": 3, "dims": [1, 2]}
     assert [r["replica"] for r in info["ranks"]] == [0, 1]
 
-    pipe = launch("train_ds.py", {**BASE, "model_path": str(pp_dir), "save_path": str(pipe_save), "max_steps": 1,
-                                  "save_final": False,
-                                  "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]},
-                                                 "parts": [3, 3]}},
-                  tmp_path / "pipe.yml")
+    # The pipeline's side is the reference, not under test: two ranks spawned in-process, without the launcher.
+    pipe = spawn_training({**BASE, "model_path": str(pp_dir), "save_path": str(pipe_save), "max_steps": 1,
+                           "save_final": False,
+                           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]},
+                                          "parts": [3, 3]}},
+                          tmp_path / "pipe.yml")
     assert zero[0]["tokens"] == pipe[0]["tokens"]
     assert zero[0]["loss"] == pytest.approx(pipe[0]["loss"], rel=1e-6)
     assert zero[0]["grad_norm"] == pytest.approx(pipe[0]["grad_norm"], rel=1e-5)
