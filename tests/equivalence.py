@@ -217,8 +217,13 @@ def spawn_training(config: dict, config_path: Path, script: str = "train_ds.py")
     launcher does): the same training without the launcher's two extra Python start-ups, for tests that are not
     about the launcher."""
     config_path.write_text(yaml.safe_dump(config))
-    run_distributed(2, _train_rank, SCRIPT_MAINS[script], str(config_path))
+    spawn_config(config_path, script)
     return run_records(config)
+
+
+def spawn_config(config_path: Path, script: str = "train_ds.py") -> None:
+    """``<script> --config config_path`` on two ranks spawned in-process; raises if a rank fails."""
+    run_distributed(2, _train_rank, SCRIPT_MAINS[script], str(config_path))
 
 
 def run_records(config: dict) -> list[dict]:
