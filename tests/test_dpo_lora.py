@@ -306,8 +306,7 @@ def test_qlora_dpo_starts_at_log_2_and_learns_the_preference(tmp_path, tiny_pp_m
     from test_resume import REPO, metrics
 
     config = dict(dpo_config(tmp_path, tiny_pp_model[1]), n_epochs=2, eval_ratio=0.0, bf16={"enabled": True},
-                  quantize_base="nf4", lora={"r": 8, "alpha": 16.0, "target_modules": [
-                      "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+                  quantize_base="nf4", lora={"r": 8, "alpha": 16.0})  # the default targets: every linear module
     config["model_topo"] = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}}
     config["optimizer"]["params"]["lr"] = 1e-2
     path = tmp_path / "qlora_dpo.yml"
