@@ -212,9 +212,10 @@ def test_dpo_learns_the_preference(dpo_run):
 
 
 def test_reference_cache_is_keyed_by_weights_data_and_layout(dpo_run, tiny_pp_model):
-    """The run cached its reference log-probs under the key a rerun computes; other weights, data or layout
-    give other keys."""
+    """The run cached its reference log-probs under the key a rerun computes; other weights, data, layout or
+    kernels give other keys."""
     import copy
+    import dataclasses
     import os
 
     from pipellm.config import load_config
@@ -236,6 +237,11 @@ def test_reference_cache_is_keyed_by_weights_data_and_layout(dpo_run, tiny_pp_mo
     assert cache_key(changed, data) != key
     changed = copy.deepcopy(cfg)
     changed.dpo.reference = str(tmp_path / "save")  # the trained weights
+    assert cache_key(changed, data) != key
+    for kernels in ({"compile_layers": True}, {"attention_backend": "flex"}):  # other arithmetic
+        assert cache_key(dataclasses.replace(cfg, **kernels), data) != key, kernels
+    changed = copy.deepcopy(cfg)
+    changed.speed.liger_kernels = True
     assert cache_key(changed, data) != key
     layer = next(Path(cfg.model_path).glob("layer_01-*"))
     stat = layer.stat()

@@ -55,22 +55,37 @@ def compare(liger_function, torch_function, inputs: list[torch.Tensor], what: st
         assert_as_accurate(a, b, r, f"{what} bf16 #{index}")
 
 
-@LIGER
-def test_liger_rms_norm_swiglu_and_rotary_equal_the_torch_kernels():
+def liger_cases(kernel: str):
+    """``(liger's function, the torch function, inputs)`` of one of liger's decoder kernels."""
     torch.manual_seed(0)
-    x = torch.randn(2, 128, 256, device="cuda")
-    weight = 1 + 0.1 * torch.randn(256, device="cuda")
-    compare(lambda x, w: kernels.liger_rms_norm(x, w, 1e-5), lambda x, w: kernels.rms_norm(x, w, 1e-5),
-            [x, weight], "rms_norm")
-    gate, up = torch.randn(2, 128, 512, device="cuda"), torch.randn(2, 128, 512, device="cuda")
-    compare(kernels.liger_swiglu, kernels.swiglu, [gate, up], "swiglu")
+    if kernel == "rms_norm":
+        x = torch.randn(2, 128, 256, device="cuda")
+        weight = 1 + 0.1 * torch.randn(256, device="cuda")
+        return (lambda x, w: kernels.liger_rms_norm(x, w, 1e-5), lambda x, w: kernels.rms_norm(x, w, 1e-5),
+                [x, weight])
+    if kernel == "swiglu":
+        return kernels.liger_swiglu, kernels.swiglu, [torch.randn(2, 128, 512, device="cuda"),
+                                                      torch.randn(2, 128, 512, device="cuda")]
     q, k = torch.randn(2, 8, 128, 64, device="cuda"), torch.randn(2, 2, 128, 64, device="cuda")
     positions = torch.stack([torch.arange(128), torch.arange(128).remainder(50)]).cuda()  # a packed row too
     angles = positions[..., None].float() * (10000 ** (-torch.arange(0, 64, 2, device="cuda") / 64))
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos(), angles.sin()
-    compare(lambda q, k: kernels.liger_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype)),
-            lambda q, k: kernels.rotary(q, k, cos.to(q.dtype), sin.to(q.dtype)), [q, k], "rotary")
+    return (lambda q, k: kernels.liger_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype)),
+            lambda q, k: kernels.rotary(q, k, cos.to(q.dtype), sin.to(q.dtype)), [q, k])
+
+
+# On one H200 (liger-kernel 0.8.5, triton 3.6, torch 2.11) liger's SwiGLU output missed the fp32 bound; why is
+# not known yet (its kernel computes silu in fp32), so the lever stays off by default. strict: a pass shows.
+SWIGLU_FP32 = pytest.mark.xfail(strict=True, reason="liger's SwiGLU differs from torch's beyond 1e-5 in fp32 on "
+                                                    "an H200 (liger-kernel 0.8.5, triton 3.6)")
+
+
+@LIGER
+@pytest.mark.parametrize("kernel", ["rms_norm", pytest.param("swiglu", marks=SWIGLU_FP32), "rotary"])
+def test_liger_decoder_kernels_equal_the_torch_kernels(kernel):
+    liger_function, torch_function, inputs = liger_cases(kernel)
+    compare(liger_function, torch_function, inputs, kernel)
 
 
 @LIGER

@@ -117,6 +117,9 @@ class PairwiseObjective:
 
     pairwise = True
     """Trains on preference pairs (``pipellm.data.preference``); the trainer attaches ``PairLabels``."""
+    uses_reference = True
+    """The trainer computes the reference log-probs before the first step (``pipellm.training.reference``), and
+    compiled layers round as eager so that pass and the training steps agree (``pipellm.pipeline.stages``)."""
 
     def __init__(self, names: tuple[str, ...]):
         self.stats = PairStats(names)

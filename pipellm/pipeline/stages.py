@@ -44,18 +44,27 @@ class EmbedStage:
 
 
 @functools.cache
-def compiled(function):
+def compiled(function, round_as_eager: bool = False):
     """One ``torch.compile`` of a block's forward function, shared by every layer of that class (parameters are
-    graph inputs, so all layers of one shape reuse one compiled graph)."""
-    return torch.compile(function, dynamic=False)
+    graph inputs, so all layers of one shape reuse one compiled graph).
+
+    ``round_as_eager``: inductor rounds every op's result to its dtype, as eager does (its
+    ``emulate_precision_casts``). By default a fused kernel keeps bf16 intermediates in fp32, and which ones
+    depends on the graph: with LoRA, the training graph (adapters on, their gradients wanted) rounds a decoder's
+    residual sum differently from the no-grad graph with adapters off, so DPO's reference pass and step 1 differ
+    by up to 0.03 in a bf16 hidden state even though the adapters add exactly zero. Rounding as eager makes the
+    values independent of the graph."""
+    return torch.compile(function, dynamic=False,
+                         options={"emulate_precision_casts": True} if round_as_eager else None)
 
 
 class DecoderStage:
-    def __init__(self, *args, grad_ckpt: bool = False, compile_block: bool = False, **kwargs):
+    def __init__(self, *args, grad_ckpt: bool = False, compile_block: bool = False, round_as_eager: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.grad_ckpt = grad_ckpt
         block = super().forward
-        self.block = functools.partial(compiled(block.__func__), self) if compile_block else block
+        self.block = functools.partial(compiled(block.__func__, round_as_eager), self) if compile_block else block
 
     def forward(self, inputs):
         hidden, position_ids, *aux = inputs
@@ -122,10 +131,12 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: AttentionOptions,
-                compile_layers: bool = False, loss_chunk_tokens: int | None = None, loss_kernel: str = "torch") -> list:
+                compile_layers: bool = False, loss_chunk_tokens: int | None = None, loss_kernel: str = "torch",
+                round_as_eager: bool = False) -> list:
     """DeepSpeed layer specs: embed, decoders, final norm, head (tied to the embedding when the config says so),
     in ``pipellm.pipeline.partition.PipelineLayers``' order. The head leaves the projection to the loss with
-    ``loss_chunk_tokens`` or liger's fused linear + cross entropy (``loss_kernel`` ``liger``)."""
+    ``loss_chunk_tokens`` or liger's fused linear + cross entropy (``loss_kernel`` ``liger``). ``round_as_eager``:
+    see ``compiled``."""
     embed_cls = stage_class(EmbedStage, family.embed)
     defer = loss_chunk_tokens is not None or loss_kernel == "liger"
     if family.is_tied(hf_config):
@@ -139,7 +150,8 @@ def layer_specs(family: ModelFamily, hf_config, use_grad_ckpt: bool, attention: 
         head = LayerSpec(stage_class(HeadStage, family.head), hf_config, head_weight=family.head_weight,
                          defer_projection=defer, aux_loss=family.aux_loss)
     decoder_cls = stage_class(DecoderStage, family.decoder)
-    decoders = [LayerSpec(decoder_cls, hf_config, attention, grad_ckpt=use_grad_ckpt, compile_block=compile_layers)
+    decoders = [LayerSpec(decoder_cls, hf_config, attention, grad_ckpt=use_grad_ckpt, compile_block=compile_layers,
+                          round_as_eager=round_as_eager)
                 for _ in range(family.num_decoder_layers(hf_config))]
     return [embed, *decoders, LayerSpec(stage_class(NormStage, family.norm), hf_config), head]
 
@@ -160,9 +172,12 @@ def build_pipeline(family: ModelFamily, hf_config, topology, parts, *, use_grad_
     Each layer's initialisation is seeded by its layer file index, so the initial weights do not depend on the
     partition: 1 stage and 2 stages start from the same model, and both copies of a tied embedding agree.
     """
+    # An objective with a reference pass compares a no-grad forward with the training step's: compiled layers
+    # must compute both alike (see ``compiled``).
+    round_as_eager = getattr(objective, "uses_reference", False)
     specs = layer_specs(family, hf_config, use_grad_ckpt,
                         AttentionOptions(use_flash_attn, packed, attention_backend, speed.sdpa_backend),
-                        compile_layers, loss_chunk_tokens, speed.loss_kernel)
+                        compile_layers, loss_chunk_tokens, speed.loss_kernel, round_as_eager)
     partition = Partition.of_parts(parts, family, hf_config, topology.get_dim("pipe"))
     loss_fn = (objective or TokenMeanCrossEntropy(loss_chunk_tokens, speed.loss_kernel)).loss
     # Allocating on the target device directly skips a host copy of the stage (and is much faster to init).

@@ -22,7 +22,8 @@ LoRA save holds only adapters: export it merged first), loaded under peft's ``ba
 hashes the reference weights (each layer file's name, size and modification time; the config and seed for
 ``from_scratch``), the data (the tokenized files' cache keys, which cover content, tokenizer and template) and
 what decides the batches and the arithmetic (batch sizes, data degree, packing, seed, weights, precision,
-``loss_chunk_tokens``), so reruns and resumes reuse it and any change recomputes it. A LoRA run's key also
+``loss_chunk_tokens``, compiled layers, the ``speed`` kernels, the attention kernel), so reruns and resumes reuse it
+and any change recomputes it. A LoRA run's key also
 holds "adapters off" and ``quantize_base`` (a 4-bit base computes other log-probs), not the adapters' rank, scale
 or targets: they do not change the base.
 """
@@ -161,7 +162,9 @@ def cache_key(cfg, data: TrainingData) -> str:
              "eval_data": [f.meta["cache_key"] for f in eval_files],
              "layout": [cfg.global_batch_size, cfg.micro_batch_size, cfg.data_degree, cfg.packing, cfg.seed,
                         cfg.data_weights, cfg.eval_ratio, cfg.max_seq_len, cfg.loss_chunk_tokens,
-                        str(cfg.deepspeed_settings.dtype), cfg.model_topo.process_topology.dims]}
+                        str(cfg.deepspeed_settings.dtype), cfg.model_topo.process_topology.dims],
+             "kernels": [cfg.layers_compiled(torch.cuda.is_available()), cfg.speed, cfg.attention_backend,
+                         cfg.use_flash_attn]}
     if cfg.lora is not None:
         parts["lora"] = {"adapters": "off", "quantize_base": cfg.quantize_base}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -173,7 +176,7 @@ def prepare_pairs(cfg, data: TrainingData, engine, objective, schedule, resumed:
 
     from pipellm.training.distributed import all_reduce
 
-    if not getattr(objective, "uses_reference", True):  # a reward model: nothing to compare with
+    if not objective.uses_reference:  # a reward model: nothing to compare with
         return PairBatches(data, cfg.micro_batch_size, engine.replica, engine.replicas)
     check_no_margins(data)
     path = Path(cfg.save_path) / "reference_logps" / f"{cache_key(cfg, data)}.npz"
