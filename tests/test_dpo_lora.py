@@ -5,7 +5,6 @@ checkpoint as the reference), loss and every adapter gradient equal peft's on th
 and the bad configurations of the combination."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import types
 
@@ -17,6 +16,7 @@ from transformers import LlamaForCausalLM
 from distributed import run_distributed
 from equivalence import GradCapture, load_reference_weights
 from test_dpo import PREFERENCE_DATA, SEQ, Store, make_pairs, reference_logps, rows_of, tiny_config
+from test_lora import NEEDS_QLORA
 
 BETA, RANK, ALPHA = 0.5, 4, 8.0
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -285,10 +285,9 @@ def test_dpo_lora_trains_from_log_2_and_exports_like_sft_lora(dpo_lora, tiny_pp_
                            base_state["model.layers.0.self_attn.q_proj.weight"])
 
 
-# --- QLoRA + DPO: the 4-bit base needs bitsandbytes' CUDA kernels; CPU machines (CI) skip this test ---
+# --- QLoRA + DPO (a GPU with bitsandbytes; CPU machines, CI's too, skip it) ---
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
-                    reason="QLoRA needs a CUDA GPU and bitsandbytes")
+@NEEDS_QLORA
 def test_qlora_dpo_starts_at_log_2_and_learns_the_preference(tmp_path, tiny_pp_model):
     """One GPU, one process (``python train_ds.py`` with ``dims: [1, 1]``, bf16, compiled layers): DPO on the
     shipped pairs with adapters on every linear module of an NF4 base. The reference pass is the same NF4 base with

@@ -475,10 +475,13 @@ def test_mfu_counts_frozen_parameters_without_weight_gradients():
     assert (lora.per_token, lora.per_pair) == (4 * (frozen - embedding) + 6 * adapters, 12 * 2 * 8)
 
 
-# --- QLoRA: the 4-bit base needs bitsandbytes' CUDA kernels; CPU machines (CI) skip this test ---
+# --- QLoRA: the 4-bit base needs bitsandbytes' CUDA kernels; CPU machines (CI) skip its tests ---
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
-                    reason="QLoRA needs a CUDA GPU and bitsandbytes")
+NEEDS_QLORA = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                                 reason="QLoRA needs a CUDA GPU and bitsandbytes")
+
+
+@NEEDS_QLORA
 def test_qlora_trains_on_an_nf4_base_and_exports_merged_bf16(tmp_path, tiny_pp_model):
     """One GPU, one process (``python train_ds.py`` with ``dims: [1, 1]``): the run's decoder layers are
     bitsandbytes NF4 layers under peft's adapters, the loss falls, and the merged export is a bf16 checkpoint that

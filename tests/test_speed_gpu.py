@@ -55,17 +55,19 @@ def compare(liger_function, torch_function, inputs: list[torch.Tensor], what: st
         assert_as_accurate(a, b, r, f"{what} bf16 #{index}")
 
 
-def liger_cases(kernel: str):
-    """``(liger's function, the torch function, inputs)`` of one of liger's decoder kernels."""
-    torch.manual_seed(0)
-    if kernel == "rms_norm":
-        x = torch.randn(2, 128, 256, device="cuda")
-        weight = 1 + 0.1 * torch.randn(256, device="cuda")
-        return (lambda x, w: kernels.liger_rms_norm(x, w, 1e-5), lambda x, w: kernels.rms_norm(x, w, 1e-5),
-                [x, weight])
-    if kernel == "swiglu":
-        return kernels.liger_swiglu, kernels.swiglu, [torch.randn(2, 128, 512, device="cuda"),
-                                                      torch.randn(2, 128, 512, device="cuda")]
+def rms_norm_case():
+    """``(liger's function, the torch function, inputs)``: RMSNorm."""
+    x = torch.randn(2, 128, 256, device="cuda")
+    weight = 1 + 0.1 * torch.randn(256, device="cuda")
+    return lambda x, w: kernels.liger_rms_norm(x, w, 1e-5), lambda x, w: kernels.rms_norm(x, w, 1e-5), [x, weight]
+
+
+def swiglu_case():
+    return kernels.liger_swiglu, kernels.swiglu, [torch.randn(2, 128, 512, device="cuda"),
+                                                  torch.randn(2, 128, 512, device="cuda")]
+
+
+def rotary_case():
     q, k = torch.randn(2, 8, 128, 64, device="cuda"), torch.randn(2, 2, 128, 64, device="cuda")
     positions = torch.stack([torch.arange(128), torch.arange(128).remainder(50)]).cuda()  # a packed row too
     angles = positions[..., None].float() * (10000 ** (-torch.arange(0, 64, 2, device="cuda") / 64))
@@ -82,10 +84,12 @@ SWIGLU_FP32 = pytest.mark.xfail(strict=True, reason="liger's SwiGLU differs from
 
 
 @LIGER
-@pytest.mark.parametrize("kernel", ["rms_norm", pytest.param("swiglu", marks=SWIGLU_FP32), "rotary"])
-def test_liger_decoder_kernels_equal_the_torch_kernels(kernel):
-    liger_function, torch_function, inputs = liger_cases(kernel)
-    compare(liger_function, torch_function, inputs, kernel)
+@pytest.mark.parametrize("case", [rms_norm_case, pytest.param(swiglu_case, marks=SWIGLU_FP32), rotary_case],
+                         ids=["rms_norm", "swiglu", "rotary"])
+def test_liger_decoder_kernels_equal_the_torch_kernels(case):
+    torch.manual_seed(0)
+    liger_function, torch_function, inputs = case()
+    compare(liger_function, torch_function, inputs, case.__name__.removesuffix("_case"))
 
 
 @LIGER

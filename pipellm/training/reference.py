@@ -23,9 +23,8 @@ hashes the reference weights (each layer file's name, size and modification time
 ``from_scratch``), the data (the tokenized files' cache keys, which cover content, tokenizer and template) and
 what decides the batches and the arithmetic (batch sizes, data degree, packing, seed, weights, precision,
 ``loss_chunk_tokens``, compiled layers, the ``speed`` kernels, the attention kernel), so reruns and resumes reuse it
-and any change recomputes it. A LoRA run's key also
-holds "adapters off" and ``quantize_base`` (a 4-bit base computes other log-probs), not the adapters' rank, scale
-or targets: they do not change the base.
+and any change recomputes it. A LoRA run's key also holds "adapters off" and ``quantize_base`` (a 4-bit base
+computes other log-probs), not the adapters' rank, scale or targets: they do not change the base.
 """
 from __future__ import annotations
 
