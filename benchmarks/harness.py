@@ -6,6 +6,9 @@
   ``write_sft_data`` -- variable-length records for packed rows.
 * ``Point`` -- one measurement: which trainer (``train_ds.py`` pipeline or ``train_ds_zero.py`` ZeRO-3), sequence
   length, batch sizes and switches; ``Point.config`` is its training YAML.
+* ``llama_config``, ``stage_layers``, ``forward_backward`` -- one pipeline stage holding a whole preset-shaped
+  model, built from pipellm's own stage modules as training builds them, run without DeepSpeed's engine (the
+  benchmarks that time or profile the stage's own work).
 * ``launch`` -- runs one point through the deepspeed launcher in its own process group (a hung or timed-out point
   is killed whole), logs to a file, and returns an ``Outcome``: the figures (median over the steps after the
   warm-up ones) or why it failed, OOM told apart from other failures by the exit status and the log.
@@ -80,6 +83,45 @@ def write_model(work: Path, preset: str, layers: int | None = None) -> Path:
                 pad_token_id=3).save_pretrained(model_dir)
     load_tokenizer(TINY_LLAMA).save_pretrained(model_dir)
     return model_dir
+
+
+def llama_config(preset: str, layers: int | None, seq: int):
+    """transformers' ``LlamaConfig`` of a preset's shape (``layers``: the preset's when None), untied head."""
+    from transformers import LlamaConfig
+
+    hidden, intermediate, preset_layers, heads, kv_heads, vocab = PRESETS[preset]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers or preset_layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       max_position_embeddings=max(seq, 64), tie_word_embeddings=False)
+
+
+def stage_layers(hf_config, attention, device, dtype, *, grad_ckpt: bool = False, compiled: bool = True) -> list:
+    """The whole model as one stage's modules (embedding, decoders, final norm, head and loss), random weights
+    (std 0.02), in ``dtype`` on ``device``, in training mode; ``compiled``: the decoders compiled as training
+    compiles them."""
+    from pipellm.models import get_family
+    from pipellm.pipeline.stages import init_weights, layer_specs
+
+    specs = layer_specs(get_family("llama"), hf_config, use_grad_ckpt=grad_ckpt, attention=attention,
+                        compile_layers=compiled)
+    with device:
+        layers = [spec.build() for spec in specs]
+    for layer in layers:
+        init_weights(layer, 0.02)
+        layer.to(dtype).train()
+    return layers
+
+
+def forward_backward(layers: list, batches: list) -> None:
+    """Forward and backward of each micro batch (``pipellm.data.batches.micro_batches`` layout, on the layers'
+    device) through the stage's layers, the loss on the last; gradients accumulate, no optimizer step."""
+    from pipellm.pipeline.loss import token_mean_loss
+
+    for inputs, labels in batches:
+        hidden = inputs
+        for layer in layers[:-1]:
+            hidden = layer(hidden)
+        token_mean_loss(layers[-1](hidden), labels).backward()
 
 
 def write_data(path: Path, samples: int, seq: int) -> Path:

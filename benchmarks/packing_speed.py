@@ -77,40 +77,24 @@ def micro_batch_rows(args, vocab: int, packed: bool) -> list:
 
 def measure(args, hf_config, variant: str, device: torch.device) -> dict:
     """Forward + backward of every micro batch, timed after ``--warmup`` rounds; the variant's figures."""
-    from pipellm.models import get_family
     from pipellm.models.attention import AttentionOptions
-    from pipellm.pipeline.loss import token_mean_loss
-    from pipellm.pipeline.stages import init_weights, layer_specs
 
     packed = variant != "fixed"
     options = AttentionOptions(use_flash_attn=args.flash, packed=packed,
                                backend="flex" if variant == "packed-flex" else "sdpa")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    specs = layer_specs(get_family("llama"), hf_config, use_grad_ckpt=args.grad_ckpt, attention=options,
-                        compile_layers=not args.eager and device.type == "cuda")
-    with torch.device(device):
-        layers = [spec.build() for spec in specs]
-    for layer in layers:
-        init_weights(layer, 0.02)
-        layer.to(dtype).train()
+    layers = harness.stage_layers(hf_config, options, device, dtype, grad_ckpt=args.grad_ckpt,
+                                  compiled=not args.eager and device.type == "cuda")
     batches, real_tokens = micro_batch_rows(args, hf_config.vocab_size, packed)
     batches = [(tuple(t.to(device) for t in inputs), (targets.to(device), scale.to(device)))
                for inputs, (targets, scale) in batches]
-
-    def step():
-        for inputs, labels in batches:
-            hidden = inputs
-            for layer in layers[:-1]:
-                hidden = layer(hidden)
-            token_mean_loss(layers[-1](hidden), labels).backward()
-
     for _ in range(args.warmup):
-        step()
+        harness.forward_backward(layers, batches)
     seconds = []
     for _ in range(args.steps):
         sync(device)
         start = time.perf_counter()
-        step()
+        harness.forward_backward(layers, batches)
         sync(device)
         seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
@@ -157,13 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    from transformers import LlamaConfig
-
     args = parse_args(argv)
-    hidden, intermediate, layers, heads, kv_heads, vocab = harness.PRESETS[args.preset]
-    hf_config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=args.layers or layers,
-                            num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                            max_position_embeddings=max(args.seq, 64), tie_word_embeddings=False)
+    hf_config = harness.llama_config(args.preset, args.layers, args.seq)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     common = {"preset": args.preset, "layers": hf_config.num_hidden_layers, "seq": args.seq, "micro": args.micro,
               "micro_batches": args.micro_batches, "dtype": args.dtype, "device": harness.gpu_name() or "cpu",

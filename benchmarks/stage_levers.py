@@ -12,8 +12,10 @@ as its own process on the same data, model seed and steps; its "before" is the r
 warm-up ones. Variants run in the order given, the likeliest to pay first. The first run always starts; a later one
 is skipped (recorded as such) once the time left of ``--budget-s`` is under the median run so far (the first run pays
 the cold ``torch.compile``, whose cache serves the rest), and a run still going when the budget is spent is killed
-(a timeout). Then ``combined`` runs the best variant of each group (attention, loss, decoder, host) that beat the
-baseline by more than ``--keep-above``; ``baseline-again``, the baseline a second time, shows the noise.
+(a timeout). Then ``combined`` runs the best variant of each group (attention, loss, decoder, host, batch) that
+beat the baseline by more than ``--keep-above``; ``baseline-again``, the baseline a second time, shows the noise.
+``micro-4`` doubles the micro batch at the same global batch (half the micro batches): larger matmuls, fewer
+launches, twice the activation memory.
 
 Each variant's final loss is printed next to the baseline's: a lever changes rounding at most, never the training
 (the kernels' equality is tested by ``tests/test_speed*.py``; the GPU ones have not run yet), so a loss that moves
@@ -48,7 +50,8 @@ FIELDS = ["variant", "group", "versus", "status", "tokens_per_sec_per_gpu", "mfu
 @dataclasses.dataclass(frozen=True)
 class Variant:
     group: str
-    """``baseline``, ``attention``, ``loss``, ``decoder`` or ``host``: ``combined`` takes one winner per group."""
+    """``baseline``, ``attention``, ``loss``, ``decoder``, ``host`` or ``batch``: ``combined`` takes one winner per
+    group."""
     overrides: dict
     """YAML keys set over the baseline's."""
     versus: str = "baseline"
@@ -69,12 +72,13 @@ VARIANTS = {
     "eager": Variant("decoder", {"compile_layers": False}),
     "liger-eager": Variant("decoder", {"compile_layers": False, "speed": {"liger_kernels": True}}, versus="eager"),
     "sdpa-efficient": Variant("attention", {"speed": {"sdpa_backend": "efficient"}}),
+    "micro-4": Variant("batch", {"train_micro_batch_size_per_gpu": 4}),
     "baseline-again": Variant("baseline", {}),
 }
 COMMON_KEYS = {"use_tensorboard": False}
 """Set in every run: the figures come from ``metrics.jsonl``; event files would only cost time (and the package)."""
 DEFAULT_ORDER = ("baseline,sdpa-cudnn,host-syncs,loss-compiled,loss-liger,liger,sdpa-flash,no-ds-timer,loss-chunked,"
-                 "eager,liger-eager,sdpa-efficient,baseline-again")
+                 "eager,liger-eager,sdpa-efficient,micro-4,baseline-again")
 """The likeliest to pay first: the budget may end the list early."""
 SMOKE = {"preset": "tiny", "layers": "2", "seq": 32, "micro": 2, "global_batch": 4, "steps": 3, "warmup": 1,
          "dtype": "fp32", "variants": "baseline,loss-chunked", "combine": False}
