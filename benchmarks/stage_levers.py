@@ -75,6 +75,8 @@ VARIANTS = {
     "micro-4": Variant("batch", {"train_micro_batch_size_per_gpu": 4}),
     "baseline-again": Variant("baseline", {}),
 }
+GROUPS = ["baseline", "attention", "loss", "decoder", "host", "batch", "combined"]
+"""Every variant's group, in the plot's colour order."""
 COMMON_KEYS = {"use_tensorboard": False}
 """Set in every run: the figures come from ``metrics.jsonl``; event files would only cost time (and the package)."""
 DEFAULT_ORDER = ("baseline,sdpa-cudnn,host-syncs,loss-compiled,loss-liger,liger,sdpa-flash,no-ds-timer,loss-chunked,"
@@ -285,7 +287,7 @@ def plot(rows: list[dict], path: Path, title: str) -> str | None:
     ok = [r for r in rows if r["status"] == "ok"]
     figure, axis = plt.subplots(figsize=(max(6, 0.8 * len(ok) + 2), 4.5))
     axis.bar([r["variant"] for r in ok], [r["tokens_per_sec_per_gpu"] for r in ok],
-             color=[f"C{['baseline', 'attention', 'loss', 'decoder', 'host', 'combined'].index(r['group'])}"
+             color=[f"C{GROUPS.index(r['group'])}"
                     for r in ok])
     baseline = next((r for r in ok if r["variant"] == "baseline"), None)
     if baseline is not None:

@@ -291,7 +291,7 @@ def test_dpo_lora_trains_from_log_2_and_exports_like_sft_lora(dpo_lora, tiny_pp_
 def test_qlora_dpo_starts_at_log_2_and_learns_the_preference(tmp_path, tiny_pp_model):
     """One GPU, one process (``python train_ds.py`` with ``dims: [1, 1]``, bf16, compiled layers): DPO on the
     shipped pairs with adapters on every linear module of an NF4 base. The reference pass is the same NF4 base with
-    the adapters off, so step 1's loss is log 2 exactly (peft's ``lora_B`` starts at zero, no dropout); the loss
+    the adapters off, so step 1's loss is log 2 (peft's ``lora_B`` starts at zero, no dropout); the loss
     then falls and the chosen answers win; the merged export is a bf16 checkpoint that transformers loads."""
     import json
     import subprocess
@@ -315,7 +315,12 @@ def test_qlora_dpo_starts_at_log_2_and_learns_the_preference(tmp_path, tiny_pp_m
     assert done.returncode == 0, done.stderr[-3000:]
     save = tmp_path / "save"
     records = metrics(save)
-    assert len(records) == 16 and records[0]["loss"] == LOG_2 and records[0]["rewards/margins"] == 0.0
+    # Not bit for bit, as on the CPU: the no-grad reference pass may run other GPU kernels than the training step
+    # (attention without its softmax statistics, other GEMM choices), so the samples' summed log-probs may differ
+    # in their last fp32 bits. On an H100 step 1 was log 2 - 3.6e-7 with margins 5.7e-7 (eager layers, or no
+    # 4-bit base: margins up to 1.9e-7). Layers rounding unlike the reference pass moved it by 1.8e-4 (an H200).
+    assert len(records) == 16 and abs(records[0]["loss"] - LOG_2) < 1e-5, records[0]
+    assert abs(records[0]["rewards/margins"]) < 1e-5, records[0]
     # On the CPU (bf16, no 4-bit base) the same run ends near 0.3 with every pair's chosen reward higher.
     assert max(r["loss"] for r in records[-4:]) < LOG_2 - 0.2, [r["loss"] for r in records]
     assert min(r["rewards/accuracies"] for r in records[-4:]) >= 0.75, [r["rewards/accuracies"] for r in records]

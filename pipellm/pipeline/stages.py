@@ -88,9 +88,14 @@ class NormStage:
 
 
 def project(hidden: torch.Tensor, weight: torch.Tensor, defer: bool, aux: torch.Tensor | None = None) -> HeadOutput:
-    """The logits, or ``hidden`` and ``weight`` when the loss projects them itself, a chunk of tokens at a time."""
+    """The logits, or ``hidden`` and ``weight`` when the loss projects them itself, a chunk of tokens at a time.
+
+    The weight leaves as a view, never as the parameter: DeepSpeed hooks every stage output that has a
+    ``grad_fn`` and runs its backward prologue (the bf16 optimizer clears the bf16 gradients there) when the first
+    of them gets its gradient. A parameter has no ``grad_fn``, so its gradient was accumulated first and then
+    cleared by the prologue: under bf16 the head never trained."""
     if defer:
-        return HeadOutput(hidden=hidden, weight=weight, aux=aux)
+        return HeadOutput(hidden=hidden, weight=weight.view_as(weight), aux=aux)
     return HeadOutput(logits=F.linear(hidden, weight), aux=aux)
 
 
