@@ -14,6 +14,18 @@ With ``--goals`` it also reports the goals of the performance work (issue #8), e
 pipeline MFU >= 55% at 2048 and 4096; pipeline samples/s >= 1.3x the best ZeRO-3 at 512, 2048 and 4096 with no
 more peak memory per GPU; a pipeline method (plain or grad-checkpointed) trains at max_seq_len >= 32768.
 
+The stage goals of issue 15, each PASS, FAIL or NOT MEASURED, from what the one-GPU benchmarks wrote:
+
+    python benchmarks/guard.py --stage-levers benchmarks/results/stage_levers_h200/results.csv \
+        --packing benchmarks/results/packing_h100/results.csv --zb-h1-costs 58.6,75.2,39.9 61.1,77.9,40.6
+
+* one stage >= 62% MFU (``stage_levers.py``'s ``results.csv``, one per sequence length: its baseline and its best
+  variant);
+* packed rows with FlexAttention >= 97% of fixed-length rows' real tokens/s (``packing_speed.py``);
+* ZB-H1's predicted step within 3% of the busiest stage's compute at ``--micro-batches`` (default 16), from
+  measured F,B,W milliseconds per stage (``pipellm.plan.schedules``), holding at most 10% more micro batches at its
+  peak than 1F1B.
+
 Exit code 1 on any regression (and, with ``--require-goals``, on any goal not PASS); 0 otherwise.
 """
 from __future__ import annotations
@@ -93,15 +105,72 @@ def goals(points: dict) -> list[tuple[str, str, str]]:
     return results
 
 
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; pass the results.csv the benchmark wrote")
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def stage_goals(stage_levers: list[Path], packing: Path | None, zb_h1_costs: list[str] | None,
+                micro_batches: int) -> list[tuple[str, str, str]]:
+    """(goal, PASS | FAIL | NOT MEASURED, the figures) for each goal of issue 15 given an input."""
+    results = []
+    for path in stage_levers:
+        measured = {r["variant"]: float(r["mfu"]) for r in read_rows(path) if r["status"] == "ok" and r["mfu"]}
+        name = f"one stage >= 62% MFU ({path.parent.name})"
+        if not measured:
+            results.append((name, "NOT MEASURED", ""))
+            continue
+        best = max(measured, key=measured.get)
+        baseline = f"baseline {measured['baseline']:.1%}, " if "baseline" in measured else ""
+        results.append((name, "PASS" if measured[best] >= 0.62 else "FAIL", f"{baseline}best {best} "
+                                                                           f"{measured[best]:.1%}"))
+    if packing is not None:
+        rows = {r["variant"]: r for r in read_rows(packing)}
+        flex = rows.get("packed-flex")
+        name = "packed rows (FlexAttention) >= 97% of fixed-length rows' real tokens/s"
+        if flex is None or flex["status"] != "ok" or not flex.get("vs_fixed"):
+            results.append((name, "NOT MEASURED", ""))
+        else:
+            ratio = float(flex["vs_fixed"])
+            results.append((name, "PASS" if ratio >= 0.97 else "FAIL", f"{ratio:.1%}, fill {float(flex['fill']):.1%}"))
+    if zb_h1_costs:
+        from pipellm.plan.schedules import PassCosts, simulate
+
+        costs = [PassCosts(*(float(x) for x in triple.split(","))) for triple in zb_h1_costs]
+        zb, one_f_one_b = simulate("zb-h1", costs, micro_batches), simulate("1f1b", costs, micro_batches)
+        ratio = zb.step_time / max(zb.busy)
+        held, held_1f1b = max(zb.peak_held()), max(one_f_one_b.peak_held())
+        passed = ratio <= 1.03 and held <= 1.1 * held_1f1b
+        results.append((f"ZB-H1 predicted step <= 1.03x the busiest stage's compute, {micro_batches} micro batches, "
+                        f"peak held <= 1F1B's + 10%", "PASS" if passed else "FAIL",
+                        f"{ratio:.3f}x, {zb.step_time:.0f} ms; micro batches held {held} vs {held_1f1b}"))
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, required=True, help="results.csv of the fresh sweep")
-    parser.add_argument("--baseline", type=Path, required=True, help="results.csv of the committed sweep")
+    parser.add_argument("--results", type=Path, help="results.csv of the fresh sweep")
+    parser.add_argument("--baseline", type=Path, help="results.csv of the committed sweep")
     parser.add_argument("--mfu-tolerance", type=float, default=0.02, help="allowed absolute MFU drop")
     parser.add_argument("--memory-tolerance", type=float, default=0.05, help="allowed relative memory rise")
     parser.add_argument("--goals", action="store_true", help="also report the performance goals")
     parser.add_argument("--require-goals", action="store_true", help="exit 1 unless every goal passes")
+    stage = parser.add_argument_group("issue 15's stage goals")
+    stage.add_argument("--stage-levers", type=Path, nargs="+", default=[], help="stage_levers.py results.csv files")
+    stage.add_argument("--packing", type=Path, help="packing_speed.py results.csv")
+    stage.add_argument("--zb-h1-costs", nargs="+", metavar="F,B,W", help="ms per micro batch of each stage's passes")
+    stage.add_argument("--micro-batches", type=int, default=16, help="micro batches per step for ZB-H1's goal")
     args = parser.parse_args(argv)
+    if (args.results is None) != (args.baseline is None):
+        parser.error("--results and --baseline go together")
+    found, failed_goals = [], False
+    for name, verdict, figures in stage_goals(args.stage_levers, args.packing, args.zb_h1_costs, args.micro_batches):
+        print(f"  {verdict:<12} {name}" + (f" ({figures})" if figures else ""))
+        failed_goals |= verdict != "PASS"
+    if args.results is None:
+        return 1 if args.require_goals and failed_goals else 0
 
     new, baseline = read_points(args.results), read_points(args.baseline)
     compared = sorted(key for key in new.keys() & baseline.keys() if _ok(baseline[key]))
@@ -109,7 +178,6 @@ def main(argv=None) -> int:
     print(f"{len(compared)} points compared with {args.baseline}: {len(found)} regression(s)")
     for line in found:
         print(f"  REGRESSION {line}")
-    failed_goals = False
     if args.goals or args.require_goals:
         for name, verdict, figures in goals(new):
             print(f"  {verdict:<12} {name}" + (f" ({figures})" if figures else ""))

@@ -165,3 +165,24 @@ def test_smoke_stage_profile_accounts_for_the_wall_time(tmp_path):
     assert sum(float(r["share_of_wall"]) for r in rows.values()) >= 1 - 1e-9
     assert list(csv.DictReader(open(tmp_path / "kernels.csv")))
     assert "| matmul |" in (tmp_path / "results.md").read_text()
+
+
+def test_guard_reports_the_stage_goals(tmp_path, capsys):
+    import guard
+
+    levers, packing = tmp_path / "levers.csv", tmp_path / "packing.csv"
+    harness.write_rows(levers, ["variant", "status", "mfu"], [
+        {"variant": "baseline", "status": "ok", "mfu": 0.60}, {"variant": "micro-4", "status": "ok", "mfu": 0.63},
+        {"variant": "eager", "status": "OOM", "mfu": ""}])
+    harness.write_rows(packing, ["variant", "status", "fill", "vs_fixed"], [
+        {"variant": "fixed", "status": "ok", "fill": 1.0, "vs_fixed": 1.0},
+        {"variant": "packed-flex", "status": "ok", "fill": 0.98, "vs_fixed": 0.96}])
+    # Equal stages of F = B = W = 1: ZB-H1 leaves one F + B - W = 1 of bubble on 2 stages, 49 / 48 of the compute.
+    verdicts = guard.stage_goals([levers], packing, ["1,1,1", "1,1,1"], 16)
+    assert [(verdict, figures) for _, verdict, figures in verdicts] == [
+        ("PASS", "baseline 60.0%, best micro-4 63.0%"), ("FAIL", "96.0%, fill 98.0%"),
+        ("PASS", "1.021x, 49 ms; micro batches held 2 vs 2")]
+    # Without a sweep to compare, only the stage goals; --require-goals fails on the packing goal.
+    assert guard.main(["--packing", str(packing)]) == 0
+    assert guard.main(["--packing", str(packing), "--require-goals"]) == 1
+    assert "FAIL         packed rows" in capsys.readouterr().out
