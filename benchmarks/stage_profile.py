@@ -9,9 +9,9 @@ sample each (no padding). After ``--warmup`` rounds, ``--steps`` rounds of forwa
 ``--micro-batches`` micro batches run under ``torch.profiler``. No optimizer step and no DeepSpeed engine: compare
 the tokens/s here with ``stage_levers.py``'s baseline on the same card for what the engine and AdamW cost.
 
-Every GPU kernel (on CPU, every operator's self time) falls in the first kind of ``KINDS`` whose pattern its name
-matches. Reported per round: each kind's time and share of the wall time, the idle time (wall time no kernel covers: the
-host's launches and syncs), and
+Every GPU kernel (on CPU, every operator's self time) is sorted by kind as ``profile_steps`` sorts a training step's
+(``pipellm.observe.step_profile.KINDS``). Reported per round: each kind's time and share of the wall time, the idle
+time (wall time no kernel covers: the host's launches and syncs), and
 
 * matmul throughput = 6 x (N - N_embedding) x tokens / matmul time: what the GEMMs achieve, against the peak;
 * MFU = tokens/s x (6 (N - N_embedding) + 12 L d S) / peak (``harness.MFU_FORMULA``, without the optimizer).
@@ -23,7 +23,6 @@ rounds' Chrome trace.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,45 +31,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import harness
-
-KINDS = (
-    ("attention", re.compile(r"flash|fmha|attention|sdpa|_efficient_attention", re.IGNORECASE)),
-    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::(mm|bmm|addmm|matmul)$", re.IGNORECASE)),
-    ("loss (softmax, cross entropy)", re.compile(r"softmax|nll_loss|cross_entropy|logsumexp", re.IGNORECASE)),
-    ("fused elementwise (compiled)", re.compile(r"^triton_")),
-    ("copy, cast, fill", re.compile(r"copy|memcpy|memset|fill|cast|aten::(to|_to_copy|cat|zero_)$", re.IGNORECASE)),
-    ("other elementwise and reductions", re.compile(r".")),
-)
-"""(kind, pattern) in order: a kernel is the first kind whose pattern it matches (attention before matmul, whose
-patterns some attention kernels' names also match)."""
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-"""Dense bf16 peak per GPU, by a substring of the device name."""
-FIELDS = ["kind", "ms_per_round", "share_of_wall", "kernels_per_round"]
-
-
-def kind_of(name: str) -> str:
-    return next(kind for kind, pattern in KINDS if pattern.search(name))
-
-
-def kernel_times(prof, device: torch.device) -> tuple[list[tuple[str, float]], float]:
-    """``(name, microseconds)`` of every GPU kernel (on CPU: every operator's self time) and the time the device
-    was busy: the union of the kernels' intervals (kernels on several streams overlap; on CPU, the sum)."""
-    if device.type != "cuda":
-        times = [(e.name, e.self_cpu_time_total) for e in prof.events() if e.self_cpu_time_total > 0]
-        return times, sum(us for _, us in times)
-    kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
-    busy, reach = 0.0, float("-inf")
-    for _, start, end in kernels:
-        if end > reach:
-            busy += end - max(start, reach)
-            reach = end
-    return [(name, end - start) for name, start, end in kernels], busy
-
-
-def peak_flops(device_name: str) -> float | None:
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in device_name), None)
-
+from pipellm.observe.metrics import device_peak_flops
+from pipellm.observe.step_profile import FIELDS, kernel_times, kind_of, kinds_table, markdown_table
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -119,24 +81,18 @@ def main(argv=None) -> None:
             harness.forward_backward(layers, batches)
         sync(device)
         wall_us = (time.perf_counter() - start) * 1e6 / args.steps
-    kernels, busy_us = kernel_times(prof, device)
+    kernels, busy_us = kernel_times(prof, device.type == "cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.trace:
         prof.export_chrome_trace(str(out / "trace.json"))
-
-    per_kind = {kind: [0.0, 0] for kind, _ in KINDS}
+    table = kinds_table(kernels, busy_us, wall_us * args.steps, args.steps)
+    harness.write_rows(out / "results.csv", list(FIELDS), table)
     per_kernel: dict[str, list] = {}
     for name, us in kernels:
-        for entry in (per_kind[kind_of(name)], per_kernel.setdefault(name, [0.0, 0])):
-            entry[0] += us / args.steps
-            entry[1] += 1 / args.steps
-    busy_us /= args.steps
-    table = [{"kind": kind, "ms_per_round": us / 1e3, "share_of_wall": us / wall_us,
-              "kernels_per_round": round(count)} for kind, (us, count) in per_kind.items() if count]
-    table.append({"kind": "idle (no kernel running)", "ms_per_round": max(wall_us - busy_us, 0) / 1e3,
-                  "share_of_wall": max(wall_us - busy_us, 0) / wall_us, "kernels_per_round": 0})
-    harness.write_rows(out / "results.csv", FIELDS, table)
+        entry = per_kernel.setdefault(name, [0.0, 0])
+        entry[0] += us / args.steps
+        entry[1] += 1 / args.steps
     longest = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:40]
     harness.write_rows(out / "kernels.csv", ["kernel", "kind", "ms_per_round", "calls_per_round"],
                        [{"kernel": name, "kind": kind_of(name), "ms_per_round": us / 1e3, "calls_per_round": round(n)}
@@ -147,8 +103,8 @@ def main(argv=None) -> None:
     n_embedding = hf_config.vocab_size * hf_config.hidden_size
     work = 6 * (n_params - n_embedding) + 12 * hf_config.num_hidden_layers * hf_config.hidden_size * args.seq
     device_name = harness.gpu_name() or "cpu"
-    peak = peak_flops(device_name)
-    matmul_s = per_kind["matmul"][0] / 1e6
+    peak = device_peak_flops()
+    matmul_s = next((r["ms_per_step"] for r in table if r["kind"] == "matmul"), 0) / 1e3
     figures = {"tokens_per_sec": tokens / (wall_us / 1e6),
                "matmul_tflops": 6 * (n_params - n_embedding) * tokens / matmul_s / 1e12 if matmul_s else None}
     figures["mfu"] = figures["tokens_per_sec"] * work / peak if peak else None
@@ -178,9 +134,7 @@ def write_markdown(path: Path, args, argv, device_name: str, peak, table: list[d
              f"- tokens/s: {figures['tokens_per_sec']:,.0f} (under the profiler)",
              f"- MFU without the optimizer: {mfu}; tokens/s x (6 (N - N_embedding) + 12 L d S) / peak",
              f"- matmul throughput: {matmul}; 6 (N - N_embedding) x tokens / the matmul kernels' time", "",
-             "| kind | ms / round | share of wall time | kernels / round |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['kind']} | {r['ms_per_round']:.1f} | {r['share_of_wall']:.1%} | {r['kernels_per_round']} |"
-              for r in table]
+             *markdown_table(table, "round")]
     lines += ["", "Kinds overlap when kernels run on several streams: shares may sum past 100%.", "",
               "## Longest kernels", "", "| kernel | kind | ms / round | calls / round |", "| --- | --- | --- | --- |"]
     lines += [f"| `{name[:90]}` | {kind_of(name)} | {us / 1e3:.1f} | {round(n)} |" for name, (us, n) in longest[:20]]

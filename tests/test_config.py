@@ -67,6 +67,8 @@ BAD = {
     "data_types not a mapping": (dict(data_types="fp32"), ["`data_types` must be a mapping like "
                                                            "{grad_accum_dtype: fp32}, got 'fp32'"]),
     "loss chunk": (dict(loss_chunk_tokens=0), ["`loss_chunk_tokens` must be >= 1 (or null: no chunking), got 0"]),
+    "profile window": (dict(profile_steps=[3, 2]), ["`profile_steps` must be [first, last] with 1 <= first <= last "
+                                                     "(1-based training steps), got [3, 2]"]),
     "zero stage": (dict(zero_optimization={"stage": "one"}), ["`zero_optimization.stage` must be one of 0, 1, 2, 3"]),
     "parts choice": (dict(model_topo={"parts": "even"}), ["`model_topo.parts` must be a list of layer counts, `uniform`"]),
     "optimizer lr range": (dict(optimizer={"type": "AdamW", "params": {"lr": -1e-3}}),

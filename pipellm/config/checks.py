@@ -80,6 +80,13 @@ def check_checkpoints(cfg: TrainConfig, source: str) -> None:
                            f"and eval data (`eval_ratio` or `eval_data_path`)")
 
 
+def check_profile(cfg: TrainConfig, source: str) -> None:
+    steps = cfg.profile_steps
+    if steps is not None and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+        raise PipellmError(f"{source}: `profile_steps` must be [first, last] with 1 <= first <= last (1-based "
+                           f"training steps), got {steps}; e.g. [5, 6], or leave it out")
+
+
 def check_learning_rate(cfg: TrainConfig, source: str) -> None:
     for pattern in cfg.no_weight_decay:
         try:
@@ -330,8 +337,8 @@ def check_reward(cfg: TrainConfig, source: str) -> None:
                            f"`lora.modules_to_save`")
 
 
-SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_learning_rate,
-                  check_optimizer_block, check_scheduler_block, check_precision, check_objective,
+SECTION_CHECKS = (check_bounds, check_topology, check_data, check_checkpoints, check_profile,
+                  check_learning_rate, check_optimizer_block, check_scheduler_block, check_precision, check_objective,
                   complete_batch_sizes, check_lora, check_pairwise, check_pipeline_schedule, check_reward,
                   check_speed)
 

@@ -274,6 +274,11 @@ class TrainConfig:
     gpu_profile_interval_s: float = 5.0
     """Sample every GPU's utilisation and memory this often (NVML, ``pip install 'pipellm[nvml]'``) into
     ``save_path/gpu_profile.csv`` and ``.png``; 0 turns it off. Nothing is sampled without NVML or GPUs."""
+    profile_steps: list[int] | None = None
+    """``[first, last]``: record training steps ``first`` to ``last`` (1-based, inclusive) with ``torch.profiler``
+    on every rank, then write ``save_path/profile/rank<r>.trace.json`` (a Chrome trace) and ``rank<r>.kinds.md``
+    / ``.csv`` (device time per step by kernel kind: matmul, attention, compiled elementwise, loss, copies,
+    collectives, idle; ``pipellm.observe.step_profile``). Off by default: the steps it records run slower."""
     no_weight_decay: list[str] = dataclasses.field(default_factory=lambda: list(NO_WEIGHT_DECAY))
     """Regular expressions (Python ``re.search``) on parameter names as in the Hugging Face checkpoint
     (``model.layers.3.input_layernorm.weight``, also in ``train_ds_zero.py``): a parameter matching any of them

@@ -23,6 +23,7 @@ from pipellm.data import IGNORE_INDEX
 from pipellm.data.batches import Schedule, load_training_data, micro_batches
 from pipellm.errors import PipellmError
 from pipellm.observe.gpu_profile import start_gpu_profile
+from pipellm.observe.step_profile import StepProfiler
 from pipellm.observe.metrics import (MetricsLog, ModelFlops, StepFigures, StepTimer, attention_pairs,
                                      device_peak_flops)
 from pipellm.observe.run_info import write_run_info
@@ -85,6 +86,7 @@ class Trainer:
         self.log = MetricsLog(cfg.save_path, self.total_steps, self.start_step, enabled=self.is_logger,
                               sinks=open_sinks(cfg, self.start_step) if self.is_logger else [])
         self.timer = StepTimer()
+        self.step_profiler = StepProfiler(cfg.save_path, tuple(cfg.profile_steps) if cfg.profile_steps else None)
 
     def fit(self) -> None:
         """Train from the start step to the end, or until a stop; every rank runs the same steps. A failure of
@@ -125,7 +127,7 @@ class Trainer:
         input_ids, labels, position_ids, lengths = self.data.rows_of(rows)
         lr, skipped_before = engine.lr(), engine.skipped_steps  # the lr this step trains at
         # Every collective of the step is watched; checkpoint saves are not (they may take long).
-        with watchdog.watch_step(done):
+        with watchdog.watch_step(done), self.step_profiler.step(done):
             loss = engine.train_step(self._micro_batches(rows, "train", input_ids, labels, position_ids))
             watchdog.enter("the all-reduce of the SIGTERM flag")
             sigterm = self.preemption.agreed()
@@ -188,6 +190,7 @@ class Trainer:
         """The metrics log and the GPU profile, complete on disk, and SIGTERM's handler as it was: however the run
         ends."""
         self.log.close()
+        self.step_profiler.close()
         if self.gpu_profile:
             self.gpu_profile.finish()
         self.preemption.release()
