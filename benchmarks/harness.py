@@ -6,9 +6,9 @@
   ``write_sft_data`` -- variable-length records for packed rows.
 * ``Point`` -- one measurement: which trainer (``train_ds.py`` pipeline or ``train_ds_zero.py`` ZeRO-3), sequence
   length, batch sizes and switches; ``Point.config`` is its training YAML.
-* ``llama_config``, ``stage_layers``, ``forward_backward`` -- one pipeline stage holding a whole preset-shaped
-  model, built from pipellm's own stage modules as training builds them, run without DeepSpeed's engine (the
-  benchmarks that time or profile the stage's own work).
+* ``llama_config``, ``add_stage_arguments``, ``stage_layers``, ``forward_backward`` -- one pipeline stage holding a
+  whole preset-shaped model, built from pipellm's own stage modules as training builds them, run without
+  DeepSpeed's engine (the benchmarks that time or profile the stage's own work).
 * ``launch`` -- runs one point through the deepspeed launcher in its own process group (a hung or timed-out point
   is killed whole), logs to a file, and returns an ``Outcome``: the figures (median over the steps after the
   warm-up ones) or why it failed, OOM told apart from other failures by the exit status and the log.
@@ -93,6 +93,16 @@ def llama_config(preset: str, layers: int | None, seq: int):
     return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers or preset_layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                        max_position_embeddings=max(seq, 64), tie_word_embeddings=False)
+
+
+def add_stage_arguments(parser, preset: str) -> None:
+    """The stage-alone benchmarks' shape flags: ``--preset`` (default ``preset``), ``--layers``, ``--seq``,
+    ``--micro`` and ``--micro-batches`` (per round: one step's forward + backward)."""
+    parser.add_argument("--preset", choices=PRESETS, default=preset)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro", type=int, default=2, help="rows per micro batch")
+    parser.add_argument("--micro-batches", type=int, default=4, help="micro batches per round")
 
 
 def stage_layers(hf_config, attention, device, dtype, *, grad_ckpt: bool = False, compiled: bool = True) -> list:

@@ -110,11 +110,7 @@ def sync(device: torch.device) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=harness.PRESETS, default="7b")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--micro", type=int, default=2, help="rows per micro batch")
-    parser.add_argument("--micro-batches", type=int, default=4, help="micro batches per timed round")
+    harness.add_stage_arguments(parser, preset="7b")
     parser.add_argument("--min-len", type=int, default=None, help="shortest packed sample (default: seq / 16)")
     parser.add_argument("--max-len", type=int, default=None, help="longest packed sample (default: seq / 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (the median is reported)")

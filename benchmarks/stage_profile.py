@@ -36,11 +36,7 @@ from pipellm.observe.step_profile import FIELDS, kernel_times, kind_of, kinds_ta
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=harness.PRESETS, default="7b-16")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--micro", type=int, default=2, help="rows per micro batch")
-    parser.add_argument("--micro-batches", type=int, default=4, help="micro batches per round")
+    harness.add_stage_arguments(parser, preset="7b-16")
     parser.add_argument("--steps", type=int, default=2, help="profiled rounds")
     parser.add_argument("--warmup", type=int, default=2, help="unprofiled rounds first (compile, allocator)")
     parser.add_argument("--eager", action="store_true", help="no torch.compile of the decoder layers on GPUs")
