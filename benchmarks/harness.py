@@ -6,8 +6,8 @@
   ``write_sft_data`` -- variable-length records for packed rows.
 * ``Point`` -- one measurement: which trainer (``train_ds.py`` pipeline or ``train_ds_zero.py`` ZeRO-3), sequence
   length, batch sizes and switches; ``Point.config`` is its training YAML.
-* ``llama_config``, ``add_stage_arguments``, ``stage_layers``, ``forward_backward`` -- one pipeline stage holding a
-  whole preset-shaped model, built from pipellm's own stage modules as training builds them, run without
+* ``llama_config``, ``add_stage_arguments``, ``stage_layers``, ``on_device``, ``forward_backward``, ``sync`` -- one
+  pipeline stage holding a whole preset-shaped model, built from pipellm's own stage modules as training builds them, run without
   DeepSpeed's engine (the benchmarks that time or profile the stage's own work).
 * ``launch`` -- runs one point through the deepspeed launcher in its own process group (a hung or timed-out point
   is killed whole), logs to a file, and returns an ``Outcome``: the figures (median over the steps after the
@@ -120,6 +120,20 @@ def stage_layers(hf_config, attention, device, dtype, *, grad_ckpt: bool = False
         init_weights(layer, 0.02)
         layer.to(dtype).train()
     return layers
+
+
+def on_device(batches: list, device) -> list:
+    """Micro batches (``pipellm.data.batches.micro_batches`` layout) with every tensor on ``device``."""
+    return [(tuple(t.to(device) for t in inputs), (targets.to(device), scale.to(device)))
+            for inputs, (targets, scale) in batches]
+
+
+def sync(device) -> None:
+    """Wait for ``device``'s queued kernels (a no-op on CPU), so a host clock times their work."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def forward_backward(layers: list, batches: list) -> None:

@@ -86,26 +86,20 @@ def measure(args, hf_config, variant: str, device: torch.device) -> dict:
     layers = harness.stage_layers(hf_config, options, device, dtype, grad_ckpt=args.grad_ckpt,
                                   compiled=not args.eager and device.type == "cuda")
     batches, real_tokens = micro_batch_rows(args, hf_config.vocab_size, packed)
-    batches = [(tuple(t.to(device) for t in inputs), (targets.to(device), scale.to(device)))
-               for inputs, (targets, scale) in batches]
+    batches = harness.on_device(batches, device)
     for _ in range(args.warmup):
         harness.forward_backward(layers, batches)
     seconds = []
     for _ in range(args.steps):
-        sync(device)
+        harness.sync(device)
         start = time.perf_counter()
         harness.forward_backward(layers, batches)
-        sync(device)
+        harness.sync(device)
         seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
     positions = args.micro * args.micro_batches * args.seq
     return {"status": "ok", "real_tokens_per_sec": real_tokens / median, "fill": real_tokens / positions,
             "ms_per_micro_batch": median / args.micro_batches * 1e3}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

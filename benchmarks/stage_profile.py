@@ -65,24 +65,23 @@ def main(argv=None) -> None:
     rows = args.micro * args.micro_batches
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(4, hf_config.vocab_size, (rows, args.seq), generator=generator)
-    batches = [(tuple(t.to(device) for t in inputs), (targets.to(device), scale.to(device)))
-               for inputs, (targets, scale) in micro_batches(input_ids, input_ids.clone(), args.micro, 0, 1)]
+    batches = harness.on_device(micro_batches(input_ids, input_ids.clone(), args.micro, 0, 1), device)
     for _ in range(args.warmup):
         harness.forward_backward(layers, batches)
-    sync(device)
+    harness.sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
             harness.forward_backward(layers, batches)
-        sync(device)
-        wall_us = (time.perf_counter() - start) * 1e6 / args.steps
+        harness.sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6  # all profiled rounds
     kernels, busy_us = kernel_times(prof, device.type == "cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.trace:
         prof.export_chrome_trace(str(out / "trace.json"))
-    table = kinds_table(kernels, busy_us, wall_us * args.steps, args.steps)
+    table = kinds_table(kernels, busy_us, wall_us, args.steps)
     harness.write_rows(out / "results.csv", list(FIELDS), table)
     per_kernel: dict[str, list] = {}
     for name, us in kernels:
@@ -101,18 +100,13 @@ def main(argv=None) -> None:
     device_name = harness.gpu_name() or "cpu"
     peak = device_peak_flops()
     matmul_s = next((r["ms_per_step"] for r in table if r["kind"] == "matmul"), 0) / 1e3
-    figures = {"tokens_per_sec": tokens / (wall_us / 1e6),
+    figures = {"tokens_per_sec": tokens * args.steps / (wall_us / 1e6),
                "matmul_tflops": 6 * (n_params - n_embedding) * tokens / matmul_s / 1e12 if matmul_s else None}
     figures["mfu"] = figures["tokens_per_sec"] * work / peak if peak else None
     write_markdown(out / "results.md", args, argv, device_name, peak, table, longest, figures)
     plot(table, out / "breakdown.png", f"{device_name}: {args.preset}, {hf_config.num_hidden_layers} layers, "
          f"seq {args.seq}, micro {args.micro}, {'eager' if args.eager or device.type != 'cuda' else 'compiled'}")
     print((out / "results.md").read_text())
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def write_markdown(path: Path, args, argv, device_name: str, peak, table: list[dict], longest: list,
