@@ -12,13 +12,15 @@ as its own process on the same data, model seed and steps; its "before" is the r
 warm-up ones. Variants run in the order given, the likeliest to pay first. The first run always starts; a later one
 is skipped (recorded as such) once the time left of ``--budget-s`` is under the median run so far (the first run pays
 the cold ``torch.compile``, whose cache serves the rest), and a run still going when the budget is spent is killed
-(a timeout). Then ``combined`` runs the best variant of each group (attention, loss, decoder, host, batch) that
+(a timeout). Then ``combined`` runs the best variant of each group (attention, loss, decoder, host, batch, grads) that
 beat the baseline by more than ``--keep-above``; ``baseline-again``, the baseline a second time, shows the noise.
 ``micro-4`` doubles the micro batch at the same global batch (half the micro batches): larger matmuls, fewer
-launches, twice the activation memory.
+launches, twice the activation memory. ``grad-fused`` adds each bf16 weight gradient into the fp32 one in one
+kernel as it arrives (``speed.fused_grad_accumulation``); ``grad-immediate`` is DeepSpeed's own
+``bf16.immediate_grad_update`` (as it arrives, but through an fp32 copy).
 
 Each variant's final loss is printed next to the baseline's: a lever changes rounding at most, never the training
-(the kernels' equality is tested by ``tests/test_speed*.py``; the GPU ones have not run yet), so a loss that moves
+(the kernels' equality is tested by ``tests/test_speed*.py``), so a loss that moves
 by more than rounding after a few steps flags a lever that computes something else.
 
 Writes ``results.csv``, ``results.md`` (table, machine, versions, MFU formula, command), ``levers.png`` and each
@@ -50,8 +52,8 @@ FIELDS = ["variant", "group", "versus", "status", "tokens_per_sec_per_gpu", "mfu
 @dataclasses.dataclass(frozen=True)
 class Variant:
     group: str
-    """``baseline``, ``attention``, ``loss``, ``decoder``, ``host`` or ``batch``: ``combined`` takes one winner per
-    group."""
+    """``baseline``, ``attention``, ``loss``, ``decoder``, ``host``, ``batch`` or ``grads``: ``combined`` takes one
+    winner per group."""
     overrides: dict
     """YAML keys set over the baseline's."""
     versus: str = "baseline"
@@ -73,13 +75,15 @@ VARIANTS = {
     "liger-eager": Variant("decoder", {"compile_layers": False, "speed": {"liger_kernels": True}}, versus="eager"),
     "sdpa-efficient": Variant("attention", {"speed": {"sdpa_backend": "efficient"}}),
     "micro-4": Variant("batch", {"train_micro_batch_size_per_gpu": 4}),
+    "grad-fused": Variant("grads", {"speed": {"fused_grad_accumulation": True}}),
+    "grad-immediate": Variant("grads", {"bf16": {"enabled": True, "immediate_grad_update": True}}),
     "baseline-again": Variant("baseline", {}),
 }
-GROUPS = ["baseline", "attention", "loss", "decoder", "host", "batch", "combined"]
+GROUPS = ["baseline", "attention", "loss", "decoder", "host", "batch", "grads", "combined"]
 """Every variant's group, in the plot's colour order."""
 COMMON_KEYS = {"use_tensorboard": False}
 """Set in every run: the figures come from ``metrics.jsonl``; event files would only cost time (and the package)."""
-DEFAULT_ORDER = ("baseline,sdpa-cudnn,host-syncs,loss-compiled,loss-liger,liger,sdpa-flash,no-ds-timer,loss-chunked,"
+DEFAULT_ORDER = ("baseline,grad-fused,grad-immediate,sdpa-cudnn,host-syncs,loss-compiled,loss-liger,liger,sdpa-flash,no-ds-timer,loss-chunked,"
                  "eager,liger-eager,sdpa-efficient,micro-4,baseline-again")
 """The likeliest to pay first: the budget may end the list early."""
 SMOKE = {"preset": "tiny", "layers": "2", "seq": 32, "micro": 2, "global_batch": 4, "steps": 3, "warmup": 1,

@@ -67,6 +67,11 @@ SPEED_ERRORS = {
     "sdpa choice": (dict(speed={"sdpa_backend": "fastest"}), False,
                     ["`speed.sdpa_backend` must be one of auto, cudnn, flash, efficient, math"]),
     "misspelt speed key": (dict(speed={"liger": True}), False, ["unknown key `speed.liger`"]),
+    "fused accumulation in fp32": (dict(speed={"fused_grad_accumulation": True}), False,
+                                   ["`speed.fused_grad_accumulation` accumulates into DeepSpeed's bf16 optimizer"]),
+    "fused accumulation twice": (dict(speed={"fused_grad_accumulation": True},
+                                      bf16={"enabled": True, "immediate_grad_update": True}), False,
+                                 ["no `bf16.immediate_grad_update: true`"]),
 }
 
 
@@ -90,7 +95,7 @@ def test_the_zero3_baseline_refuses_speed_settings(tmp_path, tiny_pp_model, caps
     assert exit_info.value.code == 2
     assert "`speed` is pipeline training's" in capsys.readouterr().err
     assert Speed() == Speed(liger_kernels=False, loss_kernel="torch", sdpa_backend="auto",
-                            fewer_host_syncs=False)
+                            fewer_host_syncs=False, fused_grad_accumulation=False)
 
 
 def test_fewer_host_syncs_turns_deepspeed_throughput_timer_off_unless_the_yaml_sets_it():
@@ -105,3 +110,27 @@ def test_fewer_host_syncs_turns_deepspeed_throughput_timer_off_unless_the_yaml_s
 
     assert get_timers_config(without_throughput_timer(ds_config)).enabled is False
     assert get_timers_config(ds_config).enabled and get_timers_config(ds_config).synchronized
+
+
+@pytest.mark.parametrize("model, schedule", [("tied_pp_model", "1f1b"), ("tiny_pp_model", "zb-h1")])
+def test_fused_grad_accumulation_trains_exactly_as_deepspeed_accumulates(tmp_path, model, schedule, request, capfd):
+    """``train_ds.py`` on 2 stages in bf16, 4 micro batches a step, with and without
+    ``speed.fused_grad_accumulation``: each parameter gets one bf16 gradient per micro batch, and adding it into
+    the fp32 gradient in one kernel or as an fp32 copy gives the same sum, so every step's loss and gradient norm
+    are equal. The tied embedding's all-reduce (tied model) and ZB-H1's deferred weight pass (their gradients
+    reach ``.grad`` outside DeepSpeed's backward) read what the hooks accumulated; each stage says it fused."""
+    from equivalence import spawn_training, two_stage_config
+
+    model_path = request.getfixturevalue(model)
+    model_path = model_path[1] if isinstance(model_path, tuple) else model_path
+    runs = []
+    for fused in (False, True):
+        work = tmp_path / f"fused{fused}"
+        work.mkdir()
+        config = dict(two_stage_config(work, model_path, "uniform", n_epochs=1, save_steps=0), max_steps=3,
+                      save_final=False, use_tensorboard=False, bf16={"enabled": True}, pipeline_schedule=schedule,
+                      speed={"fused_grad_accumulation": fused})
+        runs.append([(r["loss"], r["grad_norm"]) for r in spawn_training(config, work / "config.yml")])
+    said = capfd.readouterr().err
+    assert all(f"pipellm stage {stage}: " in said for stage in (0, 1)) and "(speed.fused_grad_accumulation)" in said
+    assert len(runs[0]) == 3 and runs[0] == runs[1]

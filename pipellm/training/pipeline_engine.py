@@ -8,13 +8,14 @@ Every instruction of the schedule is timed by the stall watchdog.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from pipellm.config import TrainConfig
 from pipellm.models.base import ModelFamily
-from pipellm.pipeline.deepspeed_compat import is_pipeline_replicated
+from pipellm.pipeline.deepspeed_compat import fuse_fp32_grad_accumulation, is_pipeline_replicated
 from pipellm.pipeline.schedule import PipelineSchedule, schedule_named
 from pipellm.training.distributed import StallWatchdog, all_reduce
 from pipellm.training.engine import Engine, EngineSetup
@@ -48,6 +49,9 @@ class PipelineEngine(Engine):
                 load_pipeline_weights(model, family, hf_config, setup.resume.path, strict=False)
         ds_config = without_throughput_timer(cfg.deepspeed) if cfg.speed.fewer_host_syncs else cfg.deepspeed
         super().__init__(cfg, model, checkpoint_named_parameters(model, family, hf_config), ds_config, setup)
+        if cfg.speed.fused_grad_accumulation:
+            print(f"pipellm stage {model.stage_id}: {fuse_fp32_grad_accumulation(self.ds)} parameters add their "
+                  f"gradients into fp32 as they arrive (speed.fused_grad_accumulation)", file=sys.stderr)
         self.checkpoint = StageCheckpoint(model, family, hf_config, self.trainable, ParameterStates.of(self.ds))
         self.replica, self.replicas = model.data_parallel_rank, cfg.data_degree
         self.stage, self.num_stages = model.stage_id, model.num_stages
