@@ -83,8 +83,8 @@ GROUPS = ["baseline", "attention", "loss", "decoder", "host", "batch", "grads", 
 """Every variant's group, in the plot's colour order."""
 COMMON_KEYS = {"use_tensorboard": False}
 """Set in every run: the figures come from ``metrics.jsonl``; event files would only cost time (and the package)."""
-DEFAULT_ORDER = ("baseline,grad-fused,grad-immediate,sdpa-cudnn,host-syncs,loss-compiled,loss-liger,liger,sdpa-flash,no-ds-timer,loss-chunked,"
-                 "eager,liger-eager,sdpa-efficient,micro-4,baseline-again")
+DEFAULT_ORDER = ("baseline,grad-fused,grad-immediate,sdpa-cudnn,host-syncs,loss-compiled,loss-liger,liger,sdpa-flash,"
+                 "no-ds-timer,loss-chunked,eager,liger-eager,sdpa-efficient,micro-4,baseline-again")
 """The likeliest to pay first: the budget may end the list early."""
 SMOKE = {"preset": "tiny", "layers": "2", "seq": 32, "micro": 2, "global_batch": 4, "steps": 3, "warmup": 1,
          "dtype": "fp32", "variants": "baseline,loss-chunked", "combine": False}
