@@ -67,11 +67,6 @@ SPEED_ERRORS = {
     "sdpa choice": (dict(speed={"sdpa_backend": "fastest"}), False,
                     ["`speed.sdpa_backend` must be one of auto, cudnn, flash, efficient, math"]),
     "misspelt speed key": (dict(speed={"liger": True}), False, ["unknown key `speed.liger`"]),
-    "fused accumulation in fp32": (dict(speed={"fused_grad_accumulation": True}), False,
-                                   ["`speed.fused_grad_accumulation` accumulates into DeepSpeed's bf16 optimizer"]),
-    "fused accumulation twice": (dict(speed={"fused_grad_accumulation": True},
-                                      bf16={"enabled": True, "immediate_grad_update": True}), False,
-                                 ["no `bf16.immediate_grad_update: true`"]),
 }
 
 
@@ -95,7 +90,7 @@ def test_the_zero3_baseline_refuses_speed_settings(tmp_path, tiny_pp_model, caps
     assert exit_info.value.code == 2
     assert "`speed` is pipeline training's" in capsys.readouterr().err
     assert Speed() == Speed(liger_kernels=False, loss_kernel="torch", sdpa_backend="auto",
-                            fewer_host_syncs=False, fused_grad_accumulation=False)
+                            fewer_host_syncs=False)
 
 
 def test_fewer_host_syncs_turns_deepspeed_throughput_timer_off_unless_the_yaml_sets_it():
@@ -112,25 +107,41 @@ def test_fewer_host_syncs_turns_deepspeed_throughput_timer_off_unless_the_yaml_s
     assert get_timers_config(ds_config).enabled and get_timers_config(ds_config).synchronized
 
 
+def test_the_pipeline_engine_updates_fp32_gradients_as_they_arrive_under_bf16_unless_the_yaml_says(
+        tmp_path, tiny_pp_model):
+    from pipellm.config import load_config
+    from pipellm.training.pipeline_engine import pipeline_deepspeed_config
+
+    def ds_config(**overrides) -> dict:
+        return pipeline_deepspeed_config(load_config(write_config(tmp_path, tiny_pp_model, **overrides)))
+
+    assert ds_config(bf16={"enabled": True})["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert ds_config(bf16={"enabled": True, "immediate_grad_update": False})["bf16"]["immediate_grad_update"] is False
+    assert "bf16" not in ds_config() and ds_config(fp16={"enabled": True})["fp16"] == {"enabled": True}
+    both = ds_config(bf16={"enabled": True}, speed={"fewer_host_syncs": True})
+    assert both["bf16"]["immediate_grad_update"] and both["timers"] == {"throughput": {"enabled": False}}
+    yaml_config = load_config(write_config(tmp_path, tiny_pp_model, bf16={"enabled": True}))
+    pipeline_deepspeed_config(yaml_config)
+    assert yaml_config.deepspeed["bf16"] == {"enabled": True}  # the config as loaded is not changed
+
+
 @pytest.mark.parametrize("model, schedule", [("tied_pp_model", "1f1b"), ("tiny_pp_model", "zb-h1")])
-def test_fused_grad_accumulation_trains_exactly_as_deepspeed_accumulates(tmp_path, model, schedule, request, capfd):
-    """``train_ds.py`` on 2 stages in bf16, 4 micro batches a step, with and without
-    ``speed.fused_grad_accumulation``: each parameter gets one bf16 gradient per micro batch, and adding it into
-    the fp32 gradient in one kernel or as an fp32 copy gives the same sum, so every step's loss and gradient norm
-    are equal. The tied embedding's all-reduce (tied model) and ZB-H1's deferred weight pass (their gradients
-    reach ``.grad`` outside DeepSpeed's backward) read what the hooks accumulated; each stage says it fused."""
+def test_updating_fp32_gradients_as_they_arrive_trains_as_accumulating_in_bf16_first(tmp_path, model, schedule,
+                                                                                       request):
+    """``train_ds.py`` on 2 stages in bf16, 4 micro batches a step, with pipellm's default
+    (``bf16.immediate_grad_update: true``) and DeepSpeed's (``false``): each parameter gets one bf16 gradient per
+    micro batch, and adding it into the fp32 gradient as it arrives or after the backward gives the same sums, so
+    every step's loss and gradient norm are equal. The tied embedding's all-reduce (tied model) and ZB-H1's
+    deferred weight pass (whose gradients reach ``.grad`` outside DeepSpeed's backward) read what was added."""
     from equivalence import spawn_training, two_stage_config
 
     model_path = request.getfixturevalue(model)
     model_path = model_path[1] if isinstance(model_path, tuple) else model_path
     runs = []
-    for fused in (False, True):
-        work = tmp_path / f"fused{fused}"
+    for bf16 in ({"enabled": True}, {"enabled": True, "immediate_grad_update": False}):
+        work = tmp_path / f"immediate{len(bf16)}"
         work.mkdir()
         config = dict(two_stage_config(work, model_path, "uniform", n_epochs=1, save_steps=0), max_steps=3,
-                      save_final=False, use_tensorboard=False, bf16={"enabled": True}, pipeline_schedule=schedule,
-                      speed={"fused_grad_accumulation": fused})
+                      save_final=False, use_tensorboard=False, bf16=bf16, pipeline_schedule=schedule)
         runs.append([(r["loss"], r["grad_norm"]) for r in spawn_training(config, work / "config.yml")])
-    said = capfd.readouterr().err
-    assert all(f"pipellm stage {stage}: " in said for stage in (0, 1)) and "(speed.fused_grad_accumulation)" in said
     assert len(runs[0]) == 3 and runs[0] == runs[1]

@@ -154,14 +154,6 @@ class Speed:
     copying each from pageable memory as it loads it (a copy that waits for the GPU to drain), and DeepSpeed's
     throughput timer, which synchronises the device at every forward pass and which pipellm does not read, is
     turned off (unless the YAML sets DeepSpeed's ``timers`` itself)."""
-    fused_grad_accumulation: bool = False
-    """Under bf16 (DeepSpeed's bf16 optimizer: ZeRO stage 0 or 1), add each micro batch's bf16 weight gradient into
-    the fp32 gradient by one mixed-precision kernel as soon as autograd has it, and free the bf16 gradient
-    (``pipellm.pipeline.deepspeed_compat.fuse_fp32_grad_accumulation``). DeepSpeed instead zeroes the bf16
-    gradients, accumulates into them and then adds an fp32 copy of each: more than twice the memory traffic per
-    micro batch, and the bf16 gradients (2 bytes a parameter) stay allocated. The same sums, bit for bit, where a
-    parameter gets one gradient per backward; a weight used twice in one stage (a tied embedding and head on one
-    stage) adds its two parts in fp32 rather than in bf16 first. Not with DeepSpeed's ``bf16.immediate_grad_update``."""
 
 
 @dataclasses.dataclass

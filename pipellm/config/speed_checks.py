@@ -23,13 +23,6 @@ def check_speed(cfg: TrainConfig, source: str) -> None:
         raise PipellmError(f"{source}: `{liger_keys[0]}` with `pipeline_schedule: zb-h1` is not supported (liger's "
                            f"backward kernels may overwrite their incoming gradient, which ZB-H1 uses twice); "
                            f"turn it off or use `pipeline_schedule: 1f1b`")
-    if speed.fused_grad_accumulation:
-        settings = cfg.deepspeed_settings
-        immediate = (cfg.deepspeed.get("bf16") or {}).get("immediate_grad_update", False)
-        if settings.precision != "bf16" or settings.zero_stage > 1 or immediate:
-            raise PipellmError(f"{source}: `speed.fused_grad_accumulation` accumulates into DeepSpeed's bf16 "
-                               f"optimizer's fp32 gradients: it needs `bf16: {{enabled: true}}`, ZeRO stage 0 or 1 and "
-                               f"no `bf16.immediate_grad_update: true`; remove the key or change those")
     if speed.loss_kernel != "torch" and cfg.loss_chunk_tokens is not None:
         raise PipellmError(f"{source}: `speed.loss_kernel: {speed.loss_kernel}` and `loss_chunk_tokens` are two "
                            f"ways to compute the loss: set `loss_chunk_tokens: null` or `speed.loss_kernel: torch`")

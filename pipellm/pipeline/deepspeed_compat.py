@@ -162,39 +162,6 @@ def accumulating_weight_grads(engine):
         engine.optimizer.update_hp_grads(clear_lp_grads=False)
 
 
-def fuse_fp32_grad_accumulation(engine) -> int:
-    """``speed.fused_grad_accumulation``: each bf16 weight gradient goes into DeepSpeed's bf16 optimizer's fp32
-    gradient by one mixed-precision add the moment autograd has accumulated it, and the bf16 gradient is let go.
-
-    DeepSpeed's own path per micro batch zeroes every bf16 gradient before the backward, accumulates into it, and
-    after the backward casts each to fp32 and adds the copy (``update_hp_grads``): about 28 bytes of memory
-    traffic per parameter against 12 here, and the bf16 gradients stay allocated between micro batches. Its
-    ``bf16.immediate_grad_update`` hooks still cast first (two kernels) and are not combined with this. The
-    engine's own clearing and adding then find no bf16 gradient and do nothing. Returns the parameters hooked."""
-    optimizer = engine.optimizer
-    if not engine.using_bf16_optimizer or engine._config.bfloat16_config.immediate_grad_update:
-        raise PipellmError("speed.fused_grad_accumulation needs DeepSpeed's bf16 optimizer without "
-                           "`bf16.immediate_grad_update` (bf16, ZeRO stage 0 or 1)")
-    hooked = 0
-    for group, (params, fp32_grads) in enumerate(zip(optimizer.bf16_groups, optimizer.fp32_groups_gradients)):
-        for index, (param, fp32_grad) in enumerate(zip(params, fp32_grads)):
-            if param.requires_grad:
-                param.register_post_accumulate_grad_hook(_accumulate_into(optimizer, fp32_grad, group, index))
-                hooked += 1
-    return hooked
-
-
-def _accumulate_into(optimizer, fp32_grad: torch.Tensor, group: int, index: int):
-    def accumulate(param: torch.nn.Parameter) -> None:
-        with torch.no_grad():
-            fp32_grad.add_(param.grad.view(fp32_grad.shape))  # bf16 read, fp32 add: one kernel, no fp32 copy
-        param._hp_grad = fp32_grad  # where the engine's tied-gradient all-reduce reads it
-        # the optimizer replaces these lists at every step (``clear_hp_grads``): looked up, not kept
-        optimizer.fp32_groups_has_gradients[group][index] = True
-        param.grad = None
-    return accumulate
-
-
 def instruction_names() -> set[str]:
     """The names of the pipeline schedule's instructions."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
