@@ -16,8 +16,9 @@ the cold ``torch.compile``, whose cache serves the rest), and a run still going 
 beat the baseline by more than ``--keep-above``; ``baseline-again``, the baseline a second time, shows the noise.
 ``micro-4`` doubles the micro batch at the same global batch (half the micro batches): larger matmuls, fewer
 launches, twice the activation memory. ``grad-deferred`` is DeepSpeed's default way of accumulating bf16 gradients
-(``bf16.immediate_grad_update: false``: into the bf16 gradients first, then into the fp32 ones after each micro
-batch's backward), against pipellm's default (``pipellm.training.pipeline_engine.pipeline_deepspeed_config``).
+(``bf16.immediate_grad_update: false``: into the bf16 gradients first, then into the optimizer's accumulation
+buffer after each micro batch's backward), against pipellm's default
+(``pipellm.training.pipeline_engine.pipeline_deepspeed_config``).
 
 Each variant's final loss is printed next to the baseline's: a lever changes rounding at most, never the training
 (the kernels' equality is tested by ``tests/test_speed*.py``), so a loss that moves

@@ -124,10 +124,13 @@ def test_memory_model_equals_hand_calculation():
 
     # bf16 without ZeRO keeps an fp32 copy of the gradient shard only during the optimizer step, when no
     # activations are held: the stage's peak is the larger of the two.
+    # Each bf16 gradient is freed once added to the bf16 accumulation buffer (pipellm's default), or kept as well.
     bf16 = state_bytes({"bf16": {"enabled": True}}, data_degree=2)
-    assert (bf16.weights, bf16.grads, bf16.optimizer, bf16.step) == (2, 4, (4 + 8) / 2, 4 / 2)
+    assert (bf16.weights, bf16.grads, bf16.optimizer, bf16.step) == (2, 2, (4 + 8) / 2, 4 / 2)
     stage = estimate_stage(profile, bf16, 1, 3, 6, num_stages=2, micro_batches=4, allowance=0)
-    assert stage.total == params * (2 + 4 + 6) + max(activations, params * 2)
+    assert stage.total == params * (2 + 2 + 6) + max(activations, params * 2)
+    deferred = state_bytes({"bf16": {"enabled": True, "immediate_grad_update": False}}, data_degree=2)
+    assert (deferred.weights, deferred.grads, deferred.optimizer, deferred.step) == (2, 4, (4 + 8) / 2, 4 / 2)
     # A tied head is a replica of the embedding on another stage, and the same module on a stage holding both.
     hf_config.tie_word_embeddings = True
     tied = profile_layers(family, hf_config, shape, torch.device("cpu"))
@@ -138,13 +141,15 @@ def test_memory_model_equals_hand_calculation():
 
 @pytest.mark.parametrize("ds_config, data_degree, expected", [
     ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
-      "optimizer": {"type": "Lion"}}, 2, (2, 2 + 4, (4 + 4) / 2, 0)),
+      "optimizer": {"type": "Lion"}}, 2, (2, 4, (4 + 4) / 2, 0)),  # each bf16 gradient freed once accumulated
+    ({"bf16": {"enabled": True, "immediate_grad_update": False}, "zero_optimization": {"stage": 1},
+      "data_types": {"grad_accum_dtype": "fp32"}}, 2, (2, 2 + 4, (4 + 8) / 2, 0)),
     ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}, 4,
      (2, 2, 0, 0)),
     ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}, 4, (2, 2 + 4 / 4, (4 + 8) / 4, 0)),
     ({"zero_optimization": {"stage": 1}}, 2, (4, 4 + 4 / 2, (4 + 8) / 2, 0)),
     ({"fp16": {"enabled": True}}, 2, (2, 2, 4 + 8, 4)),
-], ids=["bf16-zero1-fp32-accumulation-lion", "offload", "bf16-zero1", "fp32-zero1", "fp16"])
+], ids=["bf16-zero1-fp32-accumulation-lion", "bf16-bf16-grads-kept", "offload", "bf16-zero1", "fp32-zero1", "fp16"])
 def test_state_bytes_by_precision_optimizer_and_zero(ds_config, data_degree, expected):
     state = state_bytes(ds_config, data_degree)
     assert (state.weights, state.grads, state.optimizer, state.step) == expected

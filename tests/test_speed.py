@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipellm.config.schema import Speed
+from pipellm.errors import PipellmError
 from pipellm.models import chatglm, kernels, llama
 from test_config import assert_fails, write_config
 
@@ -123,6 +124,8 @@ def test_the_pipeline_engine_updates_fp32_gradients_as_they_arrive_under_bf16_un
     yaml_config = load_config(write_config(tmp_path, tiny_pp_model, bf16={"enabled": True}))
     pipeline_deepspeed_config(yaml_config)
     assert yaml_config.deepspeed["bf16"] == {"enabled": True}  # the config as loaded is not changed
+    with pytest.raises(PipellmError, match="`bf16.immediate_grad_update` must be"):
+        ds_config(bf16={"enabled": True, "immediate_grad_update": "yes"})
 
 
 @pytest.mark.parametrize("model, schedule", [("tied_pp_model", "1f1b"), ("tiny_pp_model", "zb-h1")])

@@ -39,9 +39,14 @@ class DeepSpeedSettings:
     """``zero_optimization.offload_param.device`` (ZeRO-3 only)."""
     fp32_grad_accumulation: bool = False
     """``data_types.grad_accum_dtype`` is fp32 (bf16 runs accumulate gradients in bf16 otherwise)."""
+    immediate_grad_update: bool = True
+    """``bf16.immediate_grad_update``: DeepSpeed's bf16 optimizer adds each micro batch's gradient into its
+    accumulation buffer as soon as autograd has it, and frees it. DeepSpeed's default is false; pipellm's pipeline
+    engine runs with true unless the YAML says otherwise (``pipellm.training.pipeline_engine``)."""
 
     KEYS = {"zero_stage": "zero_optimization.stage", "offload_optimizer": "zero_optimization.offload_optimizer.device",
-            "offload_param": "zero_optimization.offload_param.device"}
+            "offload_param": "zero_optimization.offload_param.device",
+            "immediate_grad_update": "bf16.immediate_grad_update"}
 
     @staticmethod
     def enabled_precisions(ds_config: dict) -> list[str]:
@@ -57,7 +62,8 @@ class DeepSpeedSettings:
         accumulation = str((ds_config.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
         return cls(precision=(cls.enabled_precisions(ds_config) or ["fp32"])[0], zero_stage=zero.get("stage", 0),
                    offload_optimizer=device("offload_optimizer"), offload_param=device("offload_param"),
-                   fp32_grad_accumulation=accumulation in ("fp32", "float32", "float"))
+                   fp32_grad_accumulation=accumulation in ("fp32", "float32", "float"),
+                   immediate_grad_update=(ds_config.get("bf16") or {}).get("immediate_grad_update", True))
 
     @property
     def dtype(self):

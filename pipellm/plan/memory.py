@@ -38,9 +38,9 @@ def state_bytes(ds_config: dict, data_degree: int) -> StateBytes:
     """Per-parameter memory as DeepSpeed's optimizer wrappers allocate it for a pipeline run.
 
     * fp32, no ZeRO: the torch optimizer on the module's fp32 weights and gradients.
-    * bf16 without ZeRO, or ZeRO-1 with fp32 gradient accumulation (``BF16_Optimizer``): bf16 weights and
-      gradients, a gradient accumulation buffer (bf16 unless ``data_types.grad_accum_dtype: fp32``), fp32 master
-      weights and states sharded over the D replicas.
+    * bf16 without ZeRO, or ZeRO-1 with fp32 gradient accumulation (``BF16_Optimizer``): bf16 weights, a
+      gradient accumulation buffer (bf16 unless ``data_types.grad_accum_dtype: fp32``), fp32 master weights and
+      states sharded over the D replicas; the bf16 gradients too with ``bf16.immediate_grad_update: false``.
     * fp16 without ZeRO (``FP16_Optimizer``): fp16 weights and gradients, fp32 master weights and states, whole.
     * ZeRO-1 otherwise (``DeepSpeedZeroOptimizer``): low-precision (or fp32) weights and gradients, an fp32
       gradient partition, fp32 master weights and states sharded over D; ``offload_optimizer`` moves the last
@@ -63,12 +63,14 @@ def state_bytes(ds_config: dict, data_degree: int) -> StateBytes:
     if zero_stage == 0 and low is None:
         return StateBytes(4, 4, 4 * states, 0, f"fp32 weights and grads, {optimizer_label} (torch optimizer)")
     if low == "bf16" and (zero_stage == 0 or (fp32_accumulation and not offload)):
+        # bf16.immediate_grad_update: each bf16 gradient is freed once added to the accumulation buffer
+        held, grads = (0, "bf16 weights") if settings.immediate_grad_update else (2, "bf16 weights and grads")
         if fp32_accumulation:
-            return StateBytes(2, 2 + 4, sharded, 0, f"bf16 weights and grads + fp32 accumulation, {shard_label} "
-                                                    f"(BF16_Optimizer)")
-        return StateBytes(2, 2 + 2, sharded, 4 / data_degree,
-                          f"bf16 weights and grads + bf16 accumulation, {shard_label}; fp32 copy of the gradient "
-                          f"shard at the step (BF16_Optimizer)")
+            return StateBytes(2, held + 4, sharded, 0, f"{grads} + fp32 accumulation, {shard_label} "
+                                                       f"(BF16_Optimizer)")
+        return StateBytes(2, held + 2, sharded, 4 / data_degree,
+                          f"{grads} + bf16 accumulation, {shard_label}; fp32 copy of the gradient shard at the step "
+                          f"(BF16_Optimizer)")
     if zero_stage == 0:
         return StateBytes(2, 2, 4 + 4 * states, 4, f"fp16 weights and grads, fp32 master + {optimizer_label}; "
                                                    f"fp32 gradient copy at the step (FP16_Optimizer)")
