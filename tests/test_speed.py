@@ -108,7 +108,7 @@ def test_fewer_host_syncs_turns_deepspeed_throughput_timer_off_unless_the_yaml_s
     assert get_timers_config(ds_config).enabled and get_timers_config(ds_config).synchronized
 
 
-def test_the_pipeline_engine_updates_fp32_gradients_as_they_arrive_under_bf16_unless_the_yaml_says(
+def test_the_pipeline_engine_accumulates_bf16_gradients_as_they_arrive_unless_the_yaml_says(
         tmp_path, tiny_pp_model):
     from pipellm.config import load_config
     from pipellm.training.pipeline_engine import pipeline_deepspeed_config
@@ -129,12 +129,11 @@ def test_the_pipeline_engine_updates_fp32_gradients_as_they_arrive_under_bf16_un
 
 
 @pytest.mark.parametrize("model, schedule", [("tied_pp_model", "1f1b"), ("tiny_pp_model", "zb-h1")])
-def test_updating_fp32_gradients_as_they_arrive_trains_as_accumulating_in_bf16_first(tmp_path, model, schedule,
-                                                                                       request):
+def test_accumulating_gradients_as_they_arrive_trains_as_deferred_accumulation(tmp_path, model, schedule, request):
     """``train_ds.py`` on 2 stages in bf16, 4 micro batches a step, with pipellm's default
     (``bf16.immediate_grad_update: true``) and DeepSpeed's (``false``): each parameter gets one bf16 gradient per
-    micro batch, and adding it into the fp32 gradient as it arrives or after the backward gives the same sums, so
-    every step's loss and gradient norm are equal. The tied embedding's all-reduce (tied model) and ZB-H1's
+    micro batch, and adding it into the optimizer's accumulation buffer as it arrives or after the backward gives
+    the same sums, so every step's loss and gradient norm are equal. The tied embedding's all-reduce (tied model) and ZB-H1's
     deferred weight pass (whose gradients reach ``.grad`` outside DeepSpeed's backward) read what was added."""
     from equivalence import spawn_training, two_stage_config
 
