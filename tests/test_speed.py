@@ -133,8 +133,9 @@ def test_accumulating_gradients_as_they_arrive_trains_as_deferred_accumulation(t
     """``train_ds.py`` on 2 stages in bf16, 4 micro batches a step, with pipellm's default
     (``bf16.immediate_grad_update: true``) and DeepSpeed's (``false``): each parameter gets one bf16 gradient per
     micro batch, and adding it into the optimizer's accumulation buffer as it arrives or after the backward gives
-    the same sums, so every step's loss and gradient norm are equal. The tied embedding's all-reduce (tied model) and ZB-H1's
-    deferred weight pass (whose gradients reach ``.grad`` outside DeepSpeed's backward) read what was added."""
+    the same sums, so every step's loss and gradient norm are equal. The tied embedding's all-reduce (tied model)
+    and ZB-H1's deferred weight pass (whose gradients reach ``.grad`` outside DeepSpeed's backward) read what was
+    added."""
     from equivalence import spawn_training, two_stage_config
 
     model_path = request.getfixturevalue(model)
