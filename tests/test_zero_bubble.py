@@ -7,7 +7,8 @@ its F/B/W passes in the order of ``pipellm.plan.schedules.zb_h1`` (what ``pipell
 Cases: llama on 4 stages with tied embeddings and grad checkpointing; mixtral (router aux loss) on 2 stages x 2
 replicas with ZeRO-1 (its flat fp32 gradient partitions compared); llama on 2 stages x 2 replicas with tied
 embeddings, LoRA (adapters only train: the frozen tied embedding leaves the tied gradients' all-reduce) and bf16
-(DeepSpeed's bf16 optimizer), compared on the weights after two AdamW steps.
+(DeepSpeed's bf16 optimizer, each gradient accumulated as it arrives as pipellm runs it), compared on the weights
+after two AdamW steps.
 fp32 gradients agree to rounding (rtol 1e-5, atol 1e-7: the same terms added in another order, e.g. 1F1B's last
 stage divides the loss by the accumulation steps, ZB-H1's the gradient of the stage's output); the bf16 weights
 bit for bit. ``train_ds.py`` with
@@ -40,7 +41,8 @@ CASES = {
                                           deepspeed={"zero_optimization": {"stage": 1}}),
     "llama-2stage-2replica-lora-bf16": dict(family="llama", config=LlamaConfig(**LLAMA, tie_word_embeddings=True),
                                             dims=[2, 2], gas=4, steps=2, lora=Lora(r=4, alpha=8.0),
-                                            deepspeed={"bf16": {"enabled": True}}),
+                                            # pipellm's default under bf16 (pipeline_deepspeed_config)
+                                            deepspeed={"bf16": {"enabled": True, "immediate_grad_update": True}}),
 }
 
 
