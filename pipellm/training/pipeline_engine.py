@@ -111,11 +111,10 @@ def pipeline_deepspeed_config(cfg: TrainConfig) -> dict:
       optimizer's accumulation buffer (bf16, or fp32 with ``data_types.grad_accum_dtype: fp32``) as soon as
       autograd has it, and is freed. DeepSpeed's default zeroes every bf16 gradient before each micro batch,
       accumulates into it, and adds it to the buffer after the backward: more memory traffic per micro batch, and
-      the bf16 gradients held throughout (2 bytes a parameter). The same sums where
-      a parameter's gradient arrives in one backward pass per micro batch (DeepSpeed runs one per stage output
-      that takes a gradient: a mixtral stage's two parts now go into the buffer one by one). On one H100
-      it trains 4.1% faster in 5.0 GiB less (``benchmarks/results/stage_levers_h100_grads/``);
-      ``tests/test_speed.py`` trains both ways on 2 stages.
+      the bf16 gradients held throughout (2 bytes a parameter). The same sums where a parameter's gradient arrives
+      in one backward pass per micro batch (DeepSpeed runs one per stage output that takes a gradient: a mixtral
+      stage's two parts now go into the buffer one by one). On one H100 it trains 4.1% faster in 5.0 GiB less
+      (``benchmarks/results/stage_levers_h100_grads/``); ``tests/test_speed.py`` trains both ways on 2 stages.
     * DeepSpeed's throughput timer off under ``speed.fewer_host_syncs`` (``without_throughput_timer``)."""
     ds_config, settings = dict(cfg.deepspeed), cfg.deepspeed_settings
     if settings.precision == "bf16":
