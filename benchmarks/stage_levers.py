@@ -3,21 +3,22 @@
     python benchmarks/stage_levers.py --out benchmarks/results/stage_levers_h200     # one GPU, a 300 s budget
     python benchmarks/stage_levers.py --smoke --out /tmp/levers                        # CPU: the machinery only
 
-The stage is ``run_pipeline.py --preset 7b-16 --stages 1 --seq 2048 --micro 2``: llama-7B's shape with 16 decoder
-layers (``--layers auto``: 12 on a GPU of less than 100 GiB, where 16 layers' AdamW state does not fit), bf16,
-compiled layers, one process (no launcher). Each variant (``VARIANTS``) is the baseline with some YAML keys changed
-(``speed``: ``pipellm.config.schema.Speed``; ``use_flash_attn``, ``compile_layers``, ``loss_chunk_tokens``), run
-as its own process on the same data, model seed and steps; its "before" is the run it differs from by that one lever
-(the baseline, or ``eager`` for liger without compiled layers). Figures are medians over the steps after the
-warm-up ones. Variants run in the order given, the likeliest to pay first. The first run always starts; a later one
-is skipped (recorded as such) once the time left of ``--budget-s`` is under the median run so far (the first run pays
-the cold ``torch.compile``, whose cache serves the rest), and a run still going when the budget is spent is killed
-(a timeout). Then ``combined`` runs the best variant of each group (attention, loss, decoder, host, batch, grads) that
-beat the baseline by more than ``--keep-above``; ``baseline-again``, the baseline a second time, shows the noise.
-``micro-4`` doubles the micro batch at the same global batch (half the micro batches): larger matmuls, fewer
-launches, twice the activation memory. ``grad-deferred`` is DeepSpeed's default way of accumulating bf16 gradients
-(``bf16.immediate_grad_update: false``: into the bf16 gradients first, then into the optimizer's accumulation
-buffer after each micro batch's backward), against pipellm's default
+The stage is ``run_pipeline.py --preset 7b-16 --stages 1 --seq 2048 --micro 2 --global-batch 32`` (issue 15's stage,
+16 micro batches a step): llama-7B's shape with 16 decoder layers (``--layers auto``: 12 on a GPU of less than 100
+GiB, where 16 layers' AdamW state does not fit), bf16, compiled layers, one process (no launcher). Each variant
+(``VARIANTS``) is the baseline with some YAML keys changed (``speed``: ``pipellm.config.schema.Speed``;
+``use_flash_attn``, ``compile_layers``, ``loss_chunk_tokens``), run as its own process on the same data, model seed
+and steps; its "before" is the run it differs from by that one lever (the baseline, or ``eager`` for liger without
+compiled layers). Figures are medians over the steps after the warm-up ones. Variants run in the order given, the
+likeliest to pay first. The first run always starts; a later one is skipped (recorded as such) once the time left of
+``--budget-s`` is under the median run so far (the first run pays the cold ``torch.compile``, whose cache serves the
+rest), and a run still going when the budget is spent is killed (a timeout). Then ``combined`` runs the best variant
+of each group (attention, loss, decoder, host, batch, grads) that beat the baseline by more than ``--keep-above``;
+``baseline-again``, the baseline a second time, shows the noise. ``micro-4`` and ``micro-8`` double and quadruple
+the micro batch at the same global batch (fewer micro batches): larger matmuls, fewer launches and gradient
+additions, more activation memory. ``grad-deferred`` is DeepSpeed's default way of accumulating bf16 gradients
+(``bf16.immediate_grad_update: false``: into the bf16 gradients first, then into the optimizer's accumulation buffer
+after each micro batch's backward), against pipellm's default
 (``pipellm.training.pipeline_engine.pipeline_deepspeed_config``).
 
 Each variant's final loss is printed next to the baseline's: a lever changes rounding at most, never the training
@@ -76,6 +77,7 @@ VARIANTS = {
     "liger-eager": Variant("decoder", {"compile_layers": False, "speed": {"liger_kernels": True}}, versus="eager"),
     "sdpa-efficient": Variant("attention", {"speed": {"sdpa_backend": "efficient"}}),
     "micro-4": Variant("batch", {"train_micro_batch_size_per_gpu": 4}),
+    "micro-8": Variant("batch", {"train_micro_batch_size_per_gpu": 8}),
     "grad-deferred": Variant("grads", {"bf16": {"enabled": True, "immediate_grad_update": False}}),
     "baseline-again": Variant("baseline", {}),
 }
@@ -84,7 +86,7 @@ GROUPS = ["baseline", "attention", "loss", "decoder", "host", "batch", "grads", 
 COMMON_KEYS = {"use_tensorboard": False}
 """Set in every run: the figures come from ``metrics.jsonl``; event files would only cost time (and the package)."""
 DEFAULT_ORDER = ("baseline,grad-deferred,sdpa-cudnn,host-syncs,loss-compiled,loss-liger,liger,sdpa-flash,"
-                 "no-ds-timer,loss-chunked,eager,liger-eager,sdpa-efficient,micro-4,baseline-again")
+                 "no-ds-timer,loss-chunked,eager,liger-eager,sdpa-efficient,micro-4,micro-8,baseline-again")
 """The likeliest to pay first: the budget may end the list early."""
 SMOKE = {"preset": "tiny", "layers": "2", "seq": 32, "micro": 2, "global_batch": 4, "steps": 3, "warmup": 1,
          "dtype": "fp32", "variants": "baseline,loss-chunked", "combine": False}
@@ -98,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="decoder layers; auto: the preset's, 12 on a GPU of less than 100 GiB")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro", type=int, default=2)
-    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the figures (the compile's)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")

@@ -32,7 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import harness
 from pipellm.observe.metrics import device_peak_flops
-from pipellm.observe.step_profile import FIELDS, kernel_times, kind_of, kinds_table, markdown_table
+from pipellm.observe.step_profile import (FIELDS, KERNEL_FIELDS, kernel_times, kinds_table, longest_kernels,
+                                          markdown_kernels, markdown_table)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,15 +84,8 @@ def main(argv=None) -> None:
         prof.export_chrome_trace(str(out / "trace.json"))
     table = kinds_table(kernels, busy_us, wall_us, args.steps)
     harness.write_rows(out / "results.csv", list(FIELDS), table)
-    per_kernel: dict[str, list] = {}
-    for name, us in kernels:
-        entry = per_kernel.setdefault(name, [0.0, 0])
-        entry[0] += us / args.steps
-        entry[1] += 1 / args.steps
-    longest = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:40]
-    harness.write_rows(out / "kernels.csv", ["kernel", "kind", "ms_per_round", "calls_per_round"],
-                       [{"kernel": name, "kind": kind_of(name), "ms_per_round": us / 1e3, "calls_per_round": round(n)}
-                        for name, (us, n) in longest])
+    longest = longest_kernels(kernels, args.steps)
+    harness.write_rows(out / "kernels.csv", list(KERNEL_FIELDS), longest)
 
     tokens = rows * args.seq
     n_params = sum(p.numel() for layer in layers for p in layer.parameters())
@@ -126,8 +120,7 @@ def write_markdown(path: Path, args, argv, device_name: str, peak, table: list[d
              f"- matmul throughput: {matmul}; 6 (N - N_embedding) x tokens / the matmul kernels' time", "",
              *markdown_table(table, "round")]
     lines += ["", "Kinds overlap when kernels run on several streams: shares may sum past 100%.", "",
-              "## Longest kernels", "", "| kernel | kind | ms / round | calls / round |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{name[:90]}` | {kind_of(name)} | {us / 1e3:.1f} | {round(n)} |" for name, (us, n) in longest[:20]]
+              "## Longest kernels", "", *markdown_kernels(longest[:20], "round")]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -44,7 +44,13 @@ def test_a_window_past_the_run_is_written_when_the_run_ends(tmp_path):
     profiler.close()  # once only
     kinds = read_kinds(tmp_path / "profile" / "rank0.kinds.csv")
     assert float(kinds["matmul"]["ms_per_step"]) > 0 and IDLE in kinds
-    assert "2 step(s) profiled" in (tmp_path / "profile" / "rank0.kinds.md").read_text()
+    markdown = (tmp_path / "profile" / "rank0.kinds.md").read_text()
+    assert "2 step(s) profiled" in markdown and "| `aten::mm` | matmul |" in markdown
+    longest = list(csv.DictReader(open(tmp_path / "profile" / "rank0.kernels.csv")))
+    mm = next(row for row in longest if row["kernel"] == "aten::mm")
+    assert mm["kind"] == "matmul" and float(mm["calls_per_step"]) == 1  # one product in each recorded step
+    times = [float(row["ms_per_step"]) for row in longest]
+    assert times == sorted(times, reverse=True)
 
 
 def test_profile_steps_on_two_stages_changes_nothing_and_writes_each_rank(tmp_path, tiny_pp_model):

@@ -7,7 +7,8 @@ step ``last`` (or when the run ends earlier), writes to ``save_path/profile/``:
 * ``rank<r>.kinds.md`` and ``.csv``: the device time of every kernel (on CPU: every operator's self time) summed
   by kind (``KINDS``: matmul, attention, compiled elementwise, loss, copies, collectives, other) per step, each
   kind's share of the steps' wall time, and the idle time no kernel covers (the host's launches, syncs, waits for
-  other stages).
+  other stages), then the 20 longest kernels;
+* ``rank<r>.kernels.csv``: the 40 longest kernels (summed over their calls), with kind, time and calls per step.
 
 Profiling costs time in the steps it records, so the metrics of those steps are slower than the run's; it is off
 by default. ``benchmarks/stage_profile.py`` uses the same sorting on a stage without DeepSpeed's engine.
@@ -38,6 +39,7 @@ KINDS = (
 whose patterns some attention kernels' names also match)."""
 IDLE = "idle (no kernel running)"
 FIELDS = ("kind", "ms_per_step", "share_of_wall", "kernels_per_step")
+KERNEL_FIELDS = ("kernel", "kind", "ms_per_step", "calls_per_step")
 
 
 def kind_of(name: str) -> str:
@@ -74,10 +76,35 @@ def kinds_table(kernels: list[tuple[str, float]], busy_us: float, wall_us: float
              "kernels_per_step": round(count / steps)} for kind, us, count in rows]
 
 
+def longest_kernels(kernels: list[tuple[str, float]], steps: int, count: int = 40) -> list[dict]:
+    """The ``count`` kernels (by name, all their calls summed) with the most time per step, longest first."""
+    per_name: dict[str, list] = {}
+    for name, us in kernels:
+        entry = per_name.setdefault(name, [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    longest = sorted(per_name.items(), key=lambda item: -item[1][0])[:count]
+    return [{"kernel": name, "kind": kind_of(name), "ms_per_step": us / steps / 1e3, "calls_per_step": calls / steps}
+            for name, (us, calls) in longest]
+
+
 def markdown_table(rows: list[dict], unit: str) -> list[str]:
     lines = [f"| kind | ms / {unit} | share of wall time | kernels / {unit} |", "| --- | --- | --- | --- |"]
     return lines + [f"| {r['kind']} | {r['ms_per_step']:.1f} | {r['share_of_wall']:.1%} | {r['kernels_per_step']} |"
                     for r in rows]
+
+
+def markdown_kernels(rows: list[dict], unit: str) -> list[str]:
+    lines = [f"| kernel | kind | ms / {unit} | calls / {unit} |", "| --- | --- | --- | --- |"]
+    return lines + [f"| `{r['kernel'][:90]}` | {r['kind']} | {r['ms_per_step']:.1f} | {round(r['calls_per_step'])} |"
+                    for r in rows]
+
+
+def write_csv(path: Path, fields: tuple[str, ...], rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class StepProfiler:
@@ -119,12 +146,12 @@ class StepProfiler:
             profiler.export_chrome_trace(str(tmp))
         kernels, busy_us = kernel_times(profiler, torch.cuda.is_available())
         rows = kinds_table(kernels, busy_us, self.wall_s * 1e6, self.recorded)
-        with atomic_path(self.directory / f"rank{self.rank}.kinds.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        longest = longest_kernels(kernels, self.recorded)
+        write_csv(self.directory / f"rank{self.rank}.kinds.csv", FIELDS, rows)
+        write_csv(self.directory / f"rank{self.rank}.kernels.csv", KERNEL_FIELDS, longest)
         write_text_atomically(self.directory / f"rank{self.rank}.kinds.md", "\n".join([
             f"# Rank {self.rank}: {self.recorded} step(s) profiled, {self.wall_s / self.recorded * 1e3:.1f} ms each",
             "", *markdown_table(rows, "step"), "",
             "Kinds on several streams overlap: shares may sum past 100%. The trace: "
-            f"rank{self.rank}.trace.json (https://ui.perfetto.dev)."]) + "\n")
+            f"rank{self.rank}.trace.json (https://ui.perfetto.dev).", "", "## Longest kernels", "",
+            *markdown_kernels(longest[:20], "step")]) + "\n")
