@@ -150,6 +150,21 @@ def test_smoke_stage_profile_accounts_for_the_wall_time(tmp_path):
     assert "| matmul |" in (tmp_path / "results.md").read_text()
 
 
+def test_bf16_accumulation_measures_the_buffers_against_the_exact_sum(tmp_path):
+    import bf16_accumulation
+
+    bf16_accumulation.main(["--out", str(tmp_path), "--seq", "32", "--micro-batches", "4"])
+    rows = {int(r["micro_batches"]): r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert sorted(rows) == [1, 2, 4]
+    assert float(rows[1]["bf16_relative_error"]) == float(rows[1]["fp32_relative_error"]) == 0  # nothing added yet
+    for count in (2, 4):
+        # bf16 rounds each running sum to 8 significant bits; fp32 keeps 24, and every addend is bf16-exact in it.
+        assert 1e-4 < float(rows[count]["bf16_relative_error"]) < 2 ** -8 * count
+        assert float(rows[count]["fp32_relative_error"]) < 2 ** -22 * count
+        assert 0 < float(rows[count]["sampling_noise"])
+    assert "| 4 |" in (tmp_path / "results.md").read_text()
+
+
 def test_guard_reports_the_stage_goals(tmp_path, capsys):
     import guard
 

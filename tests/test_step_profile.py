@@ -73,3 +73,20 @@ def test_profile_steps_on_two_stages_changes_nothing_and_writes_each_rank(tmp_pa
         assert float(kinds["matmul"]["ms_per_step"]) > 0
         assert int(kinds["collectives and p2p"]["kernels_per_step"]) > 0  # the stages' sends and receives
         assert "2 step(s) profiled" in (profile / f"rank{rank}.kinds.md").read_text()
+
+
+def test_ranges_of_user_annotations_on_the_gpu_timeline_are_not_kernels():
+    from types import SimpleNamespace
+
+    from pipellm.observe.step_profile import kernel_times
+
+    def event(name, start, end, annotation=False):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                               device_type=torch.autograd.DeviceType.CUDA, is_user_annotation=annotation)
+
+    # The optimizer step's range spans its two kernels and the gap between them.
+    events = [event("Optimizer.step#AdamW.step", 10, 40, annotation=True), event("multi_tensor_apply_kernel", 10, 20),
+              event("multi_tensor_apply_kernel", 30, 40), event("nvjet_sm90_gemm", 50, 60)]
+    kernels, busy = kernel_times(SimpleNamespace(events=lambda: events), on_gpu=True)
+    assert [name for name, _ in kernels] == ["multi_tensor_apply_kernel"] * 2 + ["nvjet_sm90_gemm"]
+    assert busy == 30  # the gap from 20 to 30 had no kernel running

@@ -53,8 +53,11 @@ def kernel_times(prof, on_gpu: bool) -> tuple[list[tuple[str, float]], float]:
     if not on_gpu:
         times = [(e.name, e.self_cpu_time_total) for e in prof.events() if e.self_cpu_time_total > 0]
         return times, sum(us for _, us in times)
+    # A ``record_function`` range (``Optimizer.step#AdamW.step``) is also put on the GPU's timeline, spanning the
+    # kernels it launched: counted, it would count them twice and their gaps as busy.
     kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
+                      if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation),
+                     key=lambda k: k[1])
     busy, reach = 0.0, float("-inf")
     for _, start, end in kernels:
         if end > reach:
