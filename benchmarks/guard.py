@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -116,9 +117,12 @@ def stage_goals(stage_levers: list[Path], packing: Path | None, zb_h1_costs: lis
                 micro_batches: int) -> list[tuple[str, str, str]]:
     """(goal, PASS | FAIL | NOT MEASURED, the figures) for each goal of issue 15 given an input."""
     results = []
+    # Each file named by its folder below the files' common one (``stage_levers_h100_global32/seq2048``).
+    common = Path(os.path.commonpath([p.parent.resolve() for p in stage_levers])) if len(stage_levers) > 1 else None
+    folders = {p: str(p.parent.resolve().relative_to(common)) if common else p.parent.name for p in stage_levers}
     for path in stage_levers:
         measured = {r["variant"]: float(r["mfu"]) for r in read_rows(path) if r["status"] == "ok" and r["mfu"]}
-        name = f"one stage >= 62% MFU ({path.parent.name})"
+        name = f"one stage >= 62% MFU ({folders[path]})"
         if not measured:
             results.append((name, "NOT MEASURED", ""))
             continue
