@@ -144,3 +144,57 @@ def test_accumulating_gradients_as_they_arrive_trains_as_deferred_accumulation(t
                       save_final=False, use_tensorboard=False, bf16=bf16)
         runs.append([(r["loss"], r["grad_norm"]) for r in spawn_training(config, work / "config.yml")])
     assert len(runs[0]) == 3 and runs[0] == runs[1]
+
+
+def rotary_tables(family: str):
+    """The family's rotary table maker and the formula it replaced (angles, then cos/sin in the graph)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from pipellm.models.chatglm import ChatGLMRotary
+    from pipellm.models.llama import RotaryEmbedding
+
+    if family == "llama":
+        rotary = RotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4,
+                                             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                                              "factor": 8.0, "low_freq_factor": 1.0,
+                                                              "high_freq_factor": 4.0,
+                                                              "original_max_position_embeddings": 64}))
+
+        def formula(position_ids, dtype):
+            angles = position_ids[..., None].float() * rotary.inv_freq
+            angles = torch.cat((angles, angles), dim=-1)
+            return (angles.cos() * rotary.scaling).to(dtype), (angles.sin() * rotary.scaling).to(dtype)
+    else:
+        rotary = ChatGLMRotary(SimpleNamespace(kv_channels=16, hidden_size=64, num_attention_heads=4, rope_ratio=2.0))
+
+        def formula(position_ids, dtype):
+            angles = position_ids[..., None].float() * rotary.inv_freq
+            return angles.cos().to(dtype), angles.sin().to(dtype)
+    return rotary, formula
+
+
+@pytest.mark.parametrize("family", ["llama", "chatglm"])
+def test_a_compiled_layer_reads_the_rotary_tables_instead_of_recomputing_them(family):
+    """cos/sin are computed by one opaque op (``pipellm::rotary_cos_sin``): left in the graph, inductor fuses them
+    into the rotary kernel, which evaluates cos and sin again for every head. The tables are the formula's, bit
+    for bit, eager and compiled."""
+    rotary, formula = rotary_tables(family)
+    position_ids = torch.arange(3000).view(2, 1500)  # angles far past 2 pi: fp32 range reduction matters
+    for dtype in (torch.float32, torch.bfloat16):
+        for got, want in zip(rotary(position_ids, dtype), formula(position_ids, dtype)):
+            assert got.dtype == dtype and torch.equal(got, want)
+
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(lambda ids: rotary(ids, torch.bfloat16), backend=capture, dynamic=False)
+    for got, want in zip(compiled(position_ids), formula(position_ids, torch.bfloat16)):
+        assert torch.equal(got, want)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op in ("call_function", "call_method")]
+    assert "pipellm.rotary_cos_sin.default" in targets
+    assert not any(name in target for target in targets for name in ("cos", "sin") if "rotary" not in target)

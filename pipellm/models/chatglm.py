@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from pipellm.models import kernels
 from pipellm.models.attention import AttentionOptions, causal_attention
 from pipellm.models.base import KeyMap, ModelFamily, Supported
 from pipellm.models.llama import RMSNorm
@@ -87,8 +88,7 @@ class ChatGLMRotary:
     def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != position_ids.device:
             self.inv_freq = self.inv_freq.to(position_ids.device)
-        angles = position_ids[..., None].float() * self.inv_freq  # [batch, seq, rotary_dims / 2]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return kernels.rotary_cos_sin(position_ids, self.inv_freq, 1.0, dtype)  # [batch, seq, rotary_dims / 2]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (``[batch, heads, seq, head_dim]``) with the tables of ``__call__``."""

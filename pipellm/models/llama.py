@@ -51,9 +51,8 @@ class RotaryEmbedding:
     def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != position_ids.device:
             self.inv_freq = self.inv_freq.to(position_ids.device)
-        angles = position_ids[..., None].float() * self.inv_freq
-        angles = torch.cat((angles, angles), dim=-1)
-        return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
+        cos, sin = kernels.rotary_cos_sin(position_ids, self.inv_freq, self.scaling, dtype)
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
 
 class LlamaAttention(nn.Module):
