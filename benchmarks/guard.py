@@ -20,7 +20,7 @@ The stage goals of issue 15, each PASS, FAIL or NOT MEASURED, from what the one-
         --packing benchmarks/results/packing_h100/results.csv --zb-h1-costs 58.6,75.2,39.9 61.1,77.9,40.6
 
 * one stage >= 62% MFU (``stage_levers.py``'s ``results.csv``, one per sequence length: its baseline and its best
-  variant);
+  variant; ``--stage-runs``: ``run_pipeline.py``'s CSV files, the best one-stage run of each sequence length);
 * packed rows with FlexAttention >= 97% of fixed-length rows' real tokens/s (``packing_speed.py``);
 * ZB-H1's predicted step within 3% of the busiest stage's compute at ``--micro-batches`` (default 16), from
   measured F,B,W milliseconds per stage (``pipellm.plan.schedules``), holding at most 10% more micro batches at its
@@ -114,12 +114,25 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def stage_goals(stage_levers: list[Path], packing: Path | None, zb_h1_costs: list[str] | None,
-                micro_batches: int) -> list[tuple[str, str, str]]:
+                micro_batches: int, stage_runs: list[Path] = ()) -> list[tuple[str, str, str]]:
     """(goal, PASS | FAIL | NOT MEASURED, the figures) for each goal of issue 15 given an input."""
     results = []
     # Each file named by its folder below the files' common one (``stage_levers_h100_global32/seq2048``).
-    common = Path(os.path.commonpath([p.parent.resolve() for p in stage_levers])) if len(stage_levers) > 1 else None
-    folders = {p: str(p.parent.resolve().relative_to(common)) if common else p.parent.name for p in stage_levers}
+    files = [*stage_levers, *stage_runs]
+    common = Path(os.path.commonpath([p.parent.resolve() for p in files])) if len(files) > 1 else None
+    folders = {p: str(p.parent.resolve().relative_to(common)) if common and p.parent.resolve() != common
+               else p.parent.name for p in files}
+    for path in stage_runs:
+        by_seq: dict[int, list[dict]] = {}
+        for row in read_rows(path):
+            if int(row["stages"]) == 1 and row["mfu"]:
+                by_seq.setdefault(int(row["seq"]), []).append(row)
+        for seq, rows in sorted(by_seq.items()):
+            best = max(rows, key=lambda r: float(r["mfu"]))
+            results.append((f"one stage >= 62% MFU ({folders[path]}/{path.name}, seq {seq})",
+                            "PASS" if float(best["mfu"]) >= 0.62 else "FAIL",
+                            f"best {float(best['mfu']):.1%} of {len(rows)} run(s): micro batch {best['micro']}, "
+                            f"{best['layers']} layers, YAML {best['yaml_json']}, {best['device']}"))
     for path in stage_levers:
         measured = {r["variant"]: float(r["mfu"]) for r in read_rows(path) if r["status"] == "ok" and r["mfu"]}
         name = f"one stage >= 62% MFU ({folders[path]})"
@@ -163,6 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--require-goals", action="store_true", help="exit 1 unless every goal passes")
     stage = parser.add_argument_group("issue 15's stage goals")
     stage.add_argument("--stage-levers", type=Path, nargs="+", default=[], help="stage_levers.py results.csv files")
+    stage.add_argument("--stage-runs", type=Path, nargs="+", default=[], help="run_pipeline.py CSV files")
     stage.add_argument("--packing", type=Path, help="packing_speed.py results.csv")
     stage.add_argument("--zb-h1-costs", nargs="+", metavar="F,B,W", help="ms per micro batch of each stage's passes")
     stage.add_argument("--micro-batches", type=int, default=16, help="micro batches per step for ZB-H1's goal")
@@ -170,7 +184,8 @@ def main(argv=None) -> int:
     if (args.results is None) != (args.baseline is None):
         parser.error("--results and --baseline go together")
     found, failed_goals = [], False
-    for name, verdict, figures in stage_goals(args.stage_levers, args.packing, args.zb_h1_costs, args.micro_batches):
+    for name, verdict, figures in stage_goals(args.stage_levers, args.packing, args.zb_h1_costs, args.micro_batches,
+                                              args.stage_runs):
         print(f"  {verdict:<12} {name}" + (f" ({figures})" if figures else ""))
         failed_goals |= verdict != "PASS"
     if args.results is None:

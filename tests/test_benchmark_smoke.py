@@ -180,6 +180,20 @@ def test_guard_reports_the_stage_goals(tmp_path, capsys):
     assert [(verdict, figures) for _, verdict, figures in verdicts] == [
         ("PASS", "baseline 60.0%, best micro-4 63.0%"), ("FAIL", "96.0%, fill 98.0%"),
         ("PASS", "1.021x, 49 ms; micro batches held 2 vs 2")]
+    # run_pipeline.py rows: the best one-stage run of each sequence length (the 2-stage row does not count).
+    runs = tmp_path / "runs" / "pairs.csv"
+    runs.parent.mkdir()
+    fields = ["seq", "stages", "micro", "layers", "yaml_json", "mfu", "device"]
+    harness.write_rows(runs, fields, [dict(zip(fields, values)) for values in (
+        (2048, 1, 8, 12, "{}", 0.598, "H100"), (2048, 2, 8, 12, "{}", 0.70, "H100"),
+        (4096, 1, 4, 12, "{}", 0.617, "H100"), (4096, 1, 4, 12, '{"speed": 1}', 0.634, "H100"))])
+    verdicts = guard.stage_goals([levers], None, None, 16, [runs])
+    assert [(name, verdict, figures) for name, verdict, figures in verdicts[:2]] == [
+        ("one stage >= 62% MFU (runs/pairs.csv, seq 2048)", "FAIL",
+         "best 59.8% of 1 run(s): micro batch 8, 12 layers, YAML {}, H100"),
+        ("one stage >= 62% MFU (runs/pairs.csv, seq 4096)", "PASS",
+         'best 63.4% of 2 run(s): micro batch 4, 12 layers, YAML {"speed": 1}, H100')]
+    assert verdicts[2][0] == f"one stage >= 62% MFU ({tmp_path.name})"  # the levers file, in the common folder
     # Without a sweep to compare, only the stage goals; --require-goals fails on the packing goal.
     assert guard.main(["--packing", str(packing)]) == 0
     assert guard.main(["--packing", str(packing), "--require-goals"]) == 1
