@@ -61,14 +61,16 @@ def main(argv=None) -> None:
         for p in params:
             p.grad = None
         harness.forward_backward(layers, [batch])
-        squares += sum(float(p.grad.double().square().sum()) for p in params)
         for i, p in enumerate(params):
-            exact[i] += p.grad.double()
+            grad = p.grad.double()
+            squares += float(grad.square().sum())
+            exact[i] += grad
             for buffer in buffers.values():
                 buffer[i].add_(p.grad.to(buffer[i].dtype))
         if count in report_at:
-            rows.append({"micro_batches": count, **errors(buffers, exact),
-                         "sampling_noise": noise(exact, squares, count)})
+            exact_square = float(sum(e.square().sum() for e in exact))  # the exact sum's squared norm
+            rows.append({"micro_batches": count, **errors(buffers, exact, exact_square),
+                         "sampling_noise": noise(exact_square, squares, count)})
             print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,26 +80,24 @@ def main(argv=None) -> None:
     print((out / "results.md").read_text())
 
 
-def errors(buffers: dict, exact: list) -> dict:
+def errors(buffers: dict, exact: list, exact_square: float) -> dict:
     """Per buffer: the relative error of all parameters together, and the largest of one tensor."""
-    exact_norm = torch.sqrt(sum(e.square().sum() for e in exact))
     figures = {}
     for name, buffer in buffers.items():
         diffs = [b.double() - e for b, e in zip(buffer, exact)]
-        figures[f"{name}_relative_error"] = float(torch.sqrt(sum(d.square().sum() for d in diffs)) / exact_norm)
+        figures[f"{name}_relative_error"] = float(sum(d.square().sum() for d in diffs)) ** 0.5 / exact_square ** 0.5
         figures[f"{name}_worst_tensor"] = max(float(d.norm() / e.norm()) for d, e in zip(diffs, exact)
                                               if e.norm() > 0)
     return figures
 
 
-def noise(exact: list, squares: float, count: int) -> float | None:
+def noise(exact_square: float, squares: float, count: int) -> float | None:
     """The standard error of a sum of ``count`` micro batches' gradients from their spread (sample variance
     around their mean, all parameters), relative to the sum's norm; None for one micro batch."""
     if count < 2:
         return None
-    total = float(sum(e.square().sum() for e in exact))
-    spread = (squares - total / count) / (count - 1)
-    return (count * spread) ** 0.5 / total ** 0.5
+    spread = (squares - exact_square / count) / (count - 1)
+    return (count * spread) ** 0.5 / exact_square ** 0.5
 
 
 def write_markdown(path: Path, args, argv, hf_config, n_params: int, rows: list[dict]) -> None:
