@@ -106,7 +106,7 @@ def test_plan_feeds_measured_pass_costs_to_the_simulator(tmp_path, capsys, monke
     assert "  stage 1: F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3" in out
 
 
-def test_compiled_layers_take_the_eager_split_of_their_backward():
+def test_compiled_layers_take_their_passes_from_the_layers_as_zb_h1_builds_them():
     from pipellm.pipeline.partition import PipelineLayers
     from pipellm.plan.profile import LayerCost, Profile
 
@@ -115,9 +115,9 @@ def test_compiled_layers_take_the_eager_split_of_their_backward():
 
     compiled = Profile("test", cost(1.0, (0.25, 0, 0.75)), cost(6.0, (2.0, 4.0, 0)), cost(3.0, (1.0, 2.0, 0)),
                        PipelineLayers(num_decoders=2, tied=False), 0)
-    eager = Profile("test", cost(2.0, (0.5, 0, 1.5)), cost(9.0, (3.0, 3.0, 3.0)), cost(4.0, (1.0, 1.0, 2.0)),
-                    PipelineLayers(num_decoders=2, tied=False), 0)
-    split = compiled.with_backward_split_of(eager)
-    assert split.decoder.passes == PassCosts(2.0, 2.0, 2.0) and split.embed.passes == PassCosts(0.25, 0.0, 0.75)
-    assert dataclasses.astuple(split.head.passes) == pytest.approx((1.0, 2 / 3, 4 / 3))
-    assert split.stage_passes(0, 2) == PassCosts(2.25, 2.0, 2.75)  # embedding + first decoder
+    separated = Profile("test", cost(1.5, (0.5, 0, 1.0)), cost(6.5, (2.0, 2.5, 2.0)), cost(3.5, (1.0, 1.0, 1.5)),
+                        PipelineLayers(num_decoders=2, tied=False), 0)
+    both = compiled.with_passes_of(separated)
+    assert [c.seconds for c in (both.embed, both.decoder, both.head)] == [1.0, 6.0, 3.0]  # 1F1B's build
+    assert both.decoder.passes == PassCosts(2.0, 2.5, 2.0) and both.head.passes == PassCosts(1.0, 1.0, 1.5)
+    assert both.stage_passes(0, 2) == PassCosts(2.5, 2.5, 3.0)  # embedding + first decoder

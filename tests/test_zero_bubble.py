@@ -151,8 +151,13 @@ def test_each_stage_runs_the_simulators_zb_h1_order(per_rank, name):
             assert [tuple(op) for op in order] == zb_h1(stage, dims[0], gas), f"rank {rank}"
 
 
-def test_train_ds_with_zb_h1_trains_the_1f1b_loss_curve(tmp_path, tiny_pp_model, launcher_run_2x1):
-    config = write_config(tmp_path / "zb.yml", tiny_pp_model[1], tmp_path / "zb", [2, 1], pipeline_schedule="zb-h1")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_train_ds_with_zb_h1_trains_the_1f1b_loss_curve(compiled, tmp_path, tiny_pp_model, launcher_run_2x1):
+    """Compiled: the decoders and the loss compiled (their linear layers outside the graphs); the eager 1F1B run
+    is the reference, which compiled layers match to fp32 rounding."""
+    speed = dict(compile_layers=True, speed={"loss_kernel": "compiled"}) if compiled else {}
+    config = write_config(tmp_path / "zb.yml", tiny_pp_model[1], tmp_path / "zb", [2, 1], pipeline_schedule="zb-h1",
+                          **speed)
     spawn_config(config)  # two ranks spawned in-process: the launcher is not what is tested here
     assert losses(tmp_path / "zb") == pytest.approx(losses(launcher_run_2x1), rel=1e-5)
 
@@ -161,7 +166,6 @@ def test_train_ds_with_zb_h1_trains_the_1f1b_loss_curve(tmp_path, tiny_pp_model,
     (dict(pipeline_schedule="zb-h2"), "`pipeline_schedule` must be one of 1f1b, zb-h1"),
     (dict(pipeline_schedule="zb-h1", fp16={"enabled": True}), "`pipeline_schedule: zb-h1` runs with fp32 or bf16"),
     (dict(pipeline_schedule="zb-h1", zero_optimization={"stage": 2}), "and ZeRO stage 0 or 1"),
-    (dict(pipeline_schedule="zb-h1", compile_layers=True), "with `compile_layers: true`: a compiled layer is one"),
 ])
 def test_zb_h1_config_is_checked(overrides, expected, tmp_path, tiny_pp_model, capsys, monkeypatch):
     import test_config  # its config and one-line-error helpers
@@ -215,14 +219,69 @@ def test_w_runs_only_the_weight_side_of_the_graph():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_compile_layers_default_is_eager_under_zb_h1():
-    """``compile_layers: null`` compiles on GPUs under 1F1B only; a set value is kept (zb-h1 refuses ``true``)."""
+def test_compiled_layers_split_b_and_w_apart_from_the_compiled_graphs(monkeypatch):
+    """Compiled decoders prepared by ``separate_weight_grads`` (a last stage: decoders, norm, head and the compiled
+    loss): B leaves the gradients of the decoders' norms (whose boundary node is a compiled graph, which computes
+    every gradient it has anyway) and of the inputs; W runs no compiled graph again, only the linear layers'
+    weight side and the eager final norm's and head's; together they give one backward's gradients bit for bit."""
+    from pipellm.models import get_family
+    from pipellm.models.attention import AttentionOptions
+    from pipellm.pipeline.loss import token_mean_loss
+    from pipellm.pipeline.split_backward import SplitBackward, separate_weight_grads
+    from pipellm.pipeline.stages import init_weights, layer_specs
+
+    monkeypatch.setattr(torch._functorch.config, "donated_buffer", torch._functorch.config.donated_buffer)
+    config = LlamaConfig(**LLAMA)
+    family = get_family("llama")
+    specs = layer_specs(family, config, False, AttentionOptions(), compile_layers=True, loss_kernel="compiled")
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(spec.build() for spec in specs[1:])  # decoders, final norm, head
+    for layer in layers:
+        init_weights(layer, 0.1)
+    separate_weight_grads(layers)
+    params = list(layers.parameters())
+    targets = torch.randint(0, LLAMA["vocab_size"], (2, 16))
+
+    def forward():
+        hidden = torch.randn(2, 16, LLAMA["hidden_size"], generator=torch.Generator().manual_seed(1),
+                             requires_grad=True)
+        outputs = (hidden, torch.arange(16).expand(2, 16))
+        for layer in layers:
+            outputs = layer(outputs)
+        return hidden, token_mean_loss(outputs, (targets, torch.tensor(1 / 32)), None, "compiled")
+
+    hidden, loss = forward()
+    loss.backward()
+    expected = [hidden.grad] + [p.grad for p in params]
+    layers.zero_grad(set_to_none=True)
+
+    hidden, loss = forward()
+    split = SplitBackward([loss], None, [hidden], params, recompute=False)
+    norms = {name for name, p in layers.named_parameters() if p.grad is not None}
+    assert split.split and norms == {f"{i}.{norm}.weight" for i in range(LLAMA["num_hidden_layers"])
+                                     for norm in ("input_layernorm", "post_attention_layernorm")}
+    ran, nodes, queue = [], set(), [loss.grad_fn]
+    while queue:
+        node = queue.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            node.register_prehook(lambda grads, node=node: ran.append(type(node).__name__))
+            queue += [child for child, _ in node.next_functions]
+    assert "CompiledFunctionBackward" in {type(node).__name__ for node in nodes}
+    split.weight_grads()
+    assert "MmBackward0" in ran and "CompiledFunctionBackward" not in ran, ran
+    for got, want in zip([hidden.grad] + [p.grad for p in params], expected):
+        assert torch.equal(got, want)
+
+
+def test_compile_layers_default_is_on_for_gpus_under_both_schedules():
+    """``compile_layers: null`` compiles on GPUs, under 1F1B and ZB-H1; a set value is kept."""
     from pipellm.config.schema import TrainConfig
 
     def compiled(schedule, value, on_gpu):
         return TrainConfig(model_path="m", save_path="s", data_path="d", pipeline_schedule=schedule,
                            compile_layers=value).layers_compiled(on_gpu)
 
-    assert [compiled("1f1b", None, gpu) for gpu in (True, False)] == [True, False]
-    assert [compiled("zb-h1", None, gpu) for gpu in (True, False)] == [False, False]
-    assert compiled("1f1b", False, True) is False and compiled("1f1b", True, False) is True
+    for schedule in ("1f1b", "zb-h1"):
+        assert [compiled(schedule, None, gpu) for gpu in (True, False)] == [True, False]
+        assert compiled(schedule, False, True) is False and compiled(schedule, True, False) is True

@@ -317,10 +317,6 @@ def check_pipeline_schedule(cfg: TrainConfig, source: str) -> None:
     if cfg.pipeline_schedule == "zb-h1" and (settings.precision == "fp16" or settings.zero_stage > 1):
         raise PipellmError(f"{source}: `pipeline_schedule: zb-h1` runs with fp32 or bf16 and ZeRO stage 0 or 1; "
                            f"use `bf16: {{enabled: true}}` (ZeRO <= 1) or `pipeline_schedule: 1f1b`")
-    if cfg.pipeline_schedule == "zb-h1" and cfg.compile_layers:
-        raise PipellmError(f"{source}: `pipeline_schedule: zb-h1` with `compile_layers: true`: a compiled layer is one "
-                           f"autograd node, so its input-gradient and weight-gradient passes would each run its whole "
-                           f"backward; remove `compile_layers` (zb-h1 runs eager layers) or use `pipeline_schedule: 1f1b`")
 
 
 def check_reward(cfg: TrainConfig, source: str) -> None:

@@ -222,8 +222,9 @@ class TrainConfig:
     Pipeline training only (``train_ds_zero.py`` runs transformers' attention)."""
     compile_layers: bool | None = None
     """``torch.compile`` each decoder layer: fuses the norms, rotary and SwiGLU (llama-7b on 2 H200s: 41% -> 50%
-    MFU, less memory); the first step pays the compile. Default (null): on for GPUs, off on CPU and under
-    ``pipeline_schedule: zb-h1`` (which refuses ``true``: B and W would each run a compiled layer's whole backward)."""
+    MFU, less memory); the first step pays the compile. Default (null): on for GPUs, off on CPU. Under
+    ``pipeline_schedule: zb-h1`` each linear layer stays out of the compiled graphs, so that W can run its weight
+    gradient alone (``pipellm.pipeline.split_backward``)."""
     loss_chunk_tokens: int | None = None
     """Compute the output projection and the loss this many tokens at a time (e.g. 4096), so the last stage
     never holds a whole micro batch's logits (tokens x vocab x 12 bytes with bf16 weights: 12.6 GB for llama-7B
@@ -344,10 +345,9 @@ class TrainConfig:
         return DeepSpeedSettings.of(self.deepspeed)
 
     def layers_compiled(self, on_gpu: bool) -> bool:
-        """``compile_layers`` resolved: null is on for GPUs, except under ``pipeline_schedule: zb-h1`` (a compiled
-        layer is one autograd node, so its B and its W would each run the whole layer backward)."""
+        """``compile_layers`` resolved: null is on for GPUs."""
         if self.compile_layers is not None:
             return self.compile_layers
-        return on_gpu and self.pipeline_schedule == "1f1b"
+        return on_gpu
 
 

@@ -15,15 +15,39 @@ W instead differentiates the outputs again with respect to the parameters (repea
 the split cannot pay or cannot cover every parameter: the stage's inputs take no gradient (the first stage, whose
 B is empty), a parameter's gradient does not pass the input path, or ``recompute`` is set (non-reentrant grad
 checkpointing recomputes a layer's forward in every autograd call, and the split makes one call per group).
-A ``torch.compile``d layer is one autograd node that computes its input and weight gradients together, so B and W
-each run its whole backward.
+
+Compiled layers: a ``torch.compile``d graph is one autograd node whose backward computes every gradient it has,
+wanted or not. ``separate_weight_grads`` therefore leaves each linear layer of a stage out of the compiled graphs
+(a graph break): its matmul stays a node of its own, and W runs only its weight side. A parameter whose boundary
+node is a compiled graph (a norm's weight) gets its gradient in B, where that graph's backward computes it anyway.
 """
 from __future__ import annotations
 
 import collections
 
 import torch
+import torch._functorch.config
+from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+
+class GraphBreakLinear(nn.Linear):
+    """``nn.Linear`` whose forward ``torch.compile`` does not trace: a compiled function calling it is split into
+    graphs before and after it, and its matmul runs eagerly as an autograd node of its own."""
+
+    forward = torch.compiler.disable(nn.Linear.forward, recursive=False)
+
+
+def separate_weight_grads(module: nn.Module) -> None:
+    """Prepare ``module``'s compiled layers for a split backward (once, before training): each ``nn.Linear`` in it
+    becomes a ``GraphBreakLinear`` (LoRA's adapters and the base layers they wrap included; subclasses such as a
+    quantized base are left as they are), and compiled backwards keep the buffers they would donate, since B keeps
+    the graph for W (``retain_graph``), which a backward with donated buffers refuses. The latter is a setting of
+    the process, which trains with one schedule. Eager layers compute the same with or without it."""
+    for sub in module.modules():
+        if type(sub) is nn.Linear:
+            sub.__class__ = GraphBreakLinear
+    torch._functorch.config.donated_buffer = False
 
 
 class SplitBackward:
@@ -31,7 +55,7 @@ class SplitBackward:
 
     def __init__(self, outputs: list, grads: list | None, inputs: list, params: list, recompute: bool):
         self.outputs, self.grads, self.params = outputs, grads, params
-        self.groups = None if recompute or not inputs else _parameter_groups(outputs, inputs, params)
+        self.groups, now = (None, []) if recompute or not inputs else _parameter_groups(outputs, inputs, params)
         self.recorded: dict = {}
         self.split = self.groups is not None
         """W runs from the boundary nodes (False: from the outputs again)."""
@@ -39,8 +63,10 @@ class SplitBackward:
                  for group in self.groups or () for node in group["nodes"]]
         try:
             if inputs:
-                for tensor, grad in zip(inputs, torch.autograd.grad(outputs, inputs, grads, retain_graph=True)):
-                    tensor.grad = grad
+                for tensor in inputs:
+                    tensor.grad = None
+                # Into ``.grad`` through autograd: the parameters of ``now`` accumulate as in one backward.
+                torch.autograd.backward(outputs, grads, inputs=[*inputs, *now], retain_graph=True)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -70,24 +96,34 @@ class SplitBackward:
         self.outputs = self.grads = self.groups = self.recorded = None
 
 
-def _parameter_groups(outputs: list, inputs: list, params: list) -> list[dict] | None:
-    """The boundary nodes of each group of parameters (``{"params": [...], "nodes": [...]}``); None when a
-    parameter in the graph reaches the outputs without crossing the input path."""
+def _parameter_groups(outputs: list, inputs: list, params: list) -> tuple[list[dict] | None, list]:
+    """The boundary nodes of each group of parameters (``{"params": [...], "nodes": [...]}``), and the parameters
+    that B computes (those with a compiled graph among their boundary nodes); (None, []) when a parameter in the
+    graph reaches the outputs without crossing the input path."""
     users = _users([get_gradient_edge(t).node for t in outputs])
     input_path, _ = _toward_outputs([get_gradient_edge(t).node for t in inputs], users, stop=frozenset())
     group_of: dict = {}
+    now = []
     for param in params:
         node = get_gradient_edge(param).node
         if node not in users:
             continue  # not used by this micro batch
         _, boundary = _toward_outputs([node], users, stop=input_path)
         if not boundary:
-            return None
+            return None, []
+        if any(_is_compiled(n) for n in boundary):
+            now.append(param)
+            continue
         merged = {id(group_of[n]): group_of[n] for n in boundary if n in group_of}.values()
         group = {"params": [param] + [p for g in merged for p in g["params"]],
                  "nodes": list(dict.fromkeys([*boundary, *(n for g in merged for n in g["nodes"])]))}
         group_of.update((n, group) for n in group["nodes"])
-    return list({id(group): group for group in group_of.values()}.values())
+    return list({id(group): group for group in group_of.values()}.values()), now
+
+
+def _is_compiled(node) -> bool:
+    """A ``torch.compile``d graph's backward (AOTAutograd's node), which computes all its gradients at once."""
+    return type(node).__name__ == "CompiledFunctionBackward"
 
 
 def _users(roots: list) -> dict:

@@ -27,7 +27,7 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 from pipellm.pipeline.deepspeed_compat import (accumulating_weight_grads, add_pipeline_instructions,
                                                backward_tensors, engine_backward, pipeline_instruction,
                                                release_outputs, set_train_schedule)
-from pipellm.pipeline.split_backward import SplitBackward
+from pipellm.pipeline.split_backward import SplitBackward, separate_weight_grads
 from pipellm.plan.schedules import Op, zb_h1
 
 
@@ -83,7 +83,9 @@ class ZeroBubbleH1:
         self.training = False
 
     def attach(self, engine) -> None:
-        """Teach the engine the two passes and this schedule (once, before the engine's instructions are timed)."""
+        """Teach the engine the two passes and this schedule (once, before the engine's instructions are timed),
+        and keep the weight gradients of compiled layers apart (``separate_weight_grads``)."""
+        separate_weight_grads(engine.module)
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         forward = pipeline_instruction(engine, ds_schedule.ForwardPass)
 

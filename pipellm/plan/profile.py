@@ -89,16 +89,13 @@ class Profile:
         items = [item.passes for item in self.items()[start:stop]]
         return PassCosts(*(sum(getattr(p, f) for p in items) for f in ("forward", "input_grad", "weight_grad")))
 
-    def with_backward_split_of(self, eager: Profile) -> Profile:
-        """Compiled layers run one backward graph for all gradients, so their B and W cannot be timed apart:
-        split each kind's measured backward (``seconds - forward``) in the eager layer's B : W proportion."""
-        def split(cost: LayerCost, reference: PassCosts) -> LayerCost:
-            backward, forward = cost.seconds - cost.passes.forward, cost.passes.forward
-            share = reference.input_grad / max(reference.input_grad + reference.weight_grad, 1e-12)
-            return dataclasses.replace(cost, passes=PassCosts(forward, backward * share, backward * (1 - share)))
-        return dataclasses.replace(self, embed=split(self.embed, eager.embed.passes),
-                                   decoder=split(self.decoder, eager.decoder.passes),
-                                   head=split(self.head, eager.head.passes))
+    def with_passes_of(self, separated: Profile) -> Profile:
+        """A compiled layer is one autograd node that computes all its gradients at once, so ZB-H1 trains it with
+        its linear layers left out of the compiled graphs (``pipellm.pipeline.split_backward``): its F, B and W
+        are measured on that build (``separated``); the rest (1F1B's build: time, memory) stays this profile's."""
+        return dataclasses.replace(self, embed=dataclasses.replace(self.embed, passes=separated.embed.passes),
+                                   decoder=dataclasses.replace(self.decoder, passes=separated.decoder.passes),
+                                   head=dataclasses.replace(self.head, passes=separated.head.passes))
 
 
 def local_device() -> torch.device:
@@ -119,14 +116,14 @@ def profile_layers(family: ModelFamily, hf_config, shape: RunShape, device: torc
 
     Each layer runs on the previous one's (detached) output, so shapes and dtypes are those that travel between
     stages; the head's measurement includes the loss, which the last stage computes. ``split_passes``: also time
-    the forward alone and the input gradient alone (``torch.autograd.grad`` to the layer's inputs: eager layers
-    then skip the weight-gradient matmuls); W is the rest of the backward. Compiled layers take the B : W split
-    of the same layers run eagerly (``Profile.with_backward_split_of``).
+    the forward alone and the input gradient alone (``torch.autograd.grad`` to the layer's inputs: the
+    weight-gradient matmuls are then skipped); W is the rest of the backward. Compiled layers are measured twice:
+    as 1F1B trains them, and for the passes as ZB-H1 does (``Profile.with_passes_of``).
     """
-    profile = _build_and_measure(family, hf_config, shape, device, split_passes)
-    if split_passes and shape.compile_layers:
-        eager = _build_and_measure(family, hf_config, dataclasses.replace(shape, compile_layers=False), device, True)
-        profile = profile.with_backward_split_of(eager)
+    separate = split_passes and shape.compile_layers
+    profile = _build_and_measure(family, hf_config, shape, device, split_passes and not separate)
+    if separate:
+        profile = profile.with_passes_of(_build_and_measure(family, hf_config, shape, device, True, separate=True))
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -135,10 +132,12 @@ def profile_layers(family: ModelFamily, hf_config, shape: RunShape, device: torc
 
 
 def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: torch.device,
-                       split_passes: bool) -> Profile:
+                       split_passes: bool, separate: bool = False) -> Profile:
+    """``separate``: the layers as ZB-H1 trains them (``separate_weight_grads``)."""
     from pipellm.models.attention import AttentionOptions
     from pipellm.models.kernels import use_liger_kernels
     from pipellm.pipeline.loss import token_mean_loss
+    from pipellm.pipeline.split_backward import separate_weight_grads
     from pipellm.pipeline.stages import init_weights, layer_specs
 
     layers = PipelineLayers.of(family, hf_config)
@@ -157,6 +156,8 @@ def _build_and_measure(family: ModelFamily, hf_config, shape: RunShape, device: 
         module.to(shape.dtype).train()
         if shape.speed.liger_kernels:
             use_liger_kernels(module)
+        if separate:
+            separate_weight_grads(module)
     head = functools.partial(head_spec.forward_fn, embed) if layers.tied else head_module
 
     batch, seq = shape.micro_batch, shape.seq_len
