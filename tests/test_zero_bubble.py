@@ -17,6 +17,7 @@ compiled layers (whose unset default is eager under zb-h1).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -255,8 +256,16 @@ def test_compiled_layers_split_b_and_w_apart_from_the_compiled_graphs(monkeypatc
     expected = [hidden.grad] + [p.grad for p in params]
     layers.zero_grad(set_to_none=True)
 
+    entered = []  # parameter gradients present when each autograd call that writes them begins
+
+    @contextlib.contextmanager
+    def writing_param_grads():
+        entered.append(sum(p.grad is not None for p in params))
+        yield
+
     hidden, loss = forward()
-    split = SplitBackward([loss], None, [hidden], params, recompute=False)
+    split = SplitBackward([loss], None, [hidden], params, recompute=False, writing_param_grads=writing_param_grads)
+    assert entered == [0]  # B writes the norms' gradients
     norms = {name for name, p in layers.named_parameters() if p.grad is not None}
     assert split.split and norms == {f"{i}.{norm}.weight" for i in range(LLAMA["num_hidden_layers"])
                                      for norm in ("input_layernorm", "post_attention_layernorm")}
@@ -270,6 +279,7 @@ def test_compiled_layers_split_b_and_w_apart_from_the_compiled_graphs(monkeypatc
     assert "CompiledFunctionBackward" in {type(node).__name__ for node in nodes}
     split.weight_grads()
     assert "MmBackward0" in ran and "CompiledFunctionBackward" not in ran, ran
+    assert entered == [0, len(norms)]
     for got, want in zip([hidden.grad] + [p.grad for p in params], expected):
         assert torch.equal(got, want)
 

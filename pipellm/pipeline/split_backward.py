@@ -24,6 +24,8 @@ node is a compiled graph (a norm's weight) gets its gradient in B, where that gr
 from __future__ import annotations
 
 import collections
+import contextlib
+from typing import Callable, ContextManager
 
 import torch
 import torch._functorch.config
@@ -51,10 +53,15 @@ def separate_weight_grads(module: nn.Module) -> None:
 
 
 class SplitBackward:
-    """B now (``__init__``: the inputs' gradients into their ``.grad``), W later (``weight_grads``)."""
+    """B now (``__init__``: the inputs' gradients into their ``.grad``), W later (``weight_grads``).
 
-    def __init__(self, outputs: list, grads: list | None, inputs: list, params: list, recompute: bool):
+    ``writing_param_grads``: a context around each autograd call that writes parameter gradients (W's, and B's
+    where a compiled graph's parameters take theirs there), for an optimizer that collects them after each."""
+
+    def __init__(self, outputs: list, grads: list | None, inputs: list, params: list, recompute: bool,
+                 writing_param_grads: Callable[[], ContextManager] = contextlib.nullcontext):
         self.outputs, self.grads, self.params = outputs, grads, params
+        self.writing_param_grads = writing_param_grads
         self.groups, now = (None, []) if recompute or not inputs else _parameter_groups(outputs, inputs, params)
         self.recorded: dict = {}
         self.split = self.groups is not None
@@ -66,7 +73,8 @@ class SplitBackward:
                 for tensor in inputs:
                     tensor.grad = None
                 # Into ``.grad`` through autograd: the parameters of ``now`` accumulate as in one backward.
-                torch.autograd.backward(outputs, grads, inputs=[*inputs, *now], retain_graph=True)
+                with writing_param_grads() if now else contextlib.nullcontext():
+                    torch.autograd.backward(outputs, grads, inputs=[*inputs, *now], retain_graph=True)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -78,21 +86,22 @@ class SplitBackward:
 
     def weight_grads(self) -> None:
         """Every parameter's gradient of this micro batch, accumulated into ``.grad``; the graph is let go."""
-        if self.groups is None:
-            torch.autograd.backward(self.outputs, self.grads, inputs=self.params)
-        for group in self.groups or ():
-            nodes = group["nodes"]
-            roots = [(GradientEdge(node, i), grad) for node in nodes
-                     for i, grad in enumerate(self.recorded.get(node, ())) if grad is not None]
-            # A boundary node also reached from another root of this call gets what B recorded, not the sum.
-            clamps = [node.register_prehook(lambda _, recorded=self.recorded[node]: recorded)
-                      for node in nodes if node in self.recorded] if len(nodes) > 1 else []
-            try:
-                torch.autograd.backward([edge for edge, _ in roots], [grad for _, grad in roots],
-                                        inputs=group["params"], retain_graph=True)
-            finally:
-                for clamp in clamps:
-                    clamp.remove()
+        with self.writing_param_grads():
+            if self.groups is None:
+                torch.autograd.backward(self.outputs, self.grads, inputs=self.params)
+            for group in self.groups or ():
+                nodes = group["nodes"]
+                roots = [(GradientEdge(node, i), grad) for node in nodes
+                         for i, grad in enumerate(self.recorded.get(node, ())) if grad is not None]
+                # A boundary node also reached from another root of this call gets what B recorded, not the sum.
+                clamps = [node.register_prehook(lambda _, recorded=self.recorded[node]: recorded)
+                          for node in nodes if node in self.recorded] if len(nodes) > 1 else []
+                try:
+                    torch.autograd.backward([edge for edge, _ in roots], [grad for _, grad in roots],
+                                            inputs=group["params"], retain_graph=True)
+                finally:
+                    for clamp in clamps:
+                        clamp.remove()
         self.outputs = self.grads = self.groups = self.recorded = None
 
 

@@ -20,6 +20,7 @@ stage). Whether the smaller bubble pays on GPUs is not measured yet.
 from __future__ import annotations
 
 import collections
+import functools
 
 import torch
 from deepspeed.runtime.pipe import schedule as ds_schedule
@@ -115,14 +116,15 @@ class ZeroBubbleH1:
         micro = sum(kind == "B" for kind, _ in self.executed)
         outputs, grads, inputs = backward_tensors(engine, buffer_id)
         with engine_backward(engine):
-            self.pending.append((micro, SplitBackward(outputs, grads, inputs, self.params, self.recompute)))
+            self.pending.append((micro, SplitBackward(outputs, grads, inputs, self.params, self.recompute,
+                                                      functools.partial(accumulating_weight_grads, engine))))
         release_outputs(engine, buffer_id)
         self.executed.append(("B", micro))
 
     def weight_grad(self, engine) -> None:
         """W: the oldest pending micro batch's parameter gradients, accumulated; its graph is freed."""
         micro, split = self.pending.popleft()
-        with engine_backward(engine), accumulating_weight_grads(engine):
+        with engine_backward(engine):
             split.weight_grads()
         self.unsplit += not split.split
         self.executed.append(("W", micro))
