@@ -10,7 +10,8 @@ gradient stays right after its B; a due W runs after that send, before the next 
 
 How the backward is split: ``pipellm.pipeline.split_backward`` (B: autograd with respect to the stage's inputs
 only, recording the gradient at each weight's boundary node; W: autograd from there to the trainable parameters,
-accumulated into their ``.grad`` as DeepSpeed's backward does, the bf16 optimizer's fp32 gradients included). The
+accumulated into their ``.grad`` as DeepSpeed's backward does, the bf16 optimizer's fp32 gradients included;
+``attach`` keeps compiled layers' linear layers out of their graphs so that W can run them alone). The
 gradient reductions (the tied embedding's all-reduce, the data-parallel all-reduce) run once, after the last W, as
 in 1F1B. Memory: a micro batch's whole autograd graph (all its saved activations) and the gradients recorded at
 its boundary nodes (for a linear layer, the size of its output) are held from its B until its W; stage s holds up
