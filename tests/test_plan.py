@@ -121,6 +121,12 @@ def test_memory_model_equals_hand_calculation():
     activations = 1 * (2 * profile.decoder.input_bytes + 2 * hidden + profile.head.held_bytes)
     assert last.total == params * 16 + activations + allowance
     assert first.seconds == profile.embed.seconds + 2 * profile.decoder.seconds
+    # ZB-H1 holds a micro batch from its forward to its W: 2 on both stages of 2 (the simulator's peak).
+    zb_first, zb_last = (estimate_stage(profile, fp32, stage, start, stop, num_stages=2, micro_batches=4,
+                                        allowance=allowance, schedule="zb-h1")
+                         for stage, start, stop in ((0, 0, 3), (1, 3, 6)))
+    assert zb_first.total == first.total and (zb_first.in_flight, zb_last.in_flight) == (2, 2)
+    assert zb_last.total == last.total + activations
 
     # bf16 without ZeRO keeps an fp32 copy of the gradient shard only during the optimizer step, when no
     # activations are held: the stage's peak is the larger of the two.

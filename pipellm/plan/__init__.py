@@ -8,8 +8,9 @@
 2. **Memory model** (``memory.state_bytes``, ``memory.estimate_stage``): per stage, weights + gradients + optimizer state (by
    precision, optimizer, ZeRO-1 sharding over the data-parallel replicas, optimizer offload: the layout DeepSpeed's
    optimizer wrappers allocate) + activations x micro batches in flight on that stage (DeepSpeed's 1F1B schedule
-   keeps ``min(P - stage, micro batches)`` forwards waiting for their backward) + the largest backward peak,
-   or the optimizer step's temporaries where they are more (the step runs with no activations held), + a fixed
+   keeps ``min(P - stage, micro batches)`` forwards waiting for their backward; ZB-H1 up to ``P`` on every
+   stage, each held until its W: ``schedules.micro_batches_held`` of ``pipeline_schedule``'s order) + the
+   largest backward peak, or the optimizer step's temporaries where they are more (the step runs with no activations held), + a fixed
    allowance (``ALLOWANCE_GIB``).
 3. **Partition** (``partitioner.min_max_partition``): the contiguous split of ``[embed, decoder x L, head]`` into P stages
    that minimises the slowest stage's time among the splits whose every stage fits in the device memory; exact
@@ -51,7 +52,7 @@ def plan_run(cfg: TrainConfig, hf_config, family: ModelFamily, device: torch.dev
         profile = with_lora(profile, cfg.lora, cfg.quantize_base, family, hf_config, shape.dtype)
     counts = None if parts == "auto" else Partition.of_parts(parts, family, hf_config, num_stages).parts
     plan = make_plan(profile, state, num_stages, cfg.gradient_accumulation_steps, device_memory, counts,
-                     must_fit=must_fit)
+                     must_fit=must_fit, schedule=cfg.pipeline_schedule)
     text = format_plan(plan, profile, state, shape, family.name, cfg, parts)
     if schedule is not None:
         costs = [profile.stage_passes(stage.start, stage.stop) for stage in plan.stages]

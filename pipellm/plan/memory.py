@@ -6,6 +6,7 @@ import dataclasses
 from pipellm.config import DeepSpeedSettings
 from pipellm.errors import PipellmError
 from pipellm.plan.profile import Profile
+from pipellm.plan.schedules import SCHEDULES, micro_batches_held
 
 ALLOWANCE_GIB = 5.0
 """Memory the model does not itemise: the CUDA context, cuBLAS/NCCL buffers, allocator fragmentation, the received
@@ -112,8 +113,9 @@ class StageEstimate:
 
 
 def estimate_stage(profile: Profile, state: StateBytes, stage: int, start: int, stop: int, num_stages: int,
-                   micro_batches: int, allowance: float) -> StageEstimate:
-    """Time and memory of stage ``stage`` holding user-counted layers ``[start, stop)``."""
+                   micro_batches: int, allowance: float, schedule: str = "1f1b") -> StageEstimate:
+    """Time and memory of stage ``stage`` holding user-counted layers ``[start, stop)`` under ``schedule`` (a
+    ``pipeline_schedule``: the micro batches it holds at once, as ``pipellm.plan.schedules`` orders them)."""
     items = profile.items()[start:stop]
     params = sum(item.params if item.trainable is None else item.trainable for item in items)  # those that train
     frozen_bytes = sum(item.frozen_bytes for item in items)
@@ -128,5 +130,6 @@ def estimate_stage(profile: Profile, state: StateBytes, stage: int, start: int, 
     return StageEstimate(
         start=start, stop=stop, seconds=sum(item.seconds for item in items),
         weights=frozen_bytes + params * state.weights, grads=params * state.grads, optimizer=params * state.optimizer,
-        in_flight=min(num_stages - stage, micro_batches), activations_per_micro_batch=per_micro_batch,
+        in_flight=micro_batches_held(SCHEDULES[schedule](stage, num_stages, micro_batches)),
+        activations_per_micro_batch=per_micro_batch,
         working=max(item.working_bytes or 0 for item in items), step=params * state.step, allowance=allowance)

@@ -70,10 +70,10 @@ class Plan:
 
 def make_plan(profile: Profile, state: StateBytes, num_stages: int, micro_batches: int, device_memory: float,
               parts: list[int] | None = None, allowance: float = ALLOWANCE_GIB * GIB,
-              must_fit: bool = False) -> Plan:
+              must_fit: bool = False, schedule: str = "1f1b") -> Plan:
     """Evaluate ``parts`` (user counts), or choose them (None): the fastest split whose every stage fits in
-    ``device_memory``. When none fits, ``must_fit`` raises ``PipellmError``; otherwise the plan is the fastest
-    split regardless of memory, with the problem stated."""
+    ``device_memory`` under ``schedule``. When none fits, ``must_fit`` raises ``PipellmError``; otherwise the plan
+    is the fastest split regardless of memory, with the problem stated."""
     num_items = profile.layers.num_user_layers
     prefix = list(itertools.accumulate((item.seconds for item in profile.items()), initial=0.0))
 
@@ -81,7 +81,8 @@ def make_plan(profile: Profile, state: StateBytes, num_stages: int, micro_batche
         return prefix[stop] - prefix[start]
 
     def stage_memory(stage, start, stop):
-        return estimate_stage(profile, state, stage, start, stop, num_stages, micro_batches, allowance).total
+        return estimate_stage(profile, state, stage, start, stop, num_stages, micro_batches, allowance,
+                              schedule).total
 
     problem, chosen = "", parts is None
     if chosen:
@@ -99,7 +100,7 @@ def make_plan(profile: Profile, state: StateBytes, num_stages: int, micro_batche
             found = min_max_partition(num_items, num_stages, stage_seconds)
         parts = found[1]
     bounds = list(itertools.accumulate(parts, initial=0))
-    stages = [estimate_stage(profile, state, stage, start, stop, num_stages, micro_batches, allowance)
+    stages = [estimate_stage(profile, state, stage, start, stop, num_stages, micro_batches, allowance, schedule)
               for stage, (start, stop) in enumerate(zip(bounds, bounds[1:]))]
     too_big = [(i, s) for i, s in enumerate(stages) if s.total > device_memory]
     if too_big and not problem:

@@ -87,15 +87,17 @@ class Timeline:
         return 1 - max(self.busy) / self.step_time
 
     def peak_held(self) -> list[int]:
-        """Per stage, the most micro batches held at once: forward done, weight gradient not yet."""
-        peaks = []
-        for order in self.orders:
-            held = peak = 0
-            for kind, _ in order:
-                held += 1 if kind == "F" else -1 if kind in ("W", "BW") else 0
-                peak = max(peak, held)
-            peaks.append(peak)
-        return peaks
+        """Per stage, the most micro batches held at once (``micro_batches_held``)."""
+        return [micro_batches_held(order) for order in self.orders]
+
+
+def micro_batches_held(order: list[Op]) -> int:
+    """The most micro batches a stage running ``order`` holds at once: forward done, weight gradient not yet."""
+    held = peak = 0
+    for kind, _ in order:
+        held += 1 if kind == "F" else -1 if kind in ("W", "BW") else 0
+        peak = max(peak, held)
+    return peak
 
 
 def simulate(schedule: str, costs: list[PassCosts], micro_batches: int, p2p: float = 0.0) -> Timeline:
