@@ -10,8 +10,8 @@
    optimizer wrappers allocate) + activations x micro batches in flight on that stage (DeepSpeed's 1F1B schedule
    keeps ``min(P - stage, micro batches)`` forwards waiting for their backward; ZB-H1 up to ``P`` on every
    stage, each held until its W: ``schedules.micro_batches_held`` of ``pipeline_schedule``'s order) + the
-   largest backward peak, or the optimizer step's temporaries where they are more (the step runs with no activations held), + a fixed
-   allowance (``ALLOWANCE_GIB``).
+   largest backward peak, or the optimizer step's temporaries where they are more (the step runs with no
+   activations held), + a fixed allowance (``ALLOWANCE_GIB``).
 3. **Partition** (``partitioner.min_max_partition``): the contiguous split of ``[embed, decoder x L, head]`` into P stages
    that minimises the slowest stage's time among the splits whose every stage fits in the device memory; exact
    dynamic programming over (stage, last layer).
