@@ -38,9 +38,10 @@ class OneForwardOneBackward:
         return engine.eval_batch(iter(micro_batches))
 
 
-def schedule_named(name: str, recompute: bool = False) -> PipelineSchedule:
+def schedule_named(name: str, recompute: bool = False, compiled: bool = False) -> PipelineSchedule:
     """The schedule of ``pipeline_schedule`` (``pipellm.config.schema.TrainConfig``); ``recompute``: the stages
-    checkpoint their layers (``use_grad_ckpt``)."""
+    checkpoint their layers (``use_grad_ckpt``); ``compiled``: their layers are compiled (``compile_layers``)."""
     from pipellm.pipeline.zero_bubble import ZeroBubbleH1  # imports deepspeed
 
-    return {"1f1b": OneForwardOneBackward, "zb-h1": functools.partial(ZeroBubbleH1, recompute=recompute)}[name]()
+    return {"1f1b": OneForwardOneBackward,
+            "zb-h1": functools.partial(ZeroBubbleH1, recompute=recompute, compiled=compiled)}[name]()

@@ -74,10 +74,11 @@ class ZeroBubbleH1:
     ``executed``: the passes (``("F", j)``, ``("B", j)``, ``("W", j)``) of the last training batch on this stage in
     the order they ran, for comparison with ``pipellm.plan.schedules.zb_h1``; ``unsplit``: how many of its Ws
     differentiated from the outputs again (``SplitBackward``'s fallback). ``recompute``: the stage's layers are
-    grad-checkpointed (W then runs from the outputs)."""
+    grad-checkpointed (W then runs from the outputs). ``compiled``: they are compiled (``attach`` keeps their
+    linear layers out of the graphs; eager layers are left as they are)."""
 
-    def __init__(self, recompute: bool = False):
-        self.recompute = recompute
+    def __init__(self, recompute: bool = False, compiled: bool = False):
+        self.recompute, self.compiled = recompute, compiled
         self.executed: list[Op] = []
         self.unsplit = 0
         self.pending: collections.deque = collections.deque()  # (micro batch, its SplitBackward) until W
@@ -87,7 +88,8 @@ class ZeroBubbleH1:
     def attach(self, engine) -> None:
         """Teach the engine the two passes and this schedule (once, before the engine's instructions are timed),
         and keep the weight gradients of compiled layers apart (``separate_weight_grads``)."""
-        separate_weight_grads(engine.module)
+        if self.compiled:
+            separate_weight_grads(engine.module)
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         forward = pipeline_instruction(engine, ds_schedule.ForwardPass)
 

@@ -33,7 +33,8 @@ class PipelineEngine(Engine):
         from pipellm.pipeline.weights import checkpoint_named_parameters, load_pipeline_weights
 
         self.hf_config = hf_config
-        self.schedule = schedule_named(cfg.pipeline_schedule, cfg.use_grad_ckpt) if schedule is None else schedule
+        self.schedule = schedule_named(cfg.pipeline_schedule, cfg.use_grad_ckpt,
+                                       cfg.layers_compiled(torch.cuda.is_available())) if schedule is None else schedule
         self.model = model = build_stage(cfg, setup, hf_config, family)
         weights_dir = setup.resume.path if setup.resume is not None else (
             None if cfg.from_scratch else cfg.model_path)
