@@ -3,7 +3,8 @@
 
 The logic lives in ``pipellm.training.zero``.
 """
+from pipellm.training.distributed import run_as_process
 from pipellm.training.zero import main
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)  # ends the process without finalizing Python (see there)

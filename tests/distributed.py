@@ -16,15 +16,18 @@ def free_port() -> int:
 def _worker(rank: int, world_size: int, port: int, fn, args, errors):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        from pipellm.training.distributed import close_process_group, init_process_group
+    from pipellm.training.distributed import close_process_group, init_process_group, run_as_process
 
-        init_process_group(timeout_s=300)
-        fn(rank, *args)
-        close_process_group()
-    except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
+    def run():
+        try:
+            init_process_group(timeout_s=300)
+            fn(rank, *args)
+            close_process_group()
+        except BaseException:
+            errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+            raise
+
+    run_as_process(run)  # as the training scripts end
 
 
 def run_distributed(world_size: int, fn, *args, timeout: float = 300) -> None:

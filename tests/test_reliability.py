@@ -9,6 +9,7 @@
   command; the ZeRO-3 baseline takes the pipeline's YAML (its pipeline keys ignored with a note).
 * A checkpoint write that fails for want of disk is one line naming the file; ``latest`` still names the
   previous checkpoint.
+* A training script's process ends with its exit code, atexit handlers and output, without finalizing Python.
 """
 from __future__ import annotations
 
@@ -336,3 +337,28 @@ def test_zero3_takes_the_pipeline_yaml(tmp_path, tiny_pp_model, monkeypatch, cap
         f"pipellm zero3: note: ignored the pipeline keys `pipeline_schedule: zb-h1` of {schedule_only}; ZeRO-3 runs "
         f"data parallel over the 2 process(es) started (dims [1, 2])")
     assert [r["step"] for r in records(tmp_path / "save")] == [1, 2]
+
+
+def test_a_training_script_ends_its_process_without_finalizing_python():
+    """``run_as_process`` (``train_ds.py``, ``train_ds_zero.py``, Ray's ranks): the script's exit code, its atexit
+    handlers run and its output flushed, and no interpreter finalization, during which a collective's worker
+    thread releasing a tensor aborted finished runs (exit code -6)."""
+    script = """if True:
+        import atexit, sys
+        from pipellm.training.distributed import run_as_process
+
+        class Finalized:
+            def __del__(self):
+                print("finalized", flush=True)
+
+        kept = Finalized()  # a module global: released only when the interpreter finalizes
+        atexit.register(print, " atexit ran")
+
+        def main():
+            print("main ran", end="")  # not flushed by main
+            sys.exit(2)
+
+        run_as_process(main)
+    """
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "main ran atexit ran\n", "")

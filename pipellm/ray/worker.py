@@ -21,7 +21,8 @@ from pathlib import Path
 
 import ray
 
-TRAIN_COMMAND = [sys.executable, "-u", "-c", "from pipellm.training.train import main; main()"]
+TRAIN_COMMAND = [sys.executable, "-u", "-c", "from pipellm.training.distributed import run_as_process; "
+                 "from pipellm.training.train import main; run_as_process(main)"]
 """What ``train_ds.py`` runs (it is a script beside the package, not part of it); ``-u`` as the launcher runs it."""
 TAIL_LINES = 20
 """The last lines of a failed rank's output the driver shows."""
