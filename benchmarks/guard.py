@@ -127,6 +127,8 @@ def stage_goals(stage_levers: list[Path], packing: Path | None, zb_h1_costs: lis
         for row in read_rows(path):
             if int(row["stages"]) == 1 and row["mfu"]:
                 by_seq.setdefault(int(row["seq"]), []).append(row)
+        if not by_seq:  # no one-stage run with an MFU (a CPU run has none)
+            results.append((f"one stage >= 62% MFU ({folders[path]}/{path.name})", "NOT MEASURED", ""))
         for seq, rows in sorted(by_seq.items()):
             best = max(rows, key=lambda r: float(r["mfu"]))
             results.append((f"one stage >= 62% MFU ({folders[path]}/{path.name}, seq {seq})",

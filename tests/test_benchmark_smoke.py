@@ -194,6 +194,10 @@ def test_guard_reports_the_stage_goals(tmp_path, capsys):
         ("one stage >= 62% MFU (runs/pairs.csv, seq 4096)", "PASS",
          'best 63.4% of 2 run(s): micro batch 4, 12 layers, YAML {"speed": 1}, H100')]
     assert verdicts[2][0] == f"one stage >= 62% MFU ({tmp_path.name})"  # the levers file, in the common folder
+    cpu = tmp_path / "runs" / "cpu.csv"  # a run without an MFU figure measures nothing
+    harness.write_rows(cpu, fields, [dict(zip(fields, (64, 1, 8, 2, "{}", "", "cpu")))])
+    assert guard.stage_goals([], None, None, 16, [cpu]) == [("one stage >= 62% MFU (runs/cpu.csv)", "NOT MEASURED",
+                                                            "")]
     # Without a sweep to compare, only the stage goals; --require-goals fails on the packing goal.
     assert guard.main(["--packing", str(packing)]) == 0
     assert guard.main(["--packing", str(packing), "--require-goals"]) == 1
