@@ -111,8 +111,8 @@ def run_as_process(main: Callable[[], None]) -> NoReturn:
     """Run ``main`` as this process's whole life (a training script's rank), then end the process without
     finalizing the interpreter, with ``main``'s exit code (``sys.exit``'s, or 0).
 
-    A collective's worker thread (gloo's ``runLoop``, NCCL's watchdog) releases a finished collective's tensors
-    on its own time, after the caller's wait has returned; releasing a tensor Python has seen takes the GIL.
+    A collective's worker thread (seen with gloo's ``runLoop``) releases a finished collective's tensors on its
+    own time, after the caller's wait has returned; releasing a tensor Python has seen takes the GIL.
     If that comes after the main thread began finalizing the interpreter, Python ends the thread with
     ``pthread_exit``, whose unwinding through the worker's C++ frames calls ``std::terminate``: a finished run
     aborts with "terminate called without an active exception" (exit code -6: 20 of 40 two-rank gloo runs that
