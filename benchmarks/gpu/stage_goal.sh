@@ -13,7 +13,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 point() {
   echo "=== $* ($(date +%T))"
   timeout 300 python3 benchmarks/run_pipeline.py --preset 7b-16 --layers "$layers" --stages 1 --global-batch 32 \
-    --steps 5 --warmup 2 --csv "$out/runs.csv" "$@" 2>&1 | tee -a "$out/log.txt" | grep -vi warn | tail -3
+    --steps 6 --warmup 3 --csv "$out/runs.csv" "$@" 2>&1 | tee -a "$out/log.txt" | grep -vi warn | tail -3
+  # Runs minutes apart on one H100 differed by 5% (results/stage_goal_h100/): the clocks say whether it throttled.
+  nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader \
+    | tee -a "$out/gpu.txt"
 }
 point --seq 2048 --micro 8
 point --seq 4096 --micro 4 --yaml-json '{"speed": {"loss_kernel": "compiled"}}'
