@@ -124,10 +124,11 @@ def run_as_process(main: Callable[[], None]) -> NoReturn:
     try:
         main()
         code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
+    except SystemExit as stop:  # as Python reads it: None is 0, an int itself, anything else printed and 1
+        code = 0 if stop.code is None else stop.code
+        if not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
     atexit._run_exitfuncs()  # what interpreter shutdown runs first (logging, multiprocessing, compile workers)
     sys.stdout.flush()
     sys.stderr.flush()
